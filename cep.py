@@ -1,0 +1,128 @@
+"""Conditions and condition embedding perturbation (CEP).
+
+The condition embedders c_theta(y) of the LDM-4 models (App. B.3) and CEP, the paper's method
+(Sec. 5.1, Eq. 8): during training the U-Net sees c_theta(y) + delta instead of c_theta(y),
+
+    loss = || eps - eps_theta(x_t, t, c_theta(y) + delta) ||^2,
+
+with delta drawn afresh for every sample at every step, and never at sampling.
+  CEP-U: delta ~ U(-gamma/sqrt(d), +gamma/sqrt(d)) elementwise
+  CEP-G: delta ~ N(0, gamma/sqrt(d) I)
+d is the width of one condition token (the last dimension of the embedding).
+Condition dropout for classifier-free guidance is done in train.py.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+# -----------------------------------------------------------------------------
+# condition embedders
+
+
+class ClassEmbedder(nn.Module):
+    """Class label -> one context token (LDM cin256: 512-d). Row num_classes is the null class
+    used for classifier-free guidance (Eq. 2)."""
+
+    def __init__(self, num_classes, dim=512):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null_label(self):
+        return self.num_classes
+
+    def null_condition(self, batch):
+        """A batch of null labels, int64 [batch]."""
+        return torch.full((batch,), self.null_label, dtype=torch.long, device=self.embedding.weight.device)
+
+    def forward(self, labels):
+        # labels: int64 [B] -> [B, 1, dim]
+        return self.embedding(labels)[:, None, :]
+
+
+class TextEmbedder(nn.Module):
+    """Captions -> token states of a pre-trained, fully trainable BERT-family encoder (the paper:
+    bert-base-uncased, 77 tokens, App. B.3), loaded from a local directory only."""
+
+    def __init__(self, path, context_dim, max_length=77):
+        super().__init__()
+        if not os.path.isfile(os.path.join(str(path), "config.json")):
+            raise FileNotFoundError(
+                f"no BERT model directory at {path!r}: download bert-base-uncased from the Hugging "
+                f"Face hub (config.json, vocab.txt, model.safetensors) into that directory "
+                f"(or pass another local BERT-family model directory)")
+        from transformers import AutoModel, AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+        self.encoder.train()  # from_pretrained returns eval mode; the encoder is trained too
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # unused (we take the token states); DDP rejects unused parameters
+        self.max_length = max_length
+        hidden = self.encoder.config.hidden_size
+        # the paper does not say how BERT's width meets the U-Net's context width: a linear
+        # projection when they differ (our reading)
+        self.proj = nn.Linear(hidden, context_dim) if hidden != context_dim else nn.Identity()
+
+    @staticmethod
+    def null_condition(batch):
+        """The null condition for guidance is the empty caption."""
+        return [""] * batch
+
+    def tokenize(self, captions):
+        """list[str] -> dict of [B, max_length] tensors on the module's device."""
+        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        device = next(self.encoder.parameters()).device
+        return {k: v.to(device) for k, v in tokens.items()}
+
+    def forward(self, captions):
+        # list[str] -> last hidden states [B, 77, hidden] -> [B, 77, context_dim]
+        hidden = self.encoder(**self.tokenize(captions)).last_hidden_state
+        return self.proj(hidden)
+
+
+# -----------------------------------------------------------------------------
+# CEP (Sec. 5.1, Eq. 8)
+
+KINDS = ("none", "uniform", "gaussian")
+
+
+def cep_delta(kind, gamma, shape, generator=None, device=None, dtype=None):
+    """Draw the perturbation delta of Eq. 8; d = shape[-1] (for text token states [B, L, D],
+    d = D, the width of one token: our reading)."""
+    scale = gamma / math.sqrt(shape[-1])
+    if kind == "uniform":  # CEP-U: U(-gamma/sqrt(d), +gamma/sqrt(d))
+        u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        return (2 * u - 1) * scale
+    if kind == "gaussian":  # CEP-G: N(0, gamma/sqrt(d) I), gamma/sqrt(d) read as the std (our reading)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype) * scale
+    raise ValueError(f"unknown CEP kind {kind!r}: expected 'uniform' or 'gaussian'")
+
+
+class CEP(nn.Module):
+    """Adds delta to the condition embedding in training mode only; identity in eval mode
+    and for kind "none". The null embedding is perturbed like any other (our reading)."""
+
+    def __init__(self, kind="none", gamma=1.0):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown CEP kind {kind!r}: expected one of {KINDS}")
+        if gamma < 0:
+            raise ValueError(f"CEP gamma must be >= 0, got {gamma}")
+        self.kind = kind
+        self.gamma = gamma
+
+    def forward(self, emb, delta=None):
+        if not self.training or self.kind == "none":
+            return emb
+        if delta is None:
+            delta = cep_delta(self.kind, self.gamma, emb.shape, device=emb.device, dtype=emb.dtype)
+        if delta.shape != emb.shape:
+            raise ValueError(f"CEP delta shape {tuple(delta.shape)} != embedding shape {tuple(emb.shape)}")
+        return emb + delta
+
+    def extra_repr(self):
+        return f"kind={self.kind!r}, gamma={self.gamma}"

