@@ -1,0 +1,547 @@
+"""Datasets and condition corruption (Sec. 3.1, 3.3 and App. B.1 of the paper).
+
+Datasets (load_dataset): every one returns (image float32 CHW in [-1, 1], condition) per index.
+    digits          scikit-learn's bundled 1,797 real 8x8 digits; needs no setup (the default).
+    fashion-mnist   the idx files of the Debian package dataset-fashion-mnist.
+    folder          an ImageNet-style class folder (torchvision ImageFolder), ADM center crop.
+    captions        a TSV of path<TAB>caption (the common CC3M export), ADM center crop.
+digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, W] so that
+train.py can index whole batches (to_float(ds.images[idx])). __getitem__ reads the condition from
+`.labels` / `.captions`, so assigning corrupted conditions there corrupts what the dataset returns.
+
+Corruption (Sec. 3.1, 3.3), a fixed property of the dataset decided once by a seed:
+    corrupt_labels      symmetric / asymmetric class-label flips, exactly round(eta * N) samples
+    swap_captions       swap the captions of random pairs until a fraction eta has moved
+    load_rewritten_captions / apply_rewritten_captions   LLM re-writing from a user-given file
+    resample_corruption "random data corruption" of Table 7, re-drawn at every training step
+    write_manifest / read_manifest   the TSV of changed samples kept in the run directory
+Every random number of the fixed corruptions is the i-th draw of a stream seeded by (seed, stream
+id), so it depends only on the seed and the sample index: not on the number of processes (each
+process computes the whole corruption itself; the functions have no rank input), and a sample
+corrupted at a small eta is corrupted the same way at every larger eta.
+
+    python corrupt.py --dataset digits --eta 0.05 --seed 0 --out runs/digits
+"""
+import argparse
+import gzip
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+DATASETS = ("digits", "fashion-mnist", "folder", "captions")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+DIGITS_TEST_FRACTION = 0.1  # digits has no official split: a fixed seeded 90/10 split
+DEFAULT_FILE_IMAGE_SIZE = 256  # the paper's ImageNet / CC3M resolution
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def to_float(images):
+    """uint8 images (any shape) -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Class-labelled images held as one uint8 tensor [N, C, H, W] (digits, Fashion-MNIST)."""
+
+    def __init__(self, images, labels, class_names):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.captions = None
+        self.paths = None
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.channels, self.image_size = images.shape[1], images.shape[2]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return to_float(self.images[i]), int(self.labels[i])
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Images read from files on demand, with class labels (folder) or captions (TSV)."""
+
+    def __init__(self, paths, image_size, labels=None, class_names=None, captions=None):
+        self.paths = list(paths)
+        self.images = None  # loaded lazily, one file per __getitem__
+        self.image_size, self.channels = image_size, 3
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.class_names = None if class_names is None else list(class_names)
+        self.num_classes = None if class_names is None else len(class_names)
+        self.captions = None if captions is None else list(captions)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = read_image(self.paths[i], self.image_size)
+        condition = int(self.labels[i]) if self.labels is not None else self.captions[i]
+        return image, condition
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop (guided-diffusion, also DiT): box-halve, bicubic resize, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[y:y + image_size, x:x + image_size]
+
+
+def read_image(path, image_size):
+    """One image file -> float32 [3, S, S] in [-1, 1]; an unreadable file names itself."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise RuntimeError(f"cannot read image file {path}: {e}") from e
+    arr = center_crop_arr(im, image_size)
+    return to_float(torch.from_numpy(arr).permute(2, 0, 1))
+
+
+def resize_uint8(images, size):
+    """Antialiased bilinear resize of uint8 [N, C, H, W] images (e.g. digits 8x8 -> 16x16)."""
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_digits_dataset(split="train"):
+    """scikit-learn's bundled digits: 1,797 real 8x8 images, values 0..16, 10 classes."""
+    from sklearn.datasets import load_digits
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"digits split must be train, test or all, not {split!r}")
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    if split != "all":
+        order = np.random.default_rng(0).permutation(len(labels))
+        n_test = round(DIGITS_TEST_FRACTION * len(labels))
+        keep = np.sort(order[:n_test] if split == "test" else order[n_test:])
+        images, labels = images[keep], labels[keep]
+    return InMemoryDataset(torch.from_numpy(images)[:, None], labels, [str(d) for d in range(10)])
+
+
+def read_idx(path):
+    """An idx file (MNIST format, optionally gzipped) -> numpy uint8 array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x0000 08 ndim: unsigned byte data
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x})")
+    ndim = magic & 0xFF
+    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root=None, split="train", pad=False):
+    """Fashion-MNIST from its idx files: 60,000 train / 10,000 test 28x28 images, 10 classes.
+
+    pad=True zero-pads 28x28 -> 32x32 (background is 0) so an f4 autoencoder / a U-Net with
+    several 2x downsamplings gets a size divisible by a power of two.
+    """
+    root = root or FASHION_MNIST_ROOT
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"fashion-mnist split must be train or test, not {split!r}")
+    arrays = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        path = os.path.join(root, f"{prefix}-{kind}.gz")
+        if not os.path.exists(path) and os.path.exists(path[:-3]):
+            path = path[:-3]  # already gunzipped
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {path} not found. Install the Debian package "
+                f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_ROOT}) or put "
+                f"the four *-ubyte.gz files of https://github.com/zalandoresearch/fashion-mnist "
+                f"into {root}")
+        arrays.append(read_idx(path))
+    images, labels = torch.from_numpy(arrays[0].copy())[:, None], arrays[1].astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST in {root}: {len(images)} images but {len(labels)} labels")
+    if pad:
+        images = F.pad(images, (2, 2, 2, 2))
+    return InMemoryDataset(images, labels, FASHION_MNIST_CLASSES)
+
+
+def load_image_folder(root, image_size):
+    """An ImageNet-style folder root/<class>/<image>; labels follow sorted class names."""
+    from torchvision.datasets import ImageFolder
+    if root is None or not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root} not found (expected root/<class>/<image>, "
+                                f"e.g. the ImageNet train folder)")
+    folder = ImageFolder(root)
+    paths = [path for path, _ in folder.samples]
+    return FileDataset(paths, image_size, labels=folder.targets, class_names=folder.classes)
+
+
+def load_caption_tsv(path, image_size):
+    """A TSV of image_path<TAB>caption per line; paths are relative to the TSV's folder."""
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"caption file {path} not found (expected a TSV of "
+                                f"image_path<TAB>caption lines, e.g. a CC3M export)")
+    base = os.path.dirname(os.path.abspath(path))
+    paths, captions = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{line_number}: expected image_path<TAB>caption")
+            image_path, caption = line.split("\t", 1)
+            paths.append(os.path.join(base, image_path))
+            captions.append(caption)
+    if not paths:
+        raise ValueError(f"caption file {path} has no entries")
+    return FileDataset(paths, image_size, captions=captions)
+
+
+def load_dataset(name, root=None, split="train", image_size=None, pad=False):
+    """The datasets of this repo by name (see DATASETS).
+
+    root: fashion-mnist folder (default /usr/share/datasets/fashion-mnist), the class folder,
+        or the caption TSV file; unused for digits.
+    split: digits "train" (90 %), "test" (10 %) or "all"; fashion-mnist "train" or "test";
+        unused for folder / captions (point root at the split you want).
+    image_size: output size; None keeps digits 8 and Fashion-MNIST 28 (32 with pad) and uses 256
+        for file datasets. In-memory datasets are resized (antialiased bilinear) when it differs.
+    pad: fashion-mnist only, zero-pad 28 -> 32 (for f4 autoencoders / U-Net downsampling).
+    """
+    if pad and name != "fashion-mnist":
+        raise ValueError("pad applies to fashion-mnist only")
+    if name == "digits":
+        dataset = load_digits_dataset(split)
+    elif name == "fashion-mnist":
+        dataset = load_fashion_mnist(root, split, pad)
+    elif name == "folder":
+        return load_image_folder(root, image_size or DEFAULT_FILE_IMAGE_SIZE)
+    elif name == "captions":
+        return load_caption_tsv(root, image_size or DEFAULT_FILE_IMAGE_SIZE)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if image_size is not None and image_size != dataset.image_size:
+        dataset = InMemoryDataset(resize_uint8(dataset.images, image_size), dataset.labels,
+                                  dataset.class_names)
+    return dataset
+
+
+# ----------------------------------------------------------------------------- corruption
+
+def count_for(eta, n):
+    """round(eta * n), halves rounded up."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"corruption ratio eta must be in [0, 1], not {eta}")
+    return int(math.floor(eta * n + 0.5))
+
+
+def index_uniforms(seed, stream, n):
+    """n uniforms in [0, 1); the i-th depends only on (seed, stream, i), not on n.
+
+    The streams are spawned children of SeedSequence(seed) under a fixed key, so they never
+    coincide with default_rng(seed) itself (nor, e.g., with default_rng([seed, 0]), which numpy
+    maps to the same state as default_rng(seed)).
+    """
+    key = (0x436F7272, stream)  # "Corr"
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key)).random(n)
+
+
+def class_prior(labels, num_classes):
+    """The dataset's class frequencies, float64 [num_classes]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.bincount(labels, minlength=num_classes).astype(np.float64) / len(labels)
+
+
+def draw_other_class(true_labels, u, prior):
+    """For each sample a class != its true label, drawn from `prior` renormalised without it.
+
+    Inverse CDF of the prior with the true class's mass removed: that class (and any class of
+    zero mass) is a flat step of the CDF, which searchsorted(side="right") never lands on.
+    """
+    new = np.empty_like(true_labels)
+    for y in np.unique(true_labels):
+        p = prior.copy()
+        p[y] = 0.0
+        if p.sum() <= 0:
+            raise ValueError(f"class {y} has no other class of positive prior mass to move to")
+        cdf = np.cumsum(p)
+        cdf /= cdf[-1]  # exactly 1.0 at the end, so u < 1 never runs past the last class
+        rows = true_labels == y
+        new[rows] = np.searchsorted(cdf, u[rows], side="right")
+    return new
+
+
+def corrupt_labels(labels, eta, seed, num_classes, mode="symmetric", subset=None):
+    """Fixed class-label corruption (Sec. 3.1): a new int64 label array.
+
+    symmetric: round(eta * N) samples drawn without replacement each move to a *different*
+        class drawn from the class prior renormalised without the true class; the realised
+        ratio is exactly round(eta * N) / N.
+    asymmetric: only samples of the classes in `subset` are corrupted; each moves to another
+        class of the subset, drawn from the prior restricted to the subset minus the true class.
+    The k samples with the smallest per-index uniforms are picked, and sample i's new class
+    uses its own per-index uniform: both depend on (seed, i), never on how the data is sharded.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    prior = class_prior(labels, num_classes)
+    if mode == "symmetric":
+        candidates = np.arange(len(labels))
+    elif mode == "asymmetric":
+        subset = np.unique(np.asarray(subset if subset is not None else [], dtype=np.int64))
+        if len(subset) < 2 or subset.min() < 0 or subset.max() >= num_classes:
+            raise ValueError(f"asymmetric corruption needs a subset of at least 2 classes in "
+                             f"[0, {num_classes}), got {subset.tolist()}")
+        candidates = np.flatnonzero(np.isin(labels, subset))
+        outside = np.setdiff1d(np.arange(num_classes), subset)
+        prior[outside] = 0.0  # moves stay within the subset
+    else:
+        raise ValueError(f"mode must be symmetric or asymmetric, not {mode!r}")
+    # asymmetric: eta is the ratio among the subset's samples, round(eta * N_subset) (our reading)
+    k = count_for(eta, len(candidates))
+    order = np.argsort(index_uniforms(seed, 0, len(labels))[candidates], kind="stable")
+    chosen = np.sort(candidates[order[:k]])
+    new = labels.copy()
+    u = index_uniforms(seed, 1, len(labels))
+    new[chosen] = draw_other_class(labels[chosen], u[chosen], prior)
+    return new
+
+
+def resample_corruption(labels, eta, prior, generator):
+    """'Random data corruption' (Table 7): re-drawn at every training step.
+
+    Each label independently, with probability eta, moves to a different class drawn from the
+    prior renormalised without the true class. All draws are made for the whole batch (on the
+    generator's device), so pass the global batch and slice a rank's part afterwards.
+    """
+    device = generator.device
+    y = labels.to(device)
+    prior = torch.as_tensor(prior, dtype=torch.float64, device=device)
+    flip = torch.rand(len(y), generator=generator, device=device) < eta
+    probs = prior.expand(len(y), -1).clone()
+    probs[torch.arange(len(y), device=device), y] = 0.0
+    if (probs.sum(1) <= 0).any():
+        raise ValueError("a label has no other class of positive prior mass to move to")
+    other = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.where(flip, other, y).to(labels.device)
+
+
+def swap_captions(captions, eta, seed):
+    """Caption swap (Sec. 3.3): a permutation of `captions` in which a fraction eta has moved.
+
+    Repeatedly take two pairs not yet moved and swap their captions: round(eta * N / 2) pairs,
+    so the moved count is the even number nearest eta * N. Pairs are consecutive samples in the
+    order of per-index uniforms (seed, i), so the pairs of a smaller eta stay at a larger one.
+    """
+    captions = list(captions)
+    pairs = count_for(eta, len(captions) / 2)
+    order = np.argsort(index_uniforms(seed, 2, len(captions)), kind="stable")[:2 * pairs]
+    new = list(captions)
+    for a, b in order.reshape(-1, 2):
+        new[a], new[b] = captions[b], captions[a]
+    return new
+
+
+def load_rewritten_captions(path, num_captions=None):
+    """LLM re-writing (Sec. 3.3): a user-given TSV of index<TAB>rewritten caption -> {index: caption}.
+
+    The paper had GPT-4 rewrite captions; that needs a language model, so here the rewritten
+    captions come from a file. Blank lines and lines starting with '#' are skipped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"rewritten caption file {path} not found "
+                                f"(expected index<TAB>caption lines)")
+    rewritten = {}
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line or line.startswith("#"):
+                continue
+            index, _, caption = line.partition("\t")
+            if not _ or not index.strip().isdigit():
+                raise ValueError(f"{path}:{line_number}: expected index<TAB>caption")
+            index = int(index)
+            if index in rewritten:
+                raise ValueError(f"{path}:{line_number}: index {index} given twice")
+            if num_captions is not None and index >= num_captions:
+                raise ValueError(f"{path}:{line_number}: index {index} out of range "
+                                 f"(the dataset has {num_captions} captions)")
+            rewritten[index] = caption
+    return rewritten
+
+
+def apply_rewritten_captions(captions, rewritten):
+    """Replace the captions named in `rewritten` ({index: caption}); a new list."""
+    new = list(captions)
+    for index, caption in rewritten.items():
+        if not 0 <= index < len(new):
+            raise ValueError(f"rewritten caption index {index} out of range ({len(new)} captions)")
+        new[index] = caption
+    return new
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def escape(text):
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def unescape(text):
+    table = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append(table.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def write_manifest(path, original, new, eta=None, seed=None, mode=None):
+    """Write the changed samples as a TSV (index, original, new) with a '#' header line.
+
+    Conditions are class labels (ints) or captions (strings; tab / newline / backslash escaped).
+    Written atomically: a temporary file in the same folder, then os.replace. Returns the
+    realised corruption rate (changed / N).
+    """
+    if len(original) != len(new):
+        raise ValueError(f"original has {len(original)} conditions, new has {len(new)}")
+    kind = "captions" if len(original) and isinstance(original[0], str) else "labels"
+    if kind == "labels":
+        changed = np.flatnonzero(np.asarray(original) != np.asarray(new))
+    else:
+        changed = [i for i in range(len(original)) if original[i] != new[i]]
+    rate = len(changed) / max(len(original), 1)
+    fmt = escape if kind == "captions" else lambda v: str(int(v))
+    lines = [f"# kind={kind} eta={eta} seed={seed} mode={mode} n={len(original)} "
+             f"changed={len(changed)} rate={rate:.6f}", "index\toriginal\tnew"]
+    lines += [f"{i}\t{fmt(original[i])}\t{fmt(new[i])}" for i in changed]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return rate
+
+
+def read_manifest(path):
+    """Read a manifest -> {"meta": header dict (strings), "index", "original", "new"}.
+
+    For labels the three columns are int64 arrays, for captions index is int64 and the others
+    are lists of strings.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if not lines[0].startswith("# ") or lines[1] != "index\toriginal\tnew":
+        raise ValueError(f"{path} is not a corruption manifest (see write_manifest)")
+    meta = dict(item.split("=", 1) for item in lines[0][2:].split())
+    rows = [line.split("\t") for line in lines[2:] if line]
+    index = np.array([int(r[0]) for r in rows], dtype=np.int64)
+    if meta["kind"] == "labels":
+        original = np.array([int(r[1]) for r in rows], dtype=np.int64)
+        new = np.array([int(r[2]) for r in rows], dtype=np.int64)
+    else:
+        original, new = [unescape(r[1]) for r in rows], [unescape(r[2]) for r in rows]
+    return {"meta": meta, "index": index, "original": original, "new": new}
+
+
+def confusion_summary(original, new, class_names):
+    """Per-class table: samples, moved out, moved in, most common destination."""
+    k = len(class_names)
+    confusion = np.bincount(original * k + new, minlength=k * k).reshape(k, k)
+    off = confusion - np.diag(np.diag(confusion))
+    lines = [f"{'class':>20} {'n':>7} {'out':>6} {'out %':>6} {'in':>6}  top destination"]
+    for c in range(k):
+        n, out = confusion[c].sum(), off[c].sum()
+        top = class_names[off[c].argmax()] if out else "-"
+        lines.append(f"{class_names[c]:>20} {n:>7} {out:>6} {100 * out / max(n, 1):>6.2f} "
+                     f"{off[:, c].sum():>6}  {top}")
+    return "\n".join(lines)
+
+
+def parse_subset(text, class_names):
+    """'0,2,4' or 'T-shirt/top,Pullover' -> class indices."""
+    subset = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in class_names:
+            subset.append(class_names.index(item))
+        elif item.isdigit():
+            subset.append(int(item))
+        else:
+            raise ValueError(f"unknown class {item!r} in --subset; classes: {class_names}")
+    return subset
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Corrupt a dataset's conditions once and write "
+                                                 "the manifest (Sec. 3.1, 3.3 of the paper).")
+    parser.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset name")
+    parser.add_argument("--root", default=None, help="dataset folder or caption TSV file")
+    parser.add_argument("--split", default="train", help="digits: train/test/all; "
+                                                         "fashion-mnist: train/test")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="corruption ratio as a fraction (paper: 0.025 ... 0.2); "
+                             "not used by --mode rewrite")
+    parser.add_argument("--seed", type=int, default=0, help="corruption seed")
+    parser.add_argument("--mode", default=None,
+                        choices=("symmetric", "asymmetric", "swap", "rewrite"),
+                        help="default: symmetric for class datasets, swap for captions")
+    parser.add_argument("--subset", default=None,
+                        help="asymmetric: comma-separated class indices or names")
+    parser.add_argument("--rewritten", default=None,
+                        help="rewrite: TSV of index<TAB>rewritten caption")
+    parser.add_argument("--out", required=True, help="folder for corruption.tsv")
+    args = parser.parse_args()
+
+    dataset = load_dataset(args.dataset, args.root, args.split)
+    text = dataset.captions is not None
+    mode = args.mode or ("swap" if text else "symmetric")
+    if text != (mode in ("swap", "rewrite")):
+        parser.error(f"--mode {mode} does not apply to the {args.dataset} dataset")
+    if args.subset and mode != "asymmetric":
+        parser.error("--subset applies to --mode asymmetric only")
+    if mode != "rewrite" and args.eta is None:
+        parser.error(f"--mode {mode} needs --eta")
+    if mode == "symmetric" or mode == "asymmetric":
+        subset = parse_subset(args.subset, dataset.class_names) if args.subset else None
+        original = dataset.labels
+        new = corrupt_labels(original, args.eta, args.seed, dataset.num_classes, mode, subset)
+    elif mode == "swap":
+        original, new = dataset.captions, swap_captions(dataset.captions, args.eta, args.seed)
+    else:
+        if args.rewritten is None:
+            parser.error("--mode rewrite needs --rewritten FILE")
+        original = dataset.captions
+        new = apply_rewritten_captions(original, load_rewritten_captions(args.rewritten,
+                                                                         len(original)))
+    path = os.path.join(args.out, "corruption.tsv")
+    rate = write_manifest(path, original, new, eta=args.eta, seed=args.seed, mode=mode)
+    changed = round(rate * len(original))
+    print(f"{args.dataset} ({len(original)} samples), mode {mode}, eta {args.eta}, "
+          f"seed {args.seed}: {changed} changed, realised rate {rate:.4%}")
+    if mode == "asymmetric":
+        in_subset = np.isin(original, subset).sum()
+        print(f"within the subset ({in_subset} samples): {changed / in_subset:.4%}")
+    if not text:
+        print(confusion_summary(original, new, dataset.class_names))
+    print(f"manifest: {path}")
+
+
+if __name__ == "__main__":
+    main()
