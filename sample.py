@@ -1,0 +1,160 @@
+"""Generate images from a checkpoint of train.py: PNG grids, per-image PNGs and an .npz for metrics.
+
+    python sample.py --ckpt runs/demo --per-class 10                 # grid: one row per class
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/in1k --per-class 50 --guidance 1.5,2.0,3.0
+
+Sampler: DPM-Solver++ 2M, 50 steps (the paper's protocol, App. B.7) by default; DDIM (LDM's check:
+250 steps, eta 0) and DDPM on request. Guidance (Eq. 2): eps = eps(null) + s (eps(y) - eps(null)).
+Sample i always starts from the noise of seed (seed, i), so the same index gives the same image
+whatever the batch size or the number of processes. One folder per guidance scale:
+OUT/s{scale}/samples.npz (arr_0 uint8 NHWC, labels or captions, seeds), grid.png, images/.
+"""
+import argparse
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import diffusion
+import train
+import vae
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (uses RUN/ckpt.pt)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
+    p.add_argument("--guidance", default="2.0", help="comma-separated guidance scales, one output folder each (1 = no guidance)")
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"], help="DPM-Solver++ 2M (paper), DDIM or DDPM")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--per-class", type=int, default=None, help="class models: N samples of every class (paper: 50 per class)")
+    p.add_argument("--classes", default=None, help="class models: comma-separated classes to sample (default: all)")
+    p.add_argument("--prompts", default=None, help="text models: a file with one prompt per line")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass per process")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses the seed (seed, i)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or raw weights")
+    p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
+    p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
+    return p.parse_args(argv)
+
+
+def load_model(ckpt_path, weights, device):
+    path = os.path.join(ckpt_path, "ckpt.pt") if os.path.isdir(ckpt_path) else ckpt_path
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path} (train one with train.py)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = train.Denoiser(ckpt["config"])
+    model.load_state_dict(ckpt[weights])
+    return model.to(device).eval(), ckpt["config"]
+
+
+def conditions_to_sample(args, config):
+    """The list of conditions, one per sample index (class-major, as the paper's 50 per class)."""
+    if config["text"]:
+        if not args.prompts:
+            raise SystemExit("text model: give --prompts FILE (one prompt per line)")
+        with open(args.prompts) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else range(config["num_classes"])
+    return [c for c in classes for _ in range(args.per_class or 10)]
+
+
+def initial_noise(indices, seed, shape):
+    """x_T and a generator per sample, both from the seed (seed, index)."""
+    gens = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0])) for i in indices]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+@torch.no_grad()
+def sample_batch(model, conds, noise, gens, scale, args, abar, autoencoder):
+    device = abar.device
+    c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
+    context = model.embedder(c)  # eval mode: no CEP at sampling (Sec. 5.1)
+    null_context = model.embedder(model.embedder.null_condition(len(conds)))
+    eps_fn = functools.partial(diffusion.guided_eps, model.unet, context=context, null_context=null_context, scale=scale)
+    x = diffusion.sample(eps_fn, noise.to(device), args.sampler, args.steps, abar, eta=args.eta, generators=gens)
+    if autoencoder is not None:
+        x = autoencoder.decode(x)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, rows, path, min_cell=64):
+    """rows x cols grid, small images enlarged (nearest) so a person can see them."""
+    n, h, w, c = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, q = divmod(k, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    zoom = max(1, min_cell // h)
+    im = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    im.resize((im.width * zoom, im.height * zoom), Image.NEAREST).save(path)
+
+
+def write_outputs(out, images, conds, seeds, scale, config, args):
+    os.makedirs(out, exist_ok=True)
+    key = "captions" if config["text"] else "labels"
+    np.savez(os.path.join(out, "samples.npz"), arr_0=images, **{key: np.asarray(conds)},
+             seeds=np.asarray(seeds), guidance=scale)
+    if config["text"]:
+        save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
+    else:  # one row per class, up to 10 samples each
+        classes = sorted(set(conds))
+        per = [np.flatnonzero(np.asarray(conds) == c)[:10] for c in classes]
+        cols = min(len(p) for p in per)
+        save_grid(np.concatenate([images[p[:cols]] for p in per]), len(classes), os.path.join(out, "grid.png"))
+    if not args.no_images:
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(os.path.join(out, "images", f"{i:06d}.png"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = train.setup_distributed()
+    model, config = load_model(args.ckpt, args.weights, device)
+    vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
+    if config["space"] == "latent" and not vae_path:
+        raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
+    autoencoder = vae.load_autoencoder(vae_path).to(device).eval() if vae_path else None
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
+    conds = conditions_to_sample(args, config)
+    mine = list(range(rank, len(conds), world))  # this process's sample indices
+    out_root = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if not os.path.isdir(args.ckpt)
+                                        else args.ckpt, "samples")
+    shape = (config["channels"], config["size"], config["size"])
+    for scale in [float(s) for s in args.guidance.split(",")]:
+        images = []
+        for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
+            idx = mine[b:b + args.batch_size]
+            noise, gens = initial_noise([i for i in idx], args.seed, shape)
+            images.append(sample_batch(model, [conds[i] for i in idx], noise, gens, scale, args, abar, autoencoder))
+        images = gather(np.concatenate(images), mine, len(conds), world)
+        if rank == 0:
+            out = os.path.join(out_root, f"s{scale:g}")
+            write_outputs(out, images, conds, list(range(len(conds))), scale, config, args)
+            print(f"wrote {len(images)} samples to {out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def gather(images, mine, n, world):
+    """Put every process's samples back in index order (rank 0 holds the result)."""
+    if world == 1:
+        return images
+    parts = [None] * world
+    dist.all_gather_object(parts, (mine, images))
+    full = np.empty((n, *images.shape[1:]), images.dtype)
+    for idx, imgs in parts:
+        full[idx] = imgs
+    return full
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Oracle tests of metrics.py against pytorch-fid, torch-fidelity, prdc and closed forms (CPU)."""
+import json
+import math
+import os
+import string
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metrics
+
+
+def random_inception_state(seed=0):
+    """Random weights at a sane scale (He init, non-trivial batch-norm statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in metrics.InceptionV3().state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            sd[k] = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith("running_mean") or k.endswith("bn.bias") or k == "fc.bias":
+            sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        elif k == "fc.weight":
+            sd[k] = torch.randn(v.shape, generator=g) * 0.02
+        else:
+            sd[k] = v
+    return sd
+
+
+def test_inception_matches_pytorch_fid(tmp_path, monkeypatch):
+    import pytorch_fid.inception as pfi
+    sd = random_inception_state()
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: sd)  # no download
+    assert set(sd) == set(pfi.fid_inception_v3().state_dict())  # the .pth's keys load as they are
+    path = tmp_path / metrics.FID_WEIGHTS
+    torch.save(sd, path)
+    ours = metrics.load_inception(str(path))
+    ref = pfi.InceptionV3([3]).eval()
+    x = torch.randint(0, 256, (2, 3, 40, 56), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        out = ours(x)
+        pool3 = ref(x.float() / 255)[0].flatten(1)  # pytorch-fid: ToTensor (/255), resize, 2x - 1
+    logits = pool3 @ sd["fc.weight"].T + sd["fc.bias"]
+    assert out["features"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    assert out["spatial"].shape == (2, 7 * 17 * 17)
+    torch.testing.assert_close(out["features"], pool3, rtol=1e-4, atol=1e-4 * pool3.abs().max().item())
+    torch.testing.assert_close(out["logits"], logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
+    torch.testing.assert_close(out["logits_unbiased"], logits - sd["fc.bias"], rtol=1e-4, atol=1e-4 * logits.abs().max().item())
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        metrics.load_inception(str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="CLIP"):
+        metrics.CLIP(str(tmp_path / "no_clip"))
+
+
+def random_cov(d, rank, g):
+    a = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    return (a @ a.T / rank).numpy()
+
+
+def test_frechet_distance_matches_pytorch_fid_and_closed_form():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64).numpy(), torch.randn(d, generator=g, dtype=torch.float64).numpy()
+    for rank in (64, 8):  # full rank, then singular covariances
+        s1, s2 = random_cov(d, rank, g), random_cov(d, rank, g)
+        assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-6, abs=1e-8)
+    a, b = np.random.RandomState(0).uniform(0.1, 2, d), np.random.RandomState(1).uniform(0.1, 2, d)
+    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # commuting (diagonal) covariances
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-10)
+    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
+
+
+def test_streaming_statistics_equal_numpy():
+    x = np.random.RandomState(0).randn(103, 12) * 3 + 5
+    stats = metrics.FeatureStats(12, "cpu")
+    for i in range(0, 103, 25):
+        stats.update(torch.from_numpy(x[i:i + 25]).float())
+    mu, cov = stats.mean_cov()
+    x32 = x.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu, x32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x32, rowvar=False), rtol=1e-9, atol=1e-10)
+
+
+def test_inception_score_matches_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    logits = torch.randn(500, 1008, generator=torch.Generator().manual_seed(0)) * 3
+    ref = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    mean, std = metrics.inception_score(logits.numpy(), splits=10)
+    assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-10)
+    assert std == pytest.approx(ref["inception_score_std"], rel=1e-8)
+
+
+def test_precision_recall_matches_prdc(monkeypatch):
+    from prdc import compute_prdc
+    rs = np.random.RandomState(0)
+    real = rs.randn(300, 8).astype(np.float32)
+    fake = (rs.randn(250, 8) * 1.2 + 0.3).astype(np.float32)
+    ref = compute_prdc(real, fake, nearest_k=3)
+    blocks = metrics.row_blocks
+    monkeypatch.setattr(metrics, "row_blocks", lambda n, m: blocks(n, m, budget=64 * m))  # several row blocks
+    ours = metrics.precision_recall(real, fake, k=3)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert ours[key] == pytest.approx(float(ref[key]), abs=1e-12), key
+
+
+def test_rmd_mean_is_zero_and_matches_population_closed_form():
+    # Two classes N(+-m e1, I) in 4-D, equal weights: Sigma = I, Sigma_agn = I + m^2 e1 e1^T, so
+    # RMD = -z1^2 + (s m + z1)^2 / (1 + m^2) with z = x - mu_y (the other coordinates cancel).
+    rs, n, m = np.random.RandomState(0), 40000, 2.0
+    y = np.repeat([0, 1], n // 2)
+    s = np.where(y == 0, 1.0, -1.0)
+    z = rs.randn(n, 4)
+    x = z.copy()
+    x[:, 0] += s * m
+    scores = metrics.rmd_scores(x, y)
+    closed = -z[:, 0] ** 2 + (s * m + z[:, 0]) ** 2 / (1 + m ** 2)
+    assert abs(scores.mean()) < 1e-8  # exact identity: both Mahalanobis terms average to -D
+    err = np.abs(scores - closed)  # estimation error of the statistics: O(sqrt(D / N) ||z||^2)
+    assert err.mean() < 0.04 and (err / (1 + (z ** 2).sum(1))).max() < 0.05
+    assert metrics.top_fraction_mean(scores, 0.01) == pytest.approx(np.sort(closed)[-400:].mean(), abs=0.01)  # sup = 1
+    sing = np.concatenate([x, x[:, :1] * 2], 1)  # a redundant coordinate: singular covariances
+    np.testing.assert_allclose(metrics.rmd_scores(sing, y), scores, atol=1e-6)
+
+
+def test_sample_entropy_limits():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 3, generator=g)
+    latents = torch.randn(2, 3, 4, 4, generator=g)
+    assert metrics.sample_entropy(latents, codebook, tau=1e-6) == pytest.approx(0, abs=1e-6)
+    eq = torch.cat([torch.eye(3), -torch.eye(3)])  # 6 codes, all at distance sqrt(2) from the origin
+    assert metrics.sample_entropy(torch.zeros(1, 3, 2, 2), eq, tau=1.0) == pytest.approx(math.log(6), rel=1e-12)
+    d2 = ((latents.permute(0, 2, 3, 1).reshape(-1, 1, 3) - codebook[None]) ** 2).sum(-1)
+    p = torch.softmax(-d2 / 0.5, 1)
+    assert metrics.sample_entropy(latents, codebook, tau=0.5) == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+
+
+def test_memorization():
+    rs = np.random.RandomState(0)
+    train = rs.randn(200, 6)
+    fake = np.concatenate([train[:10] * 3.0, rs.randn(30, 6)])  # 10 exact copies (after L2 normalisation)
+    out = metrics.memorization(fake, train, k=5, threshold=0.12)
+    f = fake / np.linalg.norm(fake, axis=1, keepdims=True)
+    t = train / np.linalg.norm(train, axis=1, keepdims=True)
+    d = np.sort(np.linalg.norm(f[:, None] - t[None], axis=-1), axis=1)
+    assert out["l2_5nn"] == pytest.approx(d[:, :5].mean(), rel=1e-6)  # (exact copies: sqrt of rounding)
+    assert out["mem_ratio"] == pytest.approx((d[:, 0] < 0.12).mean()) and out["mem_ratio"] >= 10 / 40
+
+
+def tiny_clip(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    os.makedirs(path)
+    vocab = {}
+    for c in [*string.ascii_lowercase, *[c + "</w>" for c in string.ascii_lowercase], "<|startoftext|>", "<|endoftext|>"]:
+        vocab[c] = len(vocab)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tok = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    eos = vocab["<|endoftext|>"]
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
+
+
+def test_clip_score_equals_clip_model_embeddings(tmp_path):
+    tiny_clip(str(tmp_path / "clip"))
+    clip = metrics.CLIP(str(tmp_path / "clip"))
+    images = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    captions = ["a cat", "dog", "a red fire engine"]
+    inputs = clip.processor(text=captions, images=list(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()),
+                            return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = clip.model(**inputs)  # CLIPModel's own (normalised) embeddings
+    cos = (out.image_embeds * out.text_embeds).sum(1).double()
+    assert metrics.clip_score_sum(clip, images, captions) == pytest.approx((100 * cos.clamp_min(0)).sum().item(), rel=1e-5)
+    ext = metrics.Extractor(f"clip:{tmp_path / 'clip'}", torch.device("cpu"))
+    assert ext.name == "clip:clip" and ext(images)["features"].shape == (3, 16)
+
+
+def write_npz(path, n, seed, labels=True, size=28):
+    rs = np.random.RandomState(seed)
+    images = rs.randint(0, 256, (n, size, size, 1)).astype(np.uint8)
+    extra = {"labels": np.arange(n) % 4} if labels else {}
+    np.savez(path, arr_0=images, **extra)
+    return images
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    torch.manual_seed(0)
+    cls = tmp_path / "cls.pt"  # a randomly initialised domain classifier as the feature extractor
+    torch.save({"model": metrics.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28, "channels": 1}, cls)
+    real = str(tmp_path / "real.npz")
+    write_npz(real, 80, 0)
+    sweep = tmp_path / "run" / "samples"  # sample.py's layout: OUT/s{scale}/samples.npz
+    for i, scale in enumerate((1.0, 2.0)):
+        os.makedirs(sweep / f"s{scale:g}")
+        write_npz(sweep / f"s{scale:g}" / "samples.npz", 60, i + 1)
+    folder = tmp_path / "pngs"
+    os.makedirs(folder)
+    for i, im in enumerate(write_npz(tmp_path / "x.npz", 40, 9)):
+        Image.fromarray(im[..., 0]).save(folder / f"{i:06d}.png")
+
+    def run(fakes, which, out):
+        return metrics.main(["--real", real, *[a for f in fakes for a in ("--fake", f)], "--features", f"classifier:{cls}",
+                             "--metrics", which, "--train", real, "--batch-size", "32", "--cache", str(tmp_path / "cache"),
+                             "--out", str(tmp_path / out)])
+
+    rows = run([str(sweep), f"other={sweep / 's2' / 'samples.npz'}", str(folder)], "fid,pr,mem", "out")
+    assert [(r["run"], r["scale"]) for r in rows] == [("run", 1.0), ("run", 2.0), ("other", 2.0), ("pngs", None)]
+    report = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert report["features"] == "classifier:cls.pt" and len(report["rows"]) == 4
+    assert all(0 <= r["precision"] <= 1 and r["fid"] > 0 and 0 <= r["mem_ratio"] <= 1 for r in report["rows"])
+    assert report["rows"][1]["fid"] == pytest.approx(report["rows"][2]["fid"], rel=1e-12)  # same file, two ways
+    assert os.path.exists(tmp_path / "out" / "precision_recall.png")
+    assert len(os.listdir(tmp_path / "cache")) == 1  # real = train: one cached feature file
+    assert "classifier:cls.pt" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="labels"):  # RMD needs the conditioning labels; a folder has none
+        run([str(folder)], "rmd", "out2")
+    import dataclasses
+    import vae
+    vq = vae.Autoencoder(vae.PRESETS["tiny-vq"])  # a random VQ autoencoder in vae.py's checkpoint format
+    torch.save({"config": dataclasses.asdict(vq.config), "model": vq.state_dict(), "scale": 1.0}, tmp_path / "vq.pt")
+    sys_argv = ["--vq", str(tmp_path / "vq.pt"), "--tau", "0.5"]
+    rows = metrics.main(["--real", real, "--fake", str(sweep), "--features", f"classifier:{cls}", "--metrics", "fid,rmd,entropy",
+                         "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out2"), *sys_argv])  # cached real features
+    assert rows[0]["fid"] == pytest.approx(report["rows"][0]["fid"], rel=1e-6) and "rmd_top1" in rows[0]  # other batch size
+    assert os.path.exists(tmp_path / "out2" / "rmd_scores.npz")
+    with torch.no_grad():
+        images = torch.from_numpy(np.load(sweep / "s1" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+        direct = metrics.sample_entropy(vq.latent(images.float().expand(-1, 3, -1, -1) / 127.5 - 1),
+                                        vq.quantize.embedding.weight, tau=0.5)
+    assert rows[0]["entropy"] == pytest.approx(direct, rel=1e-6) and 0 < direct <= math.log(64)
+    assert json.load(open(tmp_path / "out2" / "metrics.json"))["options"]["tau"] == 0.5
+
+
+def test_train_classifier_on_digits(tmp_path):
+    acc = metrics.main(["train-classifier", "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path / "c.pt")])
+    assert acc > 0.6
+    ext = metrics.Extractor(f"classifier:{tmp_path / 'c.pt'}", torch.device("cpu"))
+    assert ext(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))["features"].shape == (2, 128)
+
+
+def test_npz_sources_and_statistics_files(tmp_path):
+    from types import SimpleNamespace
+    arr = np.random.RandomState(0).randint(0, 256, (23, 5, 6, 3)).astype(np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "a.npz", arr_0=arr, labels=np.arange(23))
+        src = metrics.open_images(str(tmp_path / "a.npz"))
+        assert len(src) == 23 and (src.labels == np.arange(23)).all()
+        np.testing.assert_array_equal(np.concatenate([src.read(0, 10), src.read(10, 23)]), arr)
+        np.testing.assert_array_equal(src.read(4, 7), arr[4:7])  # a jump back re-seeks
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)  # pytorch-fid's statistics file: used as it is
+    inception = SimpleNamespace(kind="inception")
+    stats = metrics.reference_features(metrics.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["mu", "sigma"])
+    assert stats["mu"] is not None and (stats["sigma"] == sigma).all()
+    with pytest.raises(ValueError, match="no images"):
+        metrics.reference_features(metrics.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["features"])

@@ -1,0 +1,153 @@
+"""unet.py: exact parameter counts (Table 3), and agreement with diffusers' UNet2DConditionModel
+(the format of the paper's released models) under the same random weights."""
+import dataclasses
+import math
+import time
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from unet import PRESETS, UNet, diffusers_key_map, load_diffusers_state_dict
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def diffusers_config(c):
+    """The UNet2DConditionModel config equivalent to UNetConfig c (as diffusers' LDM conversion)."""
+    levels = range(len(c.channel_mult))
+    widths = [c.model_channels * m for m in c.channel_mult]
+    return dict(
+        sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
+        flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=["CrossAttnDownBlock2D" if c.has_attention(l) else "DownBlock2D" for l in levels],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["CrossAttnUpBlock2D" if c.has_attention(l) else "UpBlock2D" for l in reversed(levels)],
+        block_out_channels=widths, layers_per_block=c.num_res_blocks, downsample_padding=1,
+        act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=c.context_dim,
+        transformer_layers_per_block=c.transformer_depth, use_linear_projection=False,
+        # diffusers reads attention_head_dim as the NUMBER of heads (its LDM conversions do too)
+        attention_head_dim=[1 if c.head_channels == -1 else w // c.head_channels for w in widths],
+    )
+
+
+def randomise_(model, seed):
+    """Random weights everywhere (also the zero-initialised convs), so the comparison can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1, generator=gen)
+            else:  # norm scales
+                p.normal_(1, 0.1, generator=gen)
+    return model
+
+
+def random_pair(config, seed=0):
+    """(ours, diffusers') with the same random weights; ours is filled only by the key map."""
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**diffusers_config(config))
+        ours = UNet(config)
+    theirs = randomise_(theirs.to_empty(device="cpu"), seed).eval()
+    ours = ours.to_empty(device="cpu").eval()
+    assert not list(theirs.buffers()) and not list(ours.buffers())  # nothing left uninitialised
+    load_diffusers_state_dict(ours, theirs.state_dict())
+    return ours, theirs
+
+
+def assert_close(a, b, rtol=1e-4):
+    err = (a - b).abs().max() / b.abs().max()
+    assert err < rtol, f"max abs difference / max abs value = {err:.2e}"
+
+
+def test_param_counts():
+    # Table 3 / App. B.3: 400,920,579 (LDM cin256-v2); LDM text2img256: 403,623,939.
+    expected = {"ldm4-in1k": 400_920_579, "ldm4-text": 403_623_939}
+    for name, config in PRESETS.items():
+        with torch.device("meta"):
+            ours = UNet(config)
+            theirs = UNet2DConditionModel(**diffusers_config(config))
+        assert num_params(ours) == num_params(theirs) == expected.get(name, num_params(ours))
+        assert set(diffusers_key_map(config)) == set(theirs.state_dict())
+
+
+SMALL = {
+    "tiny": PRESETS["tiny"],
+    "tiny-2heads-depth2": dataclasses.replace(PRESETS["tiny"], head_channels=32, transformer_depth=2),
+    "tiny-attention-at-16": dataclasses.replace(PRESETS["tiny"], attention_resolutions=(16,)),
+    "digits": PRESETS["digits"],
+}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_matches_diffusers_small(name):
+    c = SMALL[name]
+    ours, theirs = random_pair(c)
+    assert num_params(ours) == num_params(theirs)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+    context = torch.randn(2, 3, c.context_dim, generator=gen)
+    with torch.no_grad():
+        for t in (torch.tensor([0, 999]), torch.tensor([0.5, 250.25])):
+            ref = theirs(x, t, encoder_hidden_states=context).sample
+            out = ours(x, t, context)
+            assert out.shape == x.shape
+            assert_close(out, ref)
+
+
+def test_matches_diffusers_ldm4_in1k():
+    c = PRESETS["ldm4-in1k"]
+    start = time.time()
+    ours, theirs = random_pair(c)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 64, 64, generator=gen)
+    context = torch.randn(1, 1, 512, generator=gen)  # one class token
+    t = torch.tensor([437])
+    with torch.no_grad():
+        ref = theirs(x, t, encoder_hidden_states=context).sample
+        del theirs
+        out = ours(x, t, context)
+    assert_close(out, ref)
+    print(f"full-size oracle: {time.time() - start:.1f} s")
+
+
+def test_head_channels_is_a_different_model():
+    # Same parameter count (every head layout has inner width = channel width) ...
+    with torch.device("meta"):
+        wide = dataclasses.replace(PRESETS["ldm4-in1k"], head_channels=64)
+        assert num_params(UNet(wide)) == num_params(UNet(PRESETS["ldm4-in1k"]))
+    # ... and the same state-dict keys, but a different function of the same weights.
+    one_head = randomise_(UNet(PRESETS["tiny"]), seed=0).eval()
+    two_heads = UNet(dataclasses.replace(PRESETS["tiny"], head_channels=32)).eval()
+    two_heads.load_state_dict(one_head.state_dict())
+    x, context, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert (one_head(x, t, context) - two_heads(x, t, context)).abs().max() > 1e-3
+
+
+def test_fresh_model_predicts_zero():
+    # LDM zero-initialises the output conv: an untrained U-Net predicts eps = 0.
+    model = UNet(PRESETS["tiny"])
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.randn(2, 1, 32))
+    assert out.shape == (2, 3, 16, 16) and not out.any()
+
+
+def test_clear_errors():
+    c = PRESETS["tiny"]
+    model = UNet(c)
+    with pytest.raises(ValueError, match="context must be"):
+        model(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.randn(1, 1, 64))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model(torch.randn(1, 3, 15, 15), torch.tensor([1]), torch.randn(1, 1, 32))
+    with pytest.raises(ValueError, match="not feature-map sizes"):
+        dataclasses.replace(c, attention_resolutions=(4,))
+    state = {k: torch.zeros(1) for k in diffusers_key_map(c)}
+    del state["conv_in.weight"]
+    state["class_embedding.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \(1\): \['conv_in.weight'\]") as err:
+        load_diffusers_state_dict(model, state)
+    assert "class_embedding.weight" in str(err.value)

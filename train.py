@@ -1,0 +1,366 @@
+"""Train a class- or text-conditional (latent) diffusion model on slightly corrupted conditions
+(Chen et al. 2024, Sec. 3), with CEP (Sec. 5, Eq. 8) or the IP baseline (Table 1).
+
+    python train.py                                      # CPU demo: 8x8 digits, pixel space, minutes
+    torchrun --nproc_per_node=8 train.py --preset ldm4-in1k --latents cache/in1k --eta 0.025 ...
+
+One file from laptop to GPU node: DDP (NCCL on CUDA, gloo on CPU), bf16 autocast on CUDA.
+Every random draw of a step (data order, t, noise, condition dropout, CEP, flips) is made for the
+whole global batch from a generator seeded by (seed, step), and each rank takes its slice: the
+result does not depend on the number of processes, and a resumed run continues exactly.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import cep
+import corrupt
+import diffusion
+import unet
+import vae
+
+# Flags that may change when resuming; every other flag must match the checkpoint's config.
+RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="digits", help="digits (embedded default) | fashion-mnist | folder | captions")
+    d.add_argument("--data-root", default=None, help="dataset location (folder, captions TSV, Fashion-MNIST idx dir)")
+    d.add_argument("--image-size", type=int, default=None, help="resize/crop images to this size (folder, captions); pads Fashion-MNIST to 32 when 32")
+    d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
+    d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
+    c = p.add_argument_group("condition corruption (Sec. 3.1, 3.3)")
+    c.add_argument("--eta", type=float, default=0.0, help="corruption ratio, e.g. 0.025 (paper: 0 to 0.20)")
+    c.add_argument("--corruption", default="symmetric", choices=["symmetric", "asymmetric", "resample"],
+                   help="class labels: symmetric flips (fixed once), asymmetric within --corrupt-classes, "
+                        "or resample = re-drawn every step (Table 7, 'random data corruption'); captions are swapped")
+    c.add_argument("--corrupt-classes", default=None, help="asymmetric: comma-separated class indices, e.g. 0,2,4,6")
+    c.add_argument("--rewritten-captions", default=None, help="captions: a TSV index<TAB>caption of rewritten captions (Sec. 3.3)")
+    c.add_argument("--corruption-seed", type=int, default=0, help="seed that decides which samples are corrupted")
+    m = p.add_argument_group("model and method")
+    m.add_argument("--preset", default="digits", help=f"U-Net preset: {', '.join(unet.PRESETS)}")
+    m.add_argument("--head-channels", type=int, default=None, help="override the preset's head width (-1 = one head, the paper's model)")
+    m.add_argument("--text-encoder", default=None, help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
+    m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation (Sec. 5.1)")
+    m.add_argument("--gamma", type=float, default=1.0, help="CEP strength (paper: 1)")
+    m.add_argument("--input-perturbation", type=float, default=0.0, help="IP baseline lambda (Ning et al. 2023; paper: 0.1)")
+    m.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition in training (guidance)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=3000, help="training steps (paper: 178K for IN-1K)")
+    o.add_argument("--batch-size", type=int, default=128, help="per-process batch (paper: 64 per GPU on 8 GPUs)")
+    o.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (LDM trains without clipping)")
+    o.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as LDM's LitEma: min(decay, (1+n)/(10+n))")
+    s = p.add_argument_group("system")
+    s.add_argument("--out", default="runs/demo", help="run directory: config, log, manifest, checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
+    s.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, t, dropout, CEP)")
+    s.add_argument("--ckpt-every", type=int, default=1000, help="write the checkpoint every N steps (and at the end)")
+    s.add_argument("--log-every", type=int, default=50, help="log a JSON line every N steps")
+    s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
+    s.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    s.add_argument("--num-workers", type=int, default=2, help="data loader workers for image-folder datasets")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- the model
+class Denoiser(torch.nn.Module):
+    """eps_theta(x_t, t, c_theta(y) + delta): condition embedder, CEP (training only), U-Net."""
+
+    def __init__(self, config):
+        super().__init__()
+        ucfg = unet_config(config)
+        if config["text"]:
+            self.embedder = cep.TextEmbedder(config["text_encoder"], ucfg.context_dim)
+            self.context_shape = (self.embedder.max_length, ucfg.context_dim)  # [L, D] of one condition
+        else:
+            self.embedder = cep.ClassEmbedder(config["num_classes"], ucfg.context_dim)
+            self.context_shape = (1, ucfg.context_dim)
+        self.cep = cep.CEP(config["cep"], config["gamma"])
+        self.unet = unet.UNet(ucfg)
+
+    def forward(self, x_t, t, conditions, delta=None):
+        context = self.cep(self.embedder(conditions), delta)  # Eq. 8: c_theta(y) + delta
+        return self.unet(x_t, t, context)
+
+
+def unet_config(config):
+    ucfg = dataclasses.replace(unet.PRESETS[config["preset"]], in_channels=config["channels"],
+                               out_channels=config["channels"], sample_size=config["size"])
+    if config["head_channels"] is not None:
+        ucfg = dataclasses.replace(ucfg, head_channels=config["head_channels"])
+    return ucfg
+
+
+# ----------------------------------------------------------------------------- the data
+def load_training_data(args):
+    """Returns (images: an indexable of CHW tensors or a uint8 tensor, conditions, info dict)."""
+    if args.latents:
+        cache = vae.LatentCache(args.latents)
+        conditions = cache.captions if cache.captions is not None else cache.labels
+        info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
+                    vae_preset=cache.meta.get("preset"), num_classes=cache.num_classes)
+        return cache, conditions, info
+    ds = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
+    text = hasattr(ds, "captions") and ds.captions is not None
+    info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
+                num_classes=None if text else ds.num_classes)
+    return ds, (ds.captions if text else ds.labels), info
+
+
+def corrupt_conditions(args, conditions, num_classes):
+    """Fixed corruption, decided once by --corruption-seed (Sec. 3.1); 'resample' is done per step."""
+    if isinstance(conditions, list):
+        if args.rewritten_captions:
+            conditions = corrupt.apply_rewritten_captions(conditions, corrupt.load_rewritten_captions(args.rewritten_captions, len(conditions)))
+        return corrupt.swap_captions(conditions, args.eta, args.corruption_seed) if args.eta > 0 else conditions
+    if args.eta == 0 or args.corruption == "resample":
+        return conditions
+    subset = [int(c) for c in args.corrupt_classes.split(",")] if args.corrupt_classes else None
+    if args.corruption == "asymmetric" and not subset:
+        raise SystemExit("--corruption asymmetric needs --corrupt-classes, e.g. 0,2,4,6")
+    return corrupt.corrupt_labels(conditions, args.eta, args.corruption_seed, num_classes,
+                                  mode=args.corruption, subset=subset)
+
+
+def global_indices(step, global_batch, n, seed):
+    """Dataset indices of the global batch at `step`: one seeded permutation per epoch."""
+    k = torch.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, pos = k // n, k % n
+    out = torch.empty_like(k)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+        out[epochs == e] = perm[pos[epochs == e]]
+    return out
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's slice of every global batch from `start` on (so a resumed loader is exact)."""
+
+    def __init__(self, start, steps, batch, world, rank, n, seed):
+        self.start, self.steps, self.batch, self.world, self.rank, self.n, self.seed = start, steps, batch, world, rank, n, seed
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            idx = global_indices(step, self.batch * self.world, self.n, self.seed)
+            yield idx[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
+
+    def __len__(self):
+        return self.steps - self.start
+
+
+class ImagesOnly(torch.utils.data.Dataset):
+    """The dataset's images (conditions come from the corrupted array, not the dataset)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][0]
+
+
+def step_generator(seed, step, device):
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, state):
+    """Atomic: write a temp file next to the target, then rename (a killed run loses nothing)."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is intact") from e
+
+
+def check_resumable(saved, config):
+    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUMABLE and saved.get(k) != v}
+    if diff:
+        lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise SystemExit(f"the checkpoint was trained with another config; refusing to resume:\n{lines}")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)
+
+
+# ----------------------------------------------------------------------------- training
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def build_config(args, data, conditions, info, autoencoder):
+    """All flags plus what the data decides: the diffusion space's channels and size."""
+    x = data[0][0][0] if isinstance(data, vae.LatentCache) else data[0][0]  # one image (or latent)
+    if autoencoder is not None:
+        with torch.no_grad():
+            x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
+    return {**vars(args), **info, "text": isinstance(conditions, list), "channels": x.shape[0],
+            "size": x.shape[-1], "num_examples": len(conditions)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None
+
+    data, clean_conditions, info = load_training_data(args)
+    autoencoder = vae.load_autoencoder(args.vae).to(device).eval() if args.vae else None
+    if autoencoder is not None:
+        info["latent_scale"] = autoencoder.scale
+    config = build_config(args, data, clean_conditions, info, autoencoder)
+    conditions = corrupt_conditions(args, clean_conditions, config["num_classes"])
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+
+    torch.manual_seed(args.seed)  # the initial weights
+    model = Denoiser(config).to(device)
+    ema = Denoiser(config).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
+    step = 0
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        check_resumable(ckpt["config"], config)
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    if rank == 0:
+        write_run_files(args, config, clean_conditions, conditions, model)
+    train_model = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
+    prior = torch.bincount(torch.as_tensor(clean_conditions), minlength=config["num_classes"]).float() \
+        if not config["text"] else None
+    loader = iter(torch.utils.data.DataLoader(
+        ImagesOnly(data), num_workers=0 if isinstance(data, corrupt.InMemoryDataset) else args.num_workers,
+        batch_sampler=StepBatches(step, args.steps, args.batch_size, world, rank, len(conditions), args.seed),
+        pin_memory=cuda))
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    log_loss, t0, steps_timed = 0.0, time.time(), 0
+    while step < args.steps:
+        x0 = next(loader).to(device, non_blocking=True)
+        g = step_generator(args.seed, step, device)
+        G, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+        idx = global_indices(step, G, len(conditions), args.seed)
+        conds = batch_conditions(args, conditions, prior, idx, mine, g, device, config)
+        if isinstance(data, vae.LatentCache):  # both horizontal flips are cached: pick one per sample
+            flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
+            x0 = x0[torch.arange(len(x0), device=device), flip]
+        if autoencoder is not None:
+            with torch.no_grad():
+                x0 = autoencoder.encode(x0)
+        t = torch.randint(0, len(abar), (G,), generator=g, device=device)[mine]
+        noise = torch.randn((G, *x0.shape[1:]), generator=g, device=device)[mine]
+        ip = args.input_perturbation * torch.randn((G, *x0.shape[1:]), generator=g, device=device)[mine] \
+            if args.input_perturbation > 0 else None
+        delta = cep.cep_delta(args.cep, args.gamma, (G, *model.context_shape), generator=g, device=device)[mine] \
+            if args.cep != "none" else None  # drawn for the global batch: world-size independent
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, delta),
+                                           x0, t, noise, conds, abar, input_noise=ip)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        loss_value = all_reduce_mean(loss.detach(), world)
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"non-finite loss ({loss_value}) at step {step}; last good checkpoint: {ckpt_path}")
+        log_loss, steps_timed = log_loss + loss_value, steps_timed + 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            rate = steps_timed * G / (time.time() - t0)
+            if rank == 0:
+                log_line(args.out, step, G, log_loss / steps_timed, rate, device, bar)
+            log_loss, t0, steps_timed = 0.0, time.time(), 0
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                                        "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def batch_conditions(args, conditions, prior, idx, mine, g, device, config):
+    """This rank's (possibly corrupted) conditions, with condition dropout for guidance."""
+    G = len(idx)
+    drop = (torch.rand(G, generator=g, device=device) < args.cond_drop).cpu()
+    if config["text"]:
+        return ["" if drop[i] else conditions[j] for i, j in enumerate(idx.tolist())][mine]
+    labels = torch.as_tensor(conditions)[idx].to(device)
+    if args.corruption == "resample" and args.eta > 0:  # Table 7: re-drawn every step
+        labels = corrupt.resample_corruption(labels, args.eta, prior.to(device), g)
+    labels = torch.where(drop.to(device), config["num_classes"], labels)
+    return labels[mine]
+
+
+def all_reduce_mean(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+        x = x / world
+    return x.item()
+
+
+def log_line(out, step, global_batch, loss, rate, device, bar):
+    mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    rec = {"step": step, "images_seen": step * global_batch, "loss": loss, "images_per_s": rate, "peak_mem_mb": mem}
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+
+
+def write_run_files(args, config, clean, corrupted, model):
+    """The full config and the corruption manifest (which samples, which new condition)."""
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({**config, "parameters": sum(p.numel() for p in model.parameters())}, f, indent=2)
+    mode = "swap" if config["text"] else args.corruption
+    rate = corrupt.write_manifest(os.path.join(args.out, "corruption.tsv"), clean, corrupted,
+                                  eta=args.eta, seed=args.corruption_seed, mode=mode)
+    print(f"condition corruption: {mode}, eta {args.eta}, realised rate {rate:.4f}")
+
+
+if __name__ == "__main__":
+    main()
