@@ -903,6 +903,7 @@ def train_classifier(argv):
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="dataset location")
     p.add_argument("--image-size", type=int, default=None, help="as train.py's --image-size (default: native size)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
@@ -917,12 +918,13 @@ def train_classifier(argv):
     model = Classifier(train.num_classes, x0.shape[-1], x0.shape[0]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True)
-    for epoch in range(args.epochs):
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            loss = F.cross_entropy(model(x.to(device)), torch.as_tensor(y).to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    steps = min(args.epochs * len(loader), args.max_steps or float("inf"))
+    batches = (batch for _ in range(args.epochs) for batch in loader)
+    for _, (x, y) in zip(tqdm(range(steps), desc="classifier"), batches):
+        loss = F.cross_entropy(model(x.to(device)), torch.as_tensor(y).to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
     correct = 0
     with torch.no_grad():

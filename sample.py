@@ -73,7 +73,7 @@ def initial_noise(indices, seed, shape):
 
 @torch.no_grad()
 def sample_batch(model, conds, noise, gens, scale, args, abar, autoencoder):
-    device = abar.device
+    device = next(model.parameters()).device
     c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
     context = model.embedder(c)  # eval mode: no CEP at sampling (Sec. 5.1)
     null_context = model.embedder(model.embedder.null_condition(len(conds)))
@@ -84,17 +84,17 @@ def sample_batch(model, conds, noise, gens, scale, args, abar, autoencoder):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, rows, path, min_cell=64):
-    """rows x cols grid, small images enlarged (nearest) so a person can see them."""
+def save_grid(images, rows, path, min_cell=64, gap=2):
+    """rows x cols grid with a gap between cells; small images enlarged (nearest) to be seen."""
+    zoom = max(1, min_cell // images.shape[1])
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     n, h, w, c = images.shape
     cols = math.ceil(n / rows)
-    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    grid = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, c), 128, np.uint8)
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    zoom = max(1, min_cell // h)
-    im = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
-    im.resize((im.width * zoom, im.height * zoom), Image.NEAREST).save(path)
+        grid[gap + r * (h + gap):gap + r * (h + gap) + h, gap + q * (w + gap):gap + q * (w + gap) + w] = img
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
 def write_outputs(out, images, conds, seeds, scale, config, args):
@@ -122,8 +122,9 @@ def main(argv=None):
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
-    autoencoder = vae.load_autoencoder(vae_path).to(device).eval() if vae_path else None
-    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
+    autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"), config.get("latent_scale")).to(device).eval() \
+        if vae_path else None
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU: step sizes are Python floats
     conds = conditions_to_sample(args, config)
     mine = list(range(rank, len(conds), world))  # this process's sample indices
     out_root = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if not os.path.isdir(args.ckpt)

@@ -59,9 +59,9 @@ def parse_args(argv=None):
     m.add_argument("--input-perturbation", type=float, default=0.0, help="IP baseline lambda (Ning et al. 2023; paper: 0.1)")
     m.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition in training (guidance)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=3000, help="training steps (paper: 178K for IN-1K)")
-    o.add_argument("--batch-size", type=int, default=128, help="per-process batch (paper: 64 per GPU on 8 GPUs)")
-    o.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
+    o.add_argument("--steps", type=int, default=1500, help="training steps (paper: 178K for IN-1K)")
+    o.add_argument("--batch-size", type=int, default=64, help="per-process batch (paper: 64 per GPU on 8 GPUs)")
+    o.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 1e-4; the default suits the small CPU models)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (LDM trains without clipping)")
     o.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as LDM's LitEma: min(decay, (1+n)/(10+n))")
@@ -231,46 +231,64 @@ def build_config(args, data, conditions, info, autoencoder):
             "size": x.shape[-1], "num_examples": len(conditions)}
 
 
+def prepare_data(args, device):
+    """Data, its (possibly corrupted) conditions, the run config and the frozen autoencoder."""
+    data, clean, info = load_training_data(args)
+    autoencoder = vae.load_autoencoder(args.vae).to(device).eval() if args.vae else None
+    if autoencoder is not None:
+        info["latent_scale"] = autoencoder.scale
+    config = build_config(args, data, clean, info, autoencoder)
+    return data, clean, corrupt_conditions(args, clean, config["num_classes"]), config, autoencoder
+
+
+def build_model(args, config, device, ckpt_path):
+    """Model, EMA and optimizer, fresh (seeded) or restored from the run's checkpoint."""
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    torch.manual_seed(args.seed)  # the initial weights
+    model = Denoiser(config).to(device)
+    ema = Denoiser(config).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    if not args.resume:
+        return model, ema, opt, 0
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    check_resumable(ckpt["config"], config)
+    model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+    return model, ema, opt, ckpt["step"]
+
+
+def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
+    """t, noise, IP noise and the CEP delta, drawn for the global batch; this rank's slice."""
+    t = torch.randint(0, num_train_steps, (G,), generator=g, device=device)[mine]
+    noise = torch.randn((G, *shape), generator=g, device=device)[mine]
+    ip = args.input_perturbation * torch.randn((G, *shape), generator=g, device=device)[mine] \
+        if args.input_perturbation > 0 else None  # IP baseline: x_t from noise + lambda xi
+    delta = cep.cep_delta(args.cep, args.gamma, (G, *context_shape), generator=g, device=device)[mine] \
+        if args.cep != "none" else None  # CEP, Eq. 8
+    return t, noise, ip, delta
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None
-
-    data, clean_conditions, info = load_training_data(args)
-    autoencoder = vae.load_autoencoder(args.vae).to(device).eval() if args.vae else None
-    if autoencoder is not None:
-        info["latent_scale"] = autoencoder.scale
-    config = build_config(args, data, clean_conditions, info, autoencoder)
-    conditions = corrupt_conditions(args, clean_conditions, config["num_classes"])
+    data, clean, conditions, config, autoencoder = prepare_data(args, device)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not args.resume:
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-
-    torch.manual_seed(args.seed)  # the initial weights
-    model = Denoiser(config).to(device)
-    ema = Denoiser(config).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
-    step = 0
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        check_resumable(ckpt["config"], config)
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    model, ema, opt, step = build_model(args, config, device, ckpt_path)
     if rank == 0:
-        write_run_files(args, config, clean_conditions, conditions, model)
+        write_run_files(args, config, clean, conditions, model)
     train_model = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    if args.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model) if args.compile else train_model
 
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
-    prior = torch.bincount(torch.as_tensor(clean_conditions), minlength=config["num_classes"]).float() \
-        if not config["text"] else None
+    prior = None if config["text"] else torch.bincount(torch.as_tensor(clean), minlength=config["num_classes"]).float()
+    G, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
     loader = iter(torch.utils.data.DataLoader(
         ImagesOnly(data), num_workers=0 if isinstance(data, corrupt.InMemoryDataset) else args.num_workers,
         batch_sampler=StepBatches(step, args.steps, args.batch_size, world, rank, len(conditions), args.seed),
@@ -280,21 +298,15 @@ def main(argv=None):
     while step < args.steps:
         x0 = next(loader).to(device, non_blocking=True)
         g = step_generator(args.seed, step, device)
-        G, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
-        idx = global_indices(step, G, len(conditions), args.seed)
-        conds = batch_conditions(args, conditions, prior, idx, mine, g, device, config)
+        conds = batch_conditions(args, conditions, prior, global_indices(step, G, len(conditions), args.seed),
+                                 mine, g, device, config)
         if isinstance(data, vae.LatentCache):  # both horizontal flips are cached: pick one per sample
             flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
             x0 = x0[torch.arange(len(x0), device=device), flip]
         if autoencoder is not None:
             with torch.no_grad():
                 x0 = autoencoder.encode(x0)
-        t = torch.randint(0, len(abar), (G,), generator=g, device=device)[mine]
-        noise = torch.randn((G, *x0.shape[1:]), generator=g, device=device)[mine]
-        ip = args.input_perturbation * torch.randn((G, *x0.shape[1:]), generator=g, device=device)[mine] \
-            if args.input_perturbation > 0 else None
-        delta = cep.cep_delta(args.cep, args.gamma, (G, *model.context_shape), generator=g, device=device)[mine] \
-            if args.cep != "none" else None  # drawn for the global batch: world-size independent
+        t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape, len(abar), device)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, delta),
                                            x0, t, noise, conds, abar, input_noise=ip)
@@ -303,7 +315,7 @@ def main(argv=None):
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # LDM's LitEma warm-up
         step += 1
         loss_value = all_reduce_mean(loss.detach(), world)
         if not math.isfinite(loss_value):
@@ -311,9 +323,8 @@ def main(argv=None):
         log_loss, steps_timed = log_loss + loss_value, steps_timed + 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
-            rate = steps_timed * G / (time.time() - t0)
             if rank == 0:
-                log_line(args.out, step, G, log_loss / steps_timed, rate, device, bar)
+                log_line(args.out, step, G, log_loss / steps_timed, steps_timed * G / (time.time() - t0), device, bar)
             log_loss, t0, steps_timed = 0.0, time.time(), 0
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
             save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),

@@ -290,6 +290,24 @@ _RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj"
                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
+def diffusers_config(c):
+    """The UNet2DConditionModel config equivalent to UNetConfig c (as diffusers' LDM conversion)."""
+    levels = range(len(c.channel_mult))
+    widths = [c.model_channels * m for m in c.channel_mult]
+    return dict(
+        sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
+        flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=["CrossAttnDownBlock2D" if c.has_attention(l) else "DownBlock2D" for l in levels],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["CrossAttnUpBlock2D" if c.has_attention(l) else "UpBlock2D" for l in reversed(levels)],
+        block_out_channels=widths, layers_per_block=c.num_res_blocks, downsample_padding=1,
+        act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=c.context_dim,
+        transformer_layers_per_block=c.transformer_depth, use_linear_projection=False,
+        # diffusers reads attention_head_dim as the NUMBER of heads (its LDM conversions do too)
+        attention_head_dim=[1 if c.head_channels == -1 else w // c.head_channels for w in widths],
+    )
+
+
 def diffusers_key_map(config):
     """{diffusers UNet2DConditionModel state-dict key: our key} for UNet(config), the inverse of
     diffusers' LDM conversion (scripts/convert_ldm_original_checkpoint_to_diffusers.py)."""

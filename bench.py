@@ -1,0 +1,579 @@
+"""Throughput of training, sampling and FID feature extraction, against diffusers / pytorch-fid.
+
+    python bench.py                                      # all three, ldm4-in1k, batch 64, one GPU
+    python bench.py --only train --lines compile,diffusers --out runs/bench-train-compile.json
+    python bench.py --device cpu --preset tiny --batch-size 4                        # CPU smoke check
+
+What one line of the table times (median of --steps calls after --warmup untimed calls; on CUDA
+each call is bracketed by CUDA events, so a line is GPU time with the launch gaps included):
+  train     one optimizer step on a batch of latents: diffusion.training_loss forward + backward +
+            AdamW step (lr 1e-4, PAPER.md Models), one class token of context. The reference
+            line is our eager U-Net with bf16 autocast, TF32 and fused AdamW on CUDA (fp32 and
+            foreach AdamW on CPU); every other line changes ONE thing (an ablation).
+  sample    --sample-steps DDIM steps with classifier-free guidance (Eq. 2) from noise to latents:
+            diffusion.sample + guided_eps against a diffusers DDIMScheduler loop over diffusers'
+            UNet2DConditionModel holding the same weights (loaded through unet.diffusers_key_map).
+  features  FID Inception pool3 features of uint8 256x256 images: metrics.InceptionV3 against
+            pytorch-fid's InceptionV3 holding the same (random) weights, fp32 as metrics.py runs.
+Before timing, each compared pair is checked to compute the same function with the same random
+weights (relative error printed: max |a - b| / max |b|); every training line also prints how far
+its first loss is from the fp32 reference loss. FLOPs: FlopCounterMode on forward + backward,
+counted once per model on the meta device (attention counted as its two matmuls).
+diffusers and pytorch-fid are imported only inside the baseline functions: they are the anchors of
+this benchmark, not dependencies of the product. Method and results: BENCHMARKS.md.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import unittest.mock
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import diffusion
+import metrics
+import unet
+import vae
+from cep import ClassEmbedder
+
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH}
+AUTOENCODER = {"ldm4-in1k": "vq-f4", "ldm4-text": "vq-f4", "tiny": "tiny-vq"}  # "no latent cache" line
+IMAGE_SIZE = 256  # feature extraction input (ImageNet 256x256 samples); the Inception resizes to 299
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How a step runs. Each ablation line changes one field of the reference setup."""
+    bf16: bool = True  # bf16 autocast (CUDA); False = fp32
+    tf32: bool = True  # TF32 for fp32 matmuls and convolutions (CUDA)
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms (CUDA)
+    channels_last: bool = False  # NHWC memory format for the model and its input
+    sdpa: str = "auto"  # attention kernel: auto (PyTorch picks) | flash | efficient | math
+    head_channels: int = None  # None: the preset's (ldm4-in1k: one head, Table 3); N: N-wide heads
+    compile: bool = False  # torch.compile of the denoiser (default mode)
+    fused_adamw: bool = True  # fused AdamW kernel; False = foreach
+    encode: bool = False  # encode 256x256 images with the autoencoder every step (no latent cache)
+
+
+def reference_setup(device):
+    cuda = device.type == "cuda"
+    return Setup(bf16=cuda, tf32=cuda, fused_adamw=cuda)
+
+
+def running(setup, device):
+    """Apply a setup's switches: TF32 flags (global), attention kernel and autocast (context)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setup.tf32
+    torch.backends.cudnn.benchmark = setup.cudnn_benchmark
+    stack = contextlib.ExitStack()
+    if setup.sdpa != "auto":
+        stack.enter_context(sdpa_kernel(SDPA[setup.sdpa]))
+    if setup.bf16:
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    return stack
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, warmup, repeats, device):
+    """Median wall time of one fn() call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|; NaN (which fails every `err <= tol`) when b is all zeros."""
+    scale = b.float().abs().max().item()
+    return (a.float() - b.float()).abs().max().item() / scale if scale > 0 else float("nan")
+
+
+def randomise_(module, seed):
+    """Random values in every parameter and buffer (also LDM's zero-initialised convs), so that
+    the equivalence checks can fail; fan-in scaled so activations stay O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if not p.is_floating_point():  # BatchNorm's num_batches_tracked
+                continue
+            if p.ndim > 1:
+                p.normal_(0, p[0].numel() ** -0.5, generator=gen)
+            elif name.endswith("running_var"):
+                p.uniform_(0.5, 1.5, generator=gen)
+            elif name.endswith(("bias", "running_mean")):
+                p.normal_(0, 0.1, generator=gen)
+            else:  # norm scales
+                p.normal_(1, 0.1, generator=gen)
+    return module
+
+
+# ----------------------------------------------------------------------------- the two U-Nets
+
+
+class DiffusersEps(torch.nn.Module):
+    """diffusers' U-Net behind our denoiser signature model(x, t, context) -> eps."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, context):
+        return self.net(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def random_unet_state(config):
+    """The random U-Net weights every line of a section starts from (CPU, our key names)."""
+    with torch.device("meta"):
+        model = unet.UNet(config)
+    return randomise_(model.to_empty(device="cpu"), seed=1).state_dict()
+
+
+def build_unet(kind, config, state, device, setup=Setup()):
+    """Our U-Net ("ours") or diffusers' ("diffusers") with the weights `state` (our key names)."""
+    if setup.head_channels is not None:  # the same weights make a different function
+        config = dataclasses.replace(config, head_channels=setup.head_channels)
+    if kind == "ours":
+        with torch.device("meta"):
+            model = unet.UNet(config)
+        model = model.to_empty(device=device)
+        model.load_state_dict(state)
+    else:
+        from diffusers import UNet2DConditionModel
+        with torch.device("meta"):
+            net = UNet2DConditionModel(**unet.diffusers_config(config))
+        net = net.to_empty(device=device)
+        net.load_state_dict({theirs: state[ours] for theirs, ours in unet.diffusers_key_map(config).items()})
+        model = DiffusersEps(net)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if setup.compile else model
+
+
+def step_flops(kind, config, batch_size, head_channels):
+    """FLOPs of one training step (forward + backward), counted on the meta device."""
+    if head_channels is not None:
+        config = dataclasses.replace(config, head_channels=head_channels)
+    with torch.device("meta"):
+        if kind == "ours":
+            model = unet.UNet(config)
+        else:
+            from diffusers import UNet2DConditionModel
+            model = DiffusersEps(UNet2DConditionModel(**unet.diffusers_config(config)))
+        x0 = torch.randn(batch_size, config.in_channels, config.sample_size, config.sample_size)
+        t = torch.randint(0, 1000, (batch_size,))
+        context = torch.randn(batch_size, 1, config.context_dim)
+        abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
+    with FlopCounterMode(display=False) as counter:
+        diffusion.training_loss(model, x0, t, torch.randn_like(x0), context, abar).backward()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- 1. training
+
+
+def train_lines(ref, device, compile_, wide):
+    """(label, model kind, setup) of every training line: reference, anchors, one change each."""
+    r = dataclasses.replace
+    lines = [("ours: reference", "ours", ref), ("diffusers (anchor)", "diffusers", ref)]
+    if compile_:
+        lines += [("ours + torch.compile", "ours", r(ref, compile=True)),
+                  ("diffusers + torch.compile (anchor)", "diffusers", r(ref, compile=True))]
+    if device.type == "cuda":
+        lines += [("fp32, TF32 off", "ours", r(ref, bf16=False, tf32=False)),
+                  ("fp32, TF32 on", "ours", r(ref, bf16=False, tf32=True)),
+                  ("bf16, TF32 off", "ours", r(ref, tf32=False)),
+                  ("cudnn.benchmark on", "ours", r(ref, cudnn_benchmark=True))]
+    lines += [("channels-last", "ours", r(ref, channels_last=True))]
+    lines += [(f"SDPA {name} only", "ours", r(ref, sdpa=name)) for name in SDPA]
+    lines += [("AdamW foreach" if ref.fused_adamw else "AdamW fused", "ours", r(ref, fused_adamw=not ref.fused_adamw))]
+    lines += [("no latent cache (encode each step)", "ours", r(ref, encode=True))]
+    lines += [(f"{wide}-wide heads [DIFFERENT MODEL]", "ours", r(ref, head_channels=wide))]
+    if compile_:
+        lines += [(f"{wide}-wide heads + compile [DIFFERENT MODEL]", "ours", r(ref, head_channels=wide, compile=True))]
+    return lines
+
+
+def train_line(kind, setup, config, state, batch, abar, autoencoder, args, device):
+    """Time one training line -> (seconds per step, first loss, peak memory)."""
+    x0, t, noise, context, images = batch
+    model = build_unet(kind, config, state, device, setup).train()
+    fused = {"fused": True} if setup.fused_adamw else {"foreach": True}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    if setup.channels_last:
+        x0, images = x0.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
+
+    def step():
+        with running(setup, device):
+            if setup.encode:
+                with torch.no_grad():
+                    latents = autoencoder.encode(images).float()
+            loss = diffusion.training_loss(model, latents if setup.encode else x0, t, noise, context, abar)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    first_loss = step().item()  # the first warm-up step: weights not yet updated
+    seconds = median_seconds(step, args.warmup - 1, args.steps, device)
+    return seconds, first_loss, peak_memory_gib(device)
+
+
+def check_train(config, state, batch, abar, device):
+    """Ours vs diffusers with the same weights, fp32 (must agree) and in the reference setup.
+    Returns the fp32 reference loss of the whole batch that every line's first loss is compared to."""
+    x0, t, noise, context, _ = batch
+    n = min(len(x0), 4)
+    fp32, ref = Setup(bf16=False, tf32=False), reference_setup(device)
+    out = {}
+    with torch.no_grad():
+        for kind in ("ours", "diffusers"):
+            model = build_unet(kind, config, state, device).eval()
+            for name, setup in (("fp32", fp32), ("ref", ref)):
+                with running(setup, device):
+                    out[kind, name] = model(x0[:n], t[:n], context[:n]).float()
+            if kind == "ours":
+                with running(fp32, device):
+                    ref_loss = diffusion.training_loss(model, x0, t, noise, context, abar).item()
+            del model
+    free(device)
+    err = rel_err(out["diffusers", "fp32"], out["ours", "fp32"])
+    print(f"check: diffusers vs ours, fp32, same weights: rel err {err:.1e}")
+    if not err <= 1e-3:
+        raise SystemExit(f"ours and diffusers' U-Nets disagree (rel err {err:.1e}): fix unet.py first")
+    if ref.bf16:
+        print(f"check: bf16 autocast vs fp32: ours rel err {rel_err(out['ours', 'ref'], out['ours', 'fp32']):.1e}, "
+              f"diffusers rel err {rel_err(out['diffusers', 'ref'], out['ours', 'fp32']):.1e}")
+    print(f"check: fp32 reference loss {ref_loss:.6f}")
+    return ref_loss
+
+
+def bench_train(config, args, device, report):
+    gen = torch.Generator().manual_seed(0)
+    B, C, S = args.batch_size, config.in_channels, config.sample_size
+    state = random_unet_state(config)
+    name = AUTOENCODER.get(args.preset)
+    autoencoder = None
+    if name:
+        autoencoder = randomise_(vae.Autoencoder(vae.PRESETS[name]), seed=2).to(device).eval()
+    factor = 2 ** (len(autoencoder.config.ch_mult) - 1) if autoencoder else 4  # image / latent size
+    batch = [torch.randn(B, C, S, S, generator=gen), torch.randint(0, 1000, (B,), generator=gen),
+             torch.randn(B, C, S, S, generator=gen), torch.randn(B, 1, config.context_dim, generator=gen),
+             torch.rand(B, 3, S * factor, S * factor, generator=gen) * 2 - 1]
+    batch = [x.to(device) for x in batch]
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
+    ref_loss = check_train(config, state, batch, abar, device)
+
+    ref = reference_setup(device)
+    widths = [config.model_channels * m for m in config.channel_mult]
+    wide = 64 if all(w % 64 == 0 for w in widths) else 32
+    flops = {(kind, h): step_flops(kind, config, B, h) for kind in ("ours", "diffusers") for h in (None, wide)
+             if kind == "ours" or h is None}
+    print(f"FLOPs per training step (forward + backward, batch {B}): "
+          + ", ".join(f"{k}{f' ({h}-wide heads)' if h else ''} {f / 1e12:.3g} TFLOP" for (k, h), f in flops.items()))
+    report["train_flops_per_step"] = {f"{k}, head_channels {h or config.head_channels}": f for (k, h), f in flops.items()}
+    compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    header("train", device)
+    rows, ref_seconds = [], None
+    for label, kind, setup in selected(train_lines(ref, device, compile_, wide), args.lines):
+        if setup.encode and autoencoder is None:
+            continue  # no autoencoder preset for this U-Net preset
+        free(device)
+        row = {"name": label, "model": kind, "setup": dataclasses.asdict(setup)}
+        try:
+            seconds, loss, memory = train_line(kind, setup, config, state, batch, abar, autoencoder, args, device)
+        except (RuntimeError, NotImplementedError) as e:  # e.g. a kernel that does not fit, or OOM
+            row["failed"] = str(e).strip().splitlines()[0][:200]
+            print(f"  {label:<44} failed: {row['failed']}")
+        else:
+            ref_seconds = ref_seconds or seconds
+            f = flops[kind, setup.head_channels]
+            row.update(images_per_s=B / seconds, ms_per_step=1e3 * seconds, tflops=f / seconds / 1e12,
+                       mfu=f / seconds / 1e12 / args.peak_tflops if device.type == "cuda" else None,
+                       peak_memory_gib=memory, speedup_vs_reference=ref_seconds / seconds,
+                       first_loss=loss, loss_rel_err=abs(loss - ref_loss) / ref_loss)
+            note = f"loss rel err {row['loss_rel_err']:.1e}" + (" (different model)" if setup.head_channels else "")
+            if setup.encode:  # a slow-down line: what the latent cache saves
+                row["loss_rel_err"], note = None, "latents from the autoencoder: loss not compared"
+            print_row(row, note)
+        rows.append(row)
+        if setup.compile:
+            torch._dynamo.reset()
+    report["train"] = rows
+    summary = anchor_ratios(rows)
+    report["train_vs_anchor"] = summary
+    for key, value in summary.items():
+        print(f"  {key}: {value:.2f}x")
+
+
+def selected(lines, patterns):
+    """The first (reference) line, and the others whose label contains one of the --lines patterns."""
+    if not patterns:
+        return lines
+    keep = [p.strip().lower() for p in patterns.split(",")]
+    return lines[:1] + [line for line in lines[1:] if any(p in line[0].lower() for p in keep)]
+
+
+def anchor_ratios(rows):
+    """Speed of our lines relative to the diffusers anchor lines (same run, same setup)."""
+    speed = {r["name"]: r["images_per_s"] for r in rows if "images_per_s" in r}
+    pairs = {"ours eager / diffusers eager": ("ours: reference", "diffusers (anchor)"),
+             "ours compiled / diffusers compiled": ("ours + torch.compile", "diffusers + torch.compile (anchor)")}
+    out = {k: speed[a] / speed[b] for k, (a, b) in pairs.items() if a in speed and b in speed}
+    same_model = [r for r in rows if r["model"] == "ours" and r["setup"]["head_channels"] is None
+                  and not r["setup"]["encode"] and r["name"] in speed]
+    for anchor in ("diffusers (anchor)", "diffusers + torch.compile (anchor)"):
+        if same_model and anchor in speed:
+            best = max(same_model, key=lambda r: r["images_per_s"])
+            out[f"best one-head line ({best['name']}) / {anchor}"] = best["images_per_s"] / speed[anchor]
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. sampling
+
+
+def diffusers_ddim(model, x_T, context, null_context, scale, steps):
+    """The denoising loop of diffusers' pipelines with DDIMScheduler at LDM's settings."""
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    scheduler.set_timesteps(steps)
+    x, cond = x_T, torch.cat([null_context, context])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps_null, eps_c = model(torch.cat([x, x]), t.expand(2 * len(x)).to(x.device), cond).chunk(2)
+            x = scheduler.step((eps_null + scale * (eps_c - eps_null)).float(), t, x, eta=0.0).prev_sample
+    return x
+
+
+def our_ddim(model, x_T, context, null_context, scale, steps, abar):
+    def eps_fn(x, t):
+        return diffusion.guided_eps(model, x, t, context, null_context, scale).float()
+    return diffusion.sample(eps_fn, x_T, "ddim", steps, abar)
+
+
+def bench_sample(config, args, device, report):
+    gen = torch.Generator().manual_seed(0)
+    B = args.batch_size
+    state = random_unet_state(config)
+    torch.manual_seed(3)
+    embedder = ClassEmbedder(1000, config.context_dim).to(device)
+    with torch.no_grad():
+        context = embedder(torch.randint(0, 1000, (B,), generator=gen).to(device))
+        null_context = embedder(embedder.null_condition(B))
+    x_T = torch.randn(B, config.in_channels, config.sample_size, config.sample_size, generator=gen).to(device)
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
+    samplers = {"ours": lambda m: our_ddim(m, x_T, context, null_context, args.guidance, args.sample_steps, abar),
+                "diffusers": lambda m: diffusers_ddim(m, x_T, context, null_context, args.guidance, args.sample_steps)}
+    fp32, bf16 = Setup(bf16=False, tf32=False), Setup(bf16=True, tf32=True)
+    lines = [(f"{k} fp32", k, fp32) for k in samplers]
+    if device.type == "cuda":
+        lines += [(f"{k} bf16 autocast", k, bf16) for k in samplers]
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        compiled = dataclasses.replace(bf16 if device.type == "cuda" else fp32, compile=True)
+        lines += [(f"{k} + torch.compile", k, compiled) for k in samplers]
+    header(f"sample ({args.sample_steps} DDIM steps, guidance {args.guidance:g}, U-Net batch {2 * B})", device)
+    rows, reference, ref_seconds = [], None, None
+    for label, kind, setup in selected(lines, args.lines):
+        free(device)
+        row = {"name": label, "model": kind, "setup": dataclasses.asdict(setup)}
+        try:
+            model = build_unet(kind, config, state, device, setup).eval()
+            with running(setup, device):
+                out = samplers[kind](model)  # the warm-up run (it compiles), checked before timing
+                reference = out if reference is None else reference  # the first line: ours fp32
+                err = rel_err(out, reference)
+                if label == "diffusers fp32":
+                    print(f"check: diffusers DDIM loop vs ours, fp32, same weights: rel err {err:.1e}")
+                    if not err <= 1e-3:
+                        raise SystemExit(f"our DDIM sampler and diffusers' disagree (rel err {err:.1e})")
+                seconds = median_seconds(lambda: samplers[kind](model), 0, args.sample_repeats, device)
+        except (RuntimeError, NotImplementedError) as e:
+            row["failed"] = str(e).strip().splitlines()[0][:200]
+            print(f"  {label:<44} failed: {row['failed']}")
+        else:
+            ref_seconds = ref_seconds or seconds
+            row.update(images_per_s=B / seconds, ms_per_batch=1e3 * seconds, peak_memory_gib=peak_memory_gib(device),
+                       speedup_vs_reference=ref_seconds / seconds, rel_err_vs_ours_fp32=err)
+            print_row(row, f"rel err vs ours fp32 {err:.1e}")
+        rows.append(row)
+        if setup.compile:
+            torch._dynamo.reset()
+    report["sample"] = rows
+
+
+# ----------------------------------------------------------------------------- 3. features
+
+
+def pytorch_fid_inception(state):
+    """pytorch-fid's InceptionV3 (pool3 only) holding the weights `state` instead of its download."""
+    import pytorch_fid.inception
+    with unittest.mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: state):
+        return pytorch_fid.inception.InceptionV3([3]).eval()
+
+
+def bench_features(args, device, report):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), generator=gen,
+                           dtype=torch.uint8).to(device)
+    ours = randomise_(metrics.InceptionV3(), seed=4).eval()
+    theirs = pytorch_fid_inception(ours.state_dict()).to(device)
+    ours = ours.to(device)
+    networks = {"ours (metrics.InceptionV3)": lambda x: ours(x)["features"],
+                # pytorch-fid's data loader hands the network floats in [0, 1]
+                "pytorch-fid InceptionV3": lambda x: theirs(x.float() / 255)[0].flatten(1)}
+    setup = Setup(bf16=False, tf32=False)  # metrics.py extracts exact fp32 features
+    with torch.no_grad(), running(setup, device):
+        outputs = {label: net(images) for label, net in networks.items()}
+        err = rel_err(outputs["pytorch-fid InceptionV3"], outputs["ours (metrics.InceptionV3)"])
+        print(f"check: pytorch-fid vs ours, same weights: rel err {err:.1e}")
+        if not err <= 1e-4:
+            raise SystemExit(f"metrics.InceptionV3 and pytorch-fid's disagree (rel err {err:.1e})")
+        header(f"features (uint8 {IMAGE_SIZE}x{IMAGE_SIZE} -> 2048-d pool3, fp32, TF32 off)", device)
+        rows, ref_seconds = [], None
+        for label, net in networks.items():
+            free(device)
+            seconds = median_seconds(lambda: net(images), args.warmup - 1, args.steps, device)  # 1: the check
+            ref_seconds = ref_seconds or seconds
+            row = {"name": label, "images_per_s": args.batch_size / seconds, "ms_per_batch": 1e3 * seconds,
+                   "peak_memory_gib": peak_memory_gib(device), "speedup_vs_reference": ref_seconds / seconds}
+            print_row(row, "")
+            rows.append(row)
+    report["features"] = rows
+    report["features_rel_err"] = err
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def header(title, device):
+    mfu = "MFU" if device.type == "cuda" else ""
+    print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} {'mem GiB':>8} "
+          f"{'x ref':>6}  check")
+
+
+def print_row(row, note):
+    def fmt(key, spec, width):
+        value = row.get(key)
+        return f"{value:{width}{spec}}" if value is not None else " " * (width - 1) + "-"
+    ms = row.get("ms_per_step", row.get("ms_per_batch"))
+    print(f"  {row['name']:<44} {row['images_per_s']:9.1f} {ms:9.1f} {fmt('tflops', '.3g', 8)} "
+          f"{fmt('mfu', '.1%', 6) if 'mfu' in row and row['mfu'] is not None else '':>6} "
+          f"{fmt('peak_memory_gib', '.1f', 8)} {row['speedup_vs_reference']:5.2f}x  {note}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to run on (default: cuda when available, else cpu)")
+    parser.add_argument("--preset", default="ldm4-in1k", choices=sorted(unet.PRESETS),
+                        help="U-Net preset of unet.py (default: the paper's ldm4-in1k)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per training step / sampled batch / feature batch (paper: 64 per GPU)")
+    parser.add_argument("--steps", type=int, help="timed iterations per line, the median is reported "
+                        "(default: 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed iterations before timing, >= 1; the first also "
+                        "compiles (default: 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--only", choices=["train", "sample", "features"], help="run one section only")
+    parser.add_argument("--lines", help="comma-separated substrings: run only the lines whose label contains "
+                        "one (plus the reference line), e.g. 'compile' or 'diffusers,SDPA'")
+    parser.add_argument("--out", default="runs/bench.json", help="JSON file for all figures")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="peak dense bf16 TFLOP/s of the GPU for MFU (default 989: H100 SXM datasheet; "
+                             "issue 7 quotes ~790 measured; H100 PCIe: 756, A100: 312)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="torch.compile lines (auto: on CUDA only; compiling takes minutes)")
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sampled batch")
+    parser.add_argument("--sample-repeats", type=int, help="timed sampling runs per line, after one "
+                        "untimed run (default: 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale s (Eq. 2; Table 1: 2.0)")
+    args = parser.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
+    for name, on_cuda, on_cpu in (("steps", 20, 3), ("warmup", 5, 1), ("sample_repeats", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    if args.warmup < 1 or args.steps < 1 or args.sample_repeats < 1 or args.batch_size < 1:
+        parser.error("--warmup, --steps, --sample-repeats and --batch-size must be >= 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no GPU is visible; use --device cpu")
+
+    config = unet.PRESETS[args.preset]
+    report = {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+              "torch": torch.__version__, "python": platform.python_version(), "args": vars(args)}
+    report.update({name: package_version(name) for name in ("diffusers", "pytorch-fid")})
+    print(f"bench: {report['device']}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size}"
+          + (f", MFU against {args.peak_tflops:g} TFLOP/s bf16" if device.type == "cuda" else ""))
+    if args.only in (None, "train"):
+        bench_train(config, args, device, report)
+    if args.only in (None, "sample"):
+        bench_sample(config, args, device, report)
+    if args.only in (None, "features"):
+        bench_features(args, device, report)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+def package_version(name):
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version(name)
+    return None
+
+
+def cpu_name():
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""bench.py: its CPU path runs end to end on the tiny preset, and its checks can fail."""
+import json
+import sys
+
+import pytest
+import torch
+
+import bench
+import unet
+
+
+def test_cpu_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--preset", "tiny", "--batch-size", "1",
+                                      "--steps", "1", "--warmup", "1", "--sample-steps", "3",
+                                      "--lines", "diffusers,channels-last,heads", "--out", str(out)])
+    torch.set_num_threads(1)  # the shared 2-core test machine
+    bench.main()
+    report = json.loads(out.read_text())
+    train = {row["name"]: row for row in report["train"]}
+    # same weights, same batch: ours and diffusers' first losses agree
+    assert train["diffusers (anchor)"]["loss_rel_err"] < 1e-5
+    assert train["ours: reference"]["images_per_s"] > 0 and train["ours: reference"]["mfu"] is None
+    assert report["train_flops_per_step"]["ours, head_channels -1"] \
+        == report["train_flops_per_step"]["diffusers, head_channels -1"]
+    assert "ours eager / diffusers eager" in report["train_vs_anchor"]
+    assert set(train) == {"ours: reference", "diffusers (anchor)", "channels-last", "32-wide heads [DIFFERENT MODEL]"}
+    sample = {row["name"]: row for row in report["sample"]}
+    assert sample["diffusers fp32"]["rel_err_vs_ours_fp32"] < 1e-4
+    assert report["features_rel_err"] < 1e-5 and len(report["features"]) == 2
+
+
+def test_flops_match_issue_7():
+    # Issue 7 quotes ~40.3 TFLOP per ldm4-in1k training step at batch 64; counted on meta: 40.0.
+    flops = bench.step_flops("ours", unet.PRESETS["ldm4-in1k"], 64, None)
+    assert 39.5e12 < flops < 40.5e12
+
+
+def test_rel_err_fails_on_zero_reference():
+    assert not bench.rel_err(torch.ones(3), torch.zeros(3)) <= 1.0  # NaN: a check on zeros fails
+    assert bench.rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == pytest.approx(0.2)
