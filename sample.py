@@ -7,7 +7,7 @@ Sampler: DPM-Solver++ 2M, 50 steps (the paper's protocol, App. B.7) by default; 
 250 steps, eta 0) and DDPM on request. Guidance (Eq. 2): eps = eps(null) + s (eps(y) - eps(null)).
 Sample i always starts from the noise of seed (seed, i), so the same index gives the same image
 whatever the batch size or the number of processes. One folder per guidance scale:
-OUT/s{scale}/samples.npz (arr_0 uint8 NHWC, labels or captions, seeds), grid.png, images/.
+OUT/s{scale}/samples.npz (arr_0 uint8 NHWC, labels or captions, index, seed), grid.png, images/.
 """
 import argparse
 import functools
@@ -67,7 +67,7 @@ def conditions_to_sample(args, config):
 
 def initial_noise(indices, seed, shape):
     """x_T and a generator per sample, both from the seed (seed, index)."""
-    gens = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0])) for i in indices]
+    gens = [torch.Generator().manual_seed(train.seed_of(seed, i)) for i in indices]
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
@@ -77,7 +77,8 @@ def sample_batch(model, conds, noise, gens, scale, args, abar, autoencoder):
     c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
     context = model.embedder(c)  # eval mode: no CEP at sampling (Sec. 5.1)
     null_context = model.embedder(model.embedder.null_condition(len(conds)))
-    eps_fn = functools.partial(diffusion.guided_eps, model.unet, context=context, null_context=null_context, scale=scale)
+    eps_fn = functools.partial(diffusion.guided_eps, model.unet, context=context, null_context=null_context,
+                               scale=scale)  # Eq. 2
     x = diffusion.sample(eps_fn, noise.to(device), args.sampler, args.steps, abar, eta=args.eta, generators=gens)
     if autoencoder is not None:
         x = autoencoder.decode(x)
@@ -97,11 +98,12 @@ def save_grid(images, rows, path, min_cell=64, gap=2):
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
-def write_outputs(out, images, conds, seeds, scale, config, args):
+def write_outputs(out, images, conds, scale, config, args):
+    """samples.npz (sample i started from the seed (seed, i)), the grid, and one PNG per sample."""
     os.makedirs(out, exist_ok=True)
     key = "captions" if config["text"] else "labels"
     np.savez(os.path.join(out, "samples.npz"), arr_0=images, **{key: np.asarray(conds)},
-             seeds=np.asarray(seeds), guidance=scale)
+             index=np.arange(len(images)), seed=args.seed, guidance=scale)
     if config["text"]:
         save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
     else:  # one row per class, up to 10 samples each
@@ -127,19 +129,19 @@ def main(argv=None):
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU: step sizes are Python floats
     conds = conditions_to_sample(args, config)
     mine = list(range(rank, len(conds), world))  # this process's sample indices
-    out_root = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if not os.path.isdir(args.ckpt)
-                                        else args.ckpt, "samples")
+    run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+    out_root = args.out or os.path.join(run_dir, "samples")
     shape = (config["channels"], config["size"], config["size"])
     for scale in [float(s) for s in args.guidance.split(",")]:
         images = []
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
             idx = mine[b:b + args.batch_size]
-            noise, gens = initial_noise([i for i in idx], args.seed, shape)
+            noise, gens = initial_noise(idx, args.seed, shape)
             images.append(sample_batch(model, [conds[i] for i in idx], noise, gens, scale, args, abar, autoencoder))
         images = gather(np.concatenate(images), mine, len(conds), world)
         if rank == 0:
             out = os.path.join(out_root, f"s{scale:g}")
-            write_outputs(out, images, conds, list(range(len(conds))), scale, config, args)
+            write_outputs(out, images, conds, scale, config, args)
             print(f"wrote {len(images)} samples to {out}")
     if world > 1:
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ result does not depend on the number of processes, and a resumed run continues e
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -117,7 +118,7 @@ def load_training_data(args):
                     vae_preset=cache.meta.get("preset"), num_classes=cache.num_classes)
         return cache, conditions, info
     ds = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
-    text = hasattr(ds, "captions") and ds.captions is not None
+    text = getattr(ds, "captions", None) is not None
     info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
                 num_classes=None if text else ds.num_classes)
     return ds, (ds.captions if text else ds.labels), info
@@ -126,8 +127,9 @@ def load_training_data(args):
 def corrupt_conditions(args, conditions, num_classes):
     """Fixed corruption, decided once by --corruption-seed (Sec. 3.1); 'resample' is done per step."""
     if isinstance(conditions, list):
-        if args.rewritten_captions:
-            conditions = corrupt.apply_rewritten_captions(conditions, corrupt.load_rewritten_captions(args.rewritten_captions, len(conditions)))
+        if args.rewritten_captions:  # Sec. 3.3: LLM-rewritten captions, given as a file
+            rewritten = corrupt.load_rewritten_captions(args.rewritten_captions, len(conditions))
+            conditions = corrupt.apply_rewritten_captions(conditions, rewritten)
         return corrupt.swap_captions(conditions, args.eta, args.corruption_seed) if args.eta > 0 else conditions
     if args.eta == 0 or args.corruption == "resample":
         return conditions
@@ -138,14 +140,23 @@ def corrupt_conditions(args, conditions, num_classes):
                                   mode=args.corruption, subset=subset)
 
 
+def seed_of(*keys):
+    """One integer seed from a tuple of integers (seed, step), (seed, epoch), ..."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(seed, epoch)))
+
+
 def global_indices(step, global_batch, n, seed):
     """Dataset indices of the global batch at `step`: one seeded permutation per epoch."""
     k = torch.arange(step * global_batch, (step + 1) * global_batch)
     epochs, pos = k // n, k % n
     out = torch.empty_like(k)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
-        out[epochs == e] = perm[pos[epochs == e]]
+        out[epochs == e] = epoch_permutation(n, seed, e)[pos[epochs == e]]
     return out
 
 
@@ -153,7 +164,8 @@ class StepBatches(torch.utils.data.Sampler):
     """This rank's slice of every global batch from `start` on (so a resumed loader is exact)."""
 
     def __init__(self, start, steps, batch, world, rank, n, seed):
-        self.start, self.steps, self.batch, self.world, self.rank, self.n, self.seed = start, steps, batch, world, rank, n, seed
+        self.start, self.steps, self.batch = start, steps, batch
+        self.world, self.rank, self.n, self.seed = world, rank, n, seed
 
     def __iter__(self):
         for step in range(self.start, self.steps):
@@ -178,7 +190,8 @@ class ImagesOnly(torch.utils.data.Dataset):
 
 
 def step_generator(seed, step, device):
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    """The generator of every random draw of one step (same on all ranks)."""
+    return torch.Generator(device).manual_seed(seed_of(seed, step))
 
 
 # ----------------------------------------------------------------------------- checkpoints
