@@ -40,7 +40,7 @@ def parse_args(argv=None):
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="digits", help="digits (embedded default) | fashion-mnist | folder | captions")
     d.add_argument("--data-root", default=None, help="dataset location (folder, captions TSV, Fashion-MNIST idx dir)")
-    d.add_argument("--image-size", type=int, default=None, help="resize/crop images to this size (folder, captions); pads Fashion-MNIST to 32 when 32")
+    d.add_argument("--image-size", type=int, default=None, help="resize images to this size (folder, captions: centre crop; digits, Fashion-MNIST: bilinear)")
     d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
     d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
     c = p.add_argument_group("condition corruption (Sec. 3.1, 3.3)")

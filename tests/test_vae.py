@@ -1,0 +1,243 @@
+"""vae.py: f4 parameter counts, diffusers oracles (same random weights), CompVis names, latent cache
+(resume, flips, labels), and small-AE training."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import vae
+
+
+class TinyData:
+    """corrupt.load_dataset's interface: dataset[i] -> (CHW image in [-1, 1], condition)."""
+    def __init__(self, n=10, size=16, channels=3, captions=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, channels, size, size, generator=g) * 2 - 1
+        self.labels = None if captions else np.arange(n, dtype=np.int64) % 3
+        self.captions = [f"caption {i}" for i in range(n)] if captions else None
+        self.num_classes = None if captions else 3
+        self.accessed = []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.accessed.append(i)
+        return self.images[i], (self.captions[i] if self.captions else int(self.labels[i]))
+
+
+def randomized(preset, seed=0):
+    """An autoencoder with every tensor random: conv weights at init, norms and biases perturbed."""
+    torch.manual_seed(seed)
+    model = vae.Autoencoder(vae.PRESETS[preset], scale=1.0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "embedding" in name:
+                p.normal_(0, 1)
+    return model
+
+
+def diffusers_model(cfg):
+    from diffusers import AutoencoderKL, VQModel
+    levels = len(cfg.ch_mult)
+    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+              up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+              layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32)
+    if cfg.kind == "vq":
+        return VQModel(**kw, num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim).eval()
+    return AutoencoderKL(**kw).eval()
+
+
+def close(ours, ref):
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max(), (ours - ref).abs().max() / ref.abs().max()
+
+
+def test_f4_parameter_counts():
+    with torch.device("meta"):
+        counts = {p: sum(t.numel() for t in vae.Autoencoder(vae.PRESETS[p]).parameters()) for p in ("vq-f4", "kl-f4")}
+    assert counts == {"vq-f4": 55_322_782, "kl-f4": 55_312_063}  # PAPER.md; LDM's configs
+
+
+@pytest.mark.parametrize("preset,size", [("tiny-vq", 16), ("tiny-kl", 16), ("vq-f4", 64), ("kl-f4", 64)])
+def test_diffusers_oracle_same_random_weights(tmp_path, preset, size):
+    src = randomized(preset)
+    ref = diffusers_model(src.config)
+    theirs = ref.state_dict()
+    mapping = vae.diffusers_key_map(src.config)
+    ref.load_state_dict({mapping[k]: v.reshape(theirs[mapping[k]].shape) for k, v in src.state_dict().items()})
+    ref.save_pretrained(tmp_path)  # a real diffusers dir: config.json + diffusion_pytorch_model.safetensors
+    model = vae.Autoencoder(src.config, scale=1.0).eval()
+    vae.load_diffusers_weights(model, str(tmp_path))
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        if src.config.kind == "vq":
+            z_ref = ref.encode(x).latents  # pre-quantization
+            dec_ref = ref.decode(z_ref).sample  # quantizes first
+        else:
+            z_ref = ref.encode(x).latent_dist.mode()
+            dec_ref = ref.decode(z_ref).sample
+        close(model.encode(x), z_ref)
+        close(model.decode(z_ref), dec_ref)
+
+
+def test_diffusers_legacy_attention_names_and_errors(tmp_path):
+    import safetensors.torch
+    src = randomized("tiny-kl")
+    mapping = vae.diffusers_key_map(src.config)
+    legacy = {mapping[k].replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+              .replace(".to_out.0.", ".proj_attn."): v.squeeze() if v.dim() == 4 and v.shape[-1] == 1 and "attn" in k else v
+              for k, v in src.state_dict().items()}
+    safetensors.torch.save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    model = vae.Autoencoder(src.config)
+    vae.load_diffusers_weights(model, str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    with pytest.raises(ValueError, match="different model"):  # a KL file into a VQ model
+        vae.load_diffusers_weights(vae.Autoencoder(vae.PRESETS["tiny-vq"]), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        vae.load_diffusers_weights(model, str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("preset", ["tiny-vq", "tiny-kl"])
+def test_compvis_names_roundtrip(tmp_path, preset):
+    """A CompVis-style Lightning checkpoint (with loss.* keys, and as a full LDM's first_stage_model.*)
+    loads; diffusers' own LDM->diffusers VAE converter confirms our names are LDM's."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    src = randomized(preset)
+    sd = {**src.state_dict(), "loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4)}
+    torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "model.ckpt")
+    model = vae.Autoencoder(src.config, scale=1.0).eval()
+    vae.load_compvis_checkpoint(model, str(tmp_path / "model.ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    full = {f"first_stage_model.{k}": v for k, v in sd.items()} | {"model.diffusion_model.x": torch.zeros(1)}
+    torch.save({"state_dict": full}, tmp_path / "ldm.ckpt")
+    assert vae.load_autoencoder(str(tmp_path / "ldm.ckpt"), preset).state_dict().keys() == src.state_dict().keys()
+
+    ref = diffusers_model(src.config)
+    levels = len(src.config.ch_mult)
+    converted = convert_ldm_vae_checkpoint(sd, {"down_block_types": ("D",) * levels, "up_block_types": ("U",) * levels})
+    if preset == "tiny-vq":  # the converter is written for KL; the codebook keeps its name
+        converted["quantize.embedding.weight"] = sd["quantize.embedding.weight"]
+    ref.load_state_dict(converted)  # strict: every diffusers tensor came from an LDM name of ours
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        close(z, ref.encode(x).latents if preset == "tiny-vq" else ref.encode(x).latent_dist.mode())
+        close(model.decode(z), ref.decode(z).sample)
+
+
+def test_weight_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vq-f4.zip"):
+        vae.load_autoencoder(str(tmp_path / "model.ckpt"), "vq-f4")
+    torch.save({"state_dict": randomized("tiny-kl").state_dict()}, tmp_path / "kl.ckpt")
+    with pytest.raises(ValueError, match="quantize.embedding.weight"):  # listed as missing
+        vae.load_autoencoder(str(tmp_path / "kl.ckpt"), "tiny-vq")
+    with pytest.raises(ValueError, match="preset"):
+        vae.load_autoencoder(str(tmp_path / "kl.ckpt"))
+
+
+def test_vq_decode_quantizes():
+    model = randomized("tiny-vq")
+    z = torch.randn(2, 3, 8, 8)
+    codebook = model.quantize.embedding.weight
+    idx = ((z.permute(0, 2, 3, 1)[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)  # brute force
+    zq = codebook[idx].permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert torch.equal(model.decode(z), model.decode(zq))
+        assert not torch.allclose(model.decode_latent(z), model.decoder(model.post_quant_conv(z)))
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAt(TinyData):
+    def __init__(self, at, **kw):
+        super().__init__(**kw)
+        self.at = at
+
+    def __getitem__(self, i):
+        if i >= self.at:
+            raise Killed
+        return super().__getitem__(i)
+
+
+META = {"preset": "tiny-vq", "weights": "random", "dataset": "tiny"}
+
+
+def test_latent_cache_resume_flips_labels(tmp_path):
+    model = randomized("tiny-vq")
+    full = TinyData()
+    vae.encode_dataset(model, full, str(tmp_path / "a"), META, batch_size=4, dtype=np.float32)
+    with pytest.raises(Killed):  # killed while reading chunk 1: chunk 0 is written and recorded
+        vae.encode_dataset(model, DiesAt(4), str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
+    with pytest.raises(ValueError, match="incomplete"):
+        vae.LatentCache(str(tmp_path / "b"))
+    resumed = TinyData()
+    vae.encode_dataset(model, resumed, str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
+    assert sorted(resumed.accessed) == list(range(4, 10))  # continued at chunk 1
+    a, b = vae.LatentCache(str(tmp_path / "a")), vae.LatentCache(str(tmp_path / "b"))
+    assert np.array_equal(a.latents, b.latents) and a.latents.shape == (10, 2, 3, 8, 8)
+    with torch.no_grad():
+        close(torch.from_numpy(np.array(b.latents[:, 0])), model.encode(full.images))
+        close(torch.from_numpy(np.array(b.latents[:, 1])), model.encode(full.images.flip(-1)))
+    assert np.array_equal(b.labels, full.labels) and b[3][1] == full.labels[3] and b[3][0].shape == (2, 3, 8, 8)
+    assert b.scale == 1.0 and b.num_classes == 3 and b.meta["preset"] == "tiny-vq" and b.meta["complete"]
+    with pytest.raises(SystemExit, match="different cache"):
+        vae.encode_dataset(model, full, str(tmp_path / "b"), {**META, "weights": "other"}, batch_size=4)
+
+
+def test_latent_cache_kl_scale_and_captions(tmp_path):
+    model = randomized("tiny-kl")
+    model.scale = None  # external KL weights: the scale is measured on the data
+    data = TinyData(n=6, captions=True)
+    vae.encode_dataset(model, data, str(tmp_path), {**META, "preset": "tiny-kl"}, batch_size=4)
+    cache = vae.LatentCache(str(tmp_path))
+    assert cache.latents.dtype == np.float16 and cache.captions == data.captions and cache.labels is None
+    assert cache[5][1] == "caption 5"
+    assert abs(np.asarray(cache.latents[:, 0], dtype=np.float64).std() - 1.0) < 1e-2  # 1/std of all 6 images
+    assert cache.scale == pytest.approx(vae.measure_scale(model, data.images))
+
+
+def fake_corrupt(monkeypatch, **kw):
+    module = types.ModuleType("corrupt")
+    module.load_dataset = lambda name, root=None, split="train", image_size=None, pad=False: TinyData(seed=int(split == "test"), **kw)
+    monkeypatch.setitem(sys.modules, "corrupt", module)
+
+
+def test_training_lowers_loss():
+    for preset in ("tiny-kl", "tiny-vq"):
+        torch.manual_seed(0)
+        model = vae.Autoencoder(vae.PRESETS[preset])
+        x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4) * 2 - 1, size=16, mode="bilinear")  # smooth
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
+        losses = []
+        for _ in range(10):
+            loss = vae.training_loss(model, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), (preset, losses)
+
+
+def test_cli_train_then_encode(tmp_path, monkeypatch):
+    fake_corrupt(monkeypatch)
+    out = tmp_path / "ae"
+    vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--batch-size", "4",
+              "--out", str(out), "--eval-images", "6"])
+    report = json.load(open(out / "report.json"))
+    assert report["steps"] == 3 and report["psnr"] > 0 and (out / "recon.png").exists()
+    model = vae.Autoencoder.from_checkpoint(str(out / "ckpt.pt"))
+    assert model.scale == report["scale"] and model.config == vae.PRESETS["tiny-kl"]
+    vae.main(["encode", "--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out", str(tmp_path / "cache"),
+              "--batch-size", "4", "--num-workers", "0"])
+    cache = vae.LatentCache(str(tmp_path / "cache"))
+    assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)

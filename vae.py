@@ -1,0 +1,670 @@
+"""LDM's f4 autoencoders (Rombach et al. 2022), their weights, a latent cache, and small AEs.
+
+The paper's LDM-4 models diffuse in the latent space of LDM's VQ-f4 autoencoder (PAPER.md,
+"Models"): 256x256x3 images -> 64x64x3 latents. Diffusion uses VQ's *pre-quantization* latents;
+decoding quantizes first. Module names are LDM's own (ldm/modules/diffusionmodules/model.py), so a
+CompVis checkpoint loads key for key; diffusers weights go through `diffusers_key_map`.
+
+    python vae.py encode --dataset folder --data-root IN1K/train --preset vq-f4 \
+        --weights vq-f4/model.ckpt --out latents/in1k --batch-size 64      # torchrun-able
+    python vae.py train --dataset fashion-mnist --pad --preset small-kl \
+        --steps 600 --batch-size 16 --eval-images 10000 --out runs/vae-fmnist
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    kind: str                  # "vq" (VQModel) or "kl" (AutoencoderKL)
+    in_channels: int = 3       # image channels (out_ch == in_channels)
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4)  # len(ch_mult) - 1 stride-2 downsamplings: (1,2,4) -> f4
+    num_res_blocks: int = 2
+    z_channels: int = 3        # encoder output (KL: doubled for mean and log-variance)
+    embed_dim: int = 3         # latent channels the diffusion model sees
+    n_embed: int = 8192        # VQ codebook size (unused by KL)
+
+
+PRESETS = {
+    # LDM models/first_stage_models/vq-f4 and kl-f4 (PAPER.md: 55,322,782 params for VQ-f4)
+    "vq-f4": AutoencoderConfig("vq"),
+    "kl-f4": AutoencoderConfig("kl"),
+    # one-channel 32x32 data (Fashion-MNIST padded to 32, digits resized): 8x8 latents
+    "small-kl": AutoencoderConfig("kl", in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                  z_channels=4, embed_dim=4),
+    "small-vq": AutoencoderConfig("vq", in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                  z_channels=3, embed_dim=3, n_embed=512),
+    # tests
+    "tiny-kl": AutoencoderConfig("kl", ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    "tiny-vq": AutoencoderConfig("vq", ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=64),
+}
+
+
+# ----------------------------------------------------------------------------- building blocks
+def Normalize(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions; q, k, v, proj_out are 1x1 convs (LDM)."""
+    def __init__(self, c):
+        super().__init__()
+        self.norm = Normalize(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # [B,1,HW,C]
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM's asymmetric padding (right and bottom only)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def middle(c):
+    """ResNet - attention - ResNet: the only attention in the autoencoder."""
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return mid
+
+
+def run_middle(mid, h):
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg, out_channels):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = cfg.ch
+        for i, cout in enumerate(widths):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))
+            if i < len(widths) - 1:
+                level.downsample = Downsample(cout)
+            self.down.append(level)
+            cin = cout
+        self.mid = middle(cin)
+        self.norm_out, self.conv_out = Normalize(cin), nn.Conv2d(cin, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(run_middle(self.mid, h))))
+
+
+class Decoder(nn.Module):
+    """up[i] works at the resolution of down[i]; it is built and run from the lowest resolution up."""
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        cin = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = middle(cin)
+        up = []
+        for i in reversed(range(len(widths))):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else widths[i], widths[i])
+                                        for j in range(cfg.num_res_blocks + 1))
+            if i > 0:
+                level.upsample = Upsample(widths[i])
+            up.insert(0, level)
+            cin = widths[i]
+        self.up = nn.ModuleList(up)
+        self.norm_out, self.conv_out = Normalize(cin), nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = run_middle(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_embed, dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, dim)
+
+    def forward(self, z):
+        """The nearest codebook entry (L2) for every latent vector of z [B,C,h,w]."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        # chunks bound the [vectors, n_embed] distance matrix (64 MiB per chunk for 8192 codes)
+        idx = torch.cat([torch.cdist(c, self.embedding.weight).argmin(1) for c in flat.split(2048)])
+        return self.embedding(idx).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- the autoencoder
+class Autoencoder(nn.Module):
+    """encode(x) -> latent * scale; decode(z) -> image. These two are the only places `scale` is applied.
+    VQ: the latent is the pre-quantization one (after quant_conv) and decode quantizes first; scale 1.0.
+    KL: the latent is the posterior mean (mode); scale = 1/std measured on the data (`measure_scale`),
+    None until measured or loaded from a checkpoint of ours."""
+
+    def __init__(self, config, scale=None):
+        super().__init__()
+        self.config = config
+        self.scale = 1.0 if config.kind == "vq" else scale
+        kl = config.kind == "kl"
+        self.encoder = Encoder(config, 2 * config.z_channels if kl else config.z_channels)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.z_channels if kl else config.z_channels,
+                                    2 * config.embed_dim if kl else config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        if not kl:
+            self.quantize = VectorQuantizer(config.n_embed, config.embed_dim)
+
+    def moments(self, x):
+        """encoder + quant_conv: VQ's pre-quantization latent, or KL's [mean, logvar] stacked on channels."""
+        return self.quant_conv(self.encoder(x))
+
+    def latent(self, x):
+        """The unscaled latent: VQ pre-quantization, KL posterior mean."""
+        h = self.moments(x)
+        return h if self.config.kind == "vq" else h.chunk(2, dim=1)[0]
+
+    def decode_latent(self, z):
+        """Unscaled latent -> image; VQ quantizes to the nearest codebook entry first."""
+        if self.config.kind == "vq":
+            z = self.quantize(z)
+        return self.decoder(self.post_quant_conv(z))
+
+    def encode(self, x):
+        return self.latent(x) * self.checked_scale()
+
+    def decode(self, z):
+        return self.decode_latent(z / self.checked_scale())
+
+    def checked_scale(self):
+        if self.scale is None:
+            raise RuntimeError("KL latent scale not set: model.scale = vae.measure_scale(model, images), "
+                               "or load_autoencoder(..., scale=cache.scale)")
+        return self.scale
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """A checkpoint written by `python vae.py train` (config, weights and the latent scale)."""
+        ckpt = torch_load(path)
+        if not is_our_checkpoint(ckpt):
+            raise ValueError(f"{path} is not a checkpoint of `vae.py train` (for CompVis/diffusers weights "
+                             "use load_autoencoder(path, preset))")
+        return from_our_checkpoint(ckpt)
+
+
+def config_from_dict(d):
+    return AutoencoderConfig(**{**d, "ch_mult": tuple(d["ch_mult"])})
+
+
+def from_our_checkpoint(ckpt):
+    model = Autoencoder(config_from_dict(ckpt["config"]), scale=ckpt["scale"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+@torch.no_grad()
+def measure_scale(model, images, batch_size=64):
+    """LDM's scale_by_std: 1/std of the unscaled latents over `images` (all elements pooled)."""
+    z = torch.cat([model.latent(b.to(next(model.parameters()).device)).float().cpu()
+                   for b in images.split(batch_size)])
+    return 1.0 / z.flatten().std().item()
+
+
+# ----------------------------------------------------------------------------- weights
+DOWNLOAD_HINT = ("CompVis weights: the LDM repo's model zoo, https://ommer-lab.com/files/latent-diffusion/vq-f4.zip "
+                 "(or kl-f4.zip), unzipped to model.ckpt; diffusers weights: a VQModel / AutoencoderKL directory "
+                 "holding diffusion_pytorch_model.safetensors (e.g. the `vqvae` folder of a DiffusionNoise LDM pipeline)")
+
+
+def torch_load(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"autoencoder weights not found: {path}. {DOWNLOAD_HINT}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # Lightning checkpoints pickle extra objects: a local file the user chose
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def is_our_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and {"config", "model", "scale"} <= ckpt.keys()
+
+
+def load_exact(model, state_dict, source):
+    """load_state_dict(strict), but a different model gives a readable list of what does not match."""
+    ours = model.state_dict()
+    missing = sorted(ours.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - ours.keys())
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(ours[k].shape)}"
+              for k in ours.keys() & state_dict.keys() if state_dict[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{source} does not hold this autoencoder ({model.config}); is it a different model?\n"
+            f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
+            f"  shape mismatches ({len(shapes)}): {shapes[:8]}")
+    model.load_state_dict(state_dict)
+
+
+def compvis_state_dict(ckpt):
+    """Our names are LDM's: keep the autoencoder's keys, drop loss.* (LPIPS and discriminator, training
+    only). A full LDM checkpoint holds the autoencoder under first_stage_model.*: take that."""
+    sd = ckpt.get("state_dict", ckpt)
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k: v for k, v in sd.items() if not k.startswith("loss.")}
+
+
+def load_compvis_checkpoint(model, path):
+    load_exact(model, compvis_state_dict(torch_load(path)), path)
+
+
+# our (LDM) name -> diffusers name; the decoder's up[i] is diffusers' up_blocks[L-1-i]
+DIFFUSERS_RULES = [
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
+    (r"\.attentions\.0\.norm\.", ".attentions.0.group_norm."),
+    (r"\.attentions\.0\.(q|k|v)\.", r".attentions.0.to_\1."),
+    (r"\.attentions\.0\.proj_out\.", ".attentions.0.to_out.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"\.norm_out\.", ".conv_norm_out."),
+]
+# diffusers' pre-0.14 attention names (its own loader renames them the same way)
+DIFFUSERS_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def diffusers_key_map(config):
+    """{our key: diffusers VQModel / AutoencoderKL key} for every tensor of Autoencoder(config)."""
+    levels = len(config.ch_mult)
+    up = lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.{'resnets' if m[2] == 'block' else 'upsamplers.0'}."
+    mapping = {}
+    for key in Autoencoder(config).to("meta").state_dict():
+        name = re.sub(r"^decoder\.up\.(\d+)\.(block|upsample)\.", up, key)
+        for pattern, repl in DIFFUSERS_RULES:
+            name = re.sub(pattern, repl, name)
+        mapping[key] = name
+    return mapping
+
+
+def diffusers_weights_file(path):
+    """A VQModel / AutoencoderKL dir (or a pipeline dir with vqvae/ or vae/, or the file itself)."""
+    for sub in ("", "vqvae", "vae"):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            f = os.path.join(path, sub, name)
+            if os.path.isfile(f):
+                return f
+    if os.path.isfile(path):
+        return path
+    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin under {path}. {DOWNLOAD_HINT}")
+
+
+def load_diffusers_weights(model, path):
+    f = diffusers_weights_file(path)
+    if f.endswith(".safetensors"):
+        import safetensors.torch
+        theirs = safetensors.torch.load_file(f)
+    else:
+        theirs = torch.load(f, map_location="cpu", weights_only=True)
+    for old, new in DIFFUSERS_LEGACY.items():
+        theirs = {k.replace(old, new): v for k, v in theirs.items()}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    sd = {}
+    for ours, name in diffusers_key_map(model.config).items():
+        if name in theirs:  # attention: diffusers' Linear [C,C] is LDM's 1x1 conv [C,C,1,1]
+            v = theirs.pop(name)
+            sd[ours] = v[:, :, None, None] if v.dim() == 2 and len(shapes[ours]) == 4 else v
+    sd.update({f"(diffusers) {k}": v for k, v in theirs.items()})  # left-overs are reported as unexpected
+    load_exact(model, sd, f)
+
+
+def load_autoencoder(weights, preset=None, scale=None):
+    """Our checkpoint (from `vae.py train`: knows its config and scale), a CompVis model.ckpt, or a
+    diffusers dir; the last two need `preset` (vq-f4 / kl-f4) and, for KL, `scale` (a latent cache's
+    meta["scale"]) or a measured one (measure_scale)."""
+    if os.path.isdir(weights):
+        model = Autoencoder(preset_config(preset, weights))
+        load_diffusers_weights(model, weights)
+    else:
+        ckpt = torch_load(weights)
+        if is_our_checkpoint(ckpt):
+            model = from_our_checkpoint(ckpt)
+        else:
+            model = Autoencoder(preset_config(preset, weights))
+            load_exact(model, compvis_state_dict(ckpt), weights)
+    if scale is not None:
+        model.scale = scale
+    return model
+
+
+def preset_config(preset, weights):
+    if preset not in PRESETS:
+        raise ValueError(f"{weights} is CompVis or diffusers weights: name the architecture with a preset "
+                         f"(one of {sorted(PRESETS)}), got {preset!r}")
+    return PRESETS[preset]
+
+
+# ----------------------------------------------------------------------------- the latent cache
+def cache_files(out):
+    return {k: os.path.join(out, f) for k, f in dict(meta="meta.json", latents="latents.npy", done="done.npy",
+                                                     labels="labels.npy", captions="captions.json").items()}
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def scale_images(dataset, n=1024):
+    """n images spread evenly over the dataset (folders are sorted by class) to measure the KL scale."""
+    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset)))])
+
+
+def create_cache(model, dataset, out, meta, batch_size, dtype):
+    """Rank 0: measure the scale, allocate latents [N, 2 flips, C, h, w] and the per-chunk done flags."""
+    files = cache_files(out)
+    os.makedirs(out, exist_ok=True)
+    if model.scale is None:
+        model.scale = measure_scale(model, scale_images(dataset))
+    with torch.no_grad():
+        z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
+    shape = (len(dataset), 2, *z.shape[1:])
+    np.lib.format.open_memmap(files["latents"], mode="w+", dtype=dtype, shape=shape).flush()
+    np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(math.ceil(len(dataset) / batch_size),)).flush()
+    if getattr(dataset, "captions", None) is not None:
+        write_json(files["captions"], list(dataset.captions))  # caption id = dataset index
+    else:
+        np.save(files["labels"], np.asarray(dataset.labels, dtype=np.int64))
+    write_json(files["meta"], {**meta, "scale": model.scale, "shape": list(shape), "dtype": np.dtype(dtype).name,
+                               "chunk": batch_size, "num_classes": getattr(dataset, "num_classes", None),
+                               "complete": False})
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, num_workers=0,
+                   rank=0, world=1, device="cpu"):
+    """Encodes both horizontal flips of every image into out/latents.npy. Chunk k (images k*B..) is
+    done by rank k % world; done.npy[k] is set after the chunk is flushed, so a killed run restarts
+    at the first chunk not recorded (any world size). meta must name preset, weights and dataset."""
+    files = cache_files(out)
+    meta = json.loads(json.dumps(meta))  # as stored (tuples become lists)
+    if rank == 0:
+        if os.path.exists(files["meta"]):
+            old = json.load(open(files["meta"]))
+            if any(old.get(k) != v for k, v in meta.items()) or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
+                raise SystemExit(f"{out} holds a different cache ({ {k: old.get(k) for k in meta} }, chunk "
+                                 f"{old['chunk']}): choose another --out or use the same settings to resume")
+        else:
+            create_cache(model, dataset, out, meta, batch_size, dtype)
+    if world > 1:
+        dist.barrier()
+    meta = json.load(open(files["meta"]))
+    model.scale = meta["scale"]
+    latents = np.load(files["latents"], mmap_mode="r+")
+    done = np.load(files["done"], mmap_mode="r+")
+    mine = range(rank, len(done), world)
+    todo = [k for k in mine if not done[k]]
+    chunks = [list(range(k * batch_size, min((k + 1) * batch_size, len(dataset)))) for k in todo]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"encode (rank {rank})",
+               disable=rank != 0, dynamic_ncols=True)
+    for k, (x, _) in zip(todo, loader):
+        x = x.to(device)
+        z = torch.stack([model.encode(x), model.encode(x.flip(-1))], dim=1)
+        latents[k * batch_size:k * batch_size + len(x)] = z.cpu().numpy().astype(latents.dtype)
+        latents.flush()
+        done[k] = True
+        done.flush()
+        bar.update()
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0 and done.all():
+        write_json(files["meta"], {**meta, "complete": True})
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """What `vae.py encode` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or caption).
+    .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale, .num_classes, .meta."""
+
+    def __init__(self, path):
+        files = cache_files(path)
+        if not os.path.exists(files["meta"]):
+            raise FileNotFoundError(f"no latent cache at {path}: write one with `python vae.py encode ... --out {path}`")
+        self.meta = json.load(open(files["meta"]))
+        if not self.meta["complete"]:
+            raise ValueError(f"latent cache {path} is incomplete: rerun the same `vae.py encode` command to resume it")
+        self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
+        self.latents = np.load(files["latents"], mmap_mode="r")
+        self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
+        self.captions = json.load(open(files["captions"])) if os.path.exists(files["captions"]) else None
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        z = torch.from_numpy(np.array(self.latents[i], dtype=np.float32))
+        return z, (self.captions[i] if self.captions is not None else int(self.labels[i]))
+
+
+# ----------------------------------------------------------------------------- training a small AE
+def training_loss(model, x, kl_weight=1e-6, beta=0.25):
+    """LDM's first-stage losses without LPIPS and the discriminator (they need downloaded weights).
+    KL: sum over pixels of |x - x_rec| + kl_weight * KL(q(z|x) || N(0, I)), both per image (LDM).
+    VQ: mean |x - x_rec| + codebook loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2 (VQ-VAE; LDM's legacy
+    code swaps which term beta weighs), straight-through gradient to the encoder."""
+    h = model.moments(x)
+    if model.config.kind == "kl":
+        mean, logvar = h.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = (x - model.decoder(model.post_quant_conv(z))).abs().flatten(1).sum(1).mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        return rec + kl_weight * kl
+    e = model.quantize(h)
+    codebook = F.mse_loss(e, h.detach()) + beta * F.mse_loss(h, e.detach())
+    zq = h + (e - h).detach()
+    return (x - model.decoder(model.post_quant_conv(zq))).abs().mean() + codebook
+
+
+@torch.no_grad()
+def reconstruction_error(model, images, batch_size=256):
+    """MSE on pixels in [0, 1] and PSNR = 10 log10(1 / MSE), pooled over all pixels of `images`."""
+    sq = sum(((model.decode_latent(model.latent(b)).clamp(-1, 1) - b) / 2).pow(2).sum().item()
+             for b in images.split(batch_size))
+    mse = sq / images.numel()
+    return mse, 10 * math.log10(1.0 / mse)
+
+
+def save_recon_grid(model, images, path, upscale=3):
+    """Row 1: originals; row 2: their reconstructions."""
+    import torchvision
+    with torch.no_grad():
+        rec = model.decode_latent(model.latent(images)).clamp(-1, 1)
+    grid = torchvision.utils.make_grid(torch.cat([images, rec]), nrow=len(images), padding=2, value_range=(-1, 1))
+    grid = F.interpolate(((grid + 1) / 2)[None], scale_factor=upscale, mode="nearest")[0]
+    torchvision.utils.save_image(grid, path)
+
+
+def save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def train(args):
+    import corrupt  # datasets (Fashion-MNIST, digits, folders)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    cfg = PRESETS[args.preset]
+    train_set = corrupt.load_dataset(args.dataset, args.data_root, "train", args.image_size, args.pad)
+    test_set = corrupt.load_dataset(args.dataset, args.data_root, "test", args.image_size, args.pad)
+    model = Autoencoder(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's betas
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step = 0
+    if args.resume:
+        ckpt = torch_load(ckpt_path)
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    g = torch.Generator().manual_seed(args.seed + 1_000_003 * step)  # a resumed run draws new batches
+    if cfg.kind == "vq" and step == 0:  # codebook from encoder outputs: avoids dead codes at the start
+        with torch.no_grad():
+            x = torch.stack([train_set[int(i)][0] for i in torch.randint(len(train_set), (256,), generator=g)])
+            h = model.moments(x).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+            model.quantize.embedding.weight.copy_(h[torch.randint(len(h), (cfg.n_embed,), generator=g)])
+
+    def checkpoint():
+        save_atomic({"config": dataclasses.asdict(cfg), "preset": args.preset, "model": model.state_dict(),
+                     "scale": model.scale, "optimizer": opt.state_dict(), "step": step, "args": vars(args)}, ckpt_path)
+
+    t0 = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="train vae", dynamic_ncols=True)
+    while step < args.steps:
+        idx = torch.randint(len(train_set), (args.batch_size,), generator=g)
+        x = torch.stack([train_set[int(i)][0] for i in idx])
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)  # flips, as cached
+        loss = training_loss(model, x, args.kl_weight, args.beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+        if step % args.save_every == 0:
+            checkpoint()
+    bar.close()
+    model.eval()
+    if cfg.kind == "kl":
+        model.scale = measure_scale(model, scale_images(train_set))
+    n = min(args.eval_images, len(test_set))
+    held_out = torch.stack([test_set[i][0] for i in range(n)])
+    mse, psnr = reconstruction_error(model, held_out)
+    save_recon_grid(model, held_out[:16], os.path.join(args.out, "recon.png"))
+    checkpoint()
+    report = {"held_out_images": n, "mse_01": mse, "psnr": psnr, "scale": model.scale,
+              "train_seconds": time.time() - t0, "steps": step}
+    write_json(os.path.join(args.out, "report.json"), report)
+    print(json.dumps(report))
+
+
+# ----------------------------------------------------------------------------- CLI
+def encode(args):
+    import corrupt  # datasets (ImageNet folders, captions, Fashion-MNIST, digits)
+    distributed = "RANK" in os.environ  # launched by torchrun
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dataset = corrupt.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
+    model = load_autoencoder(args.weights, args.preset).to(device).eval()
+    if dataset[0][0].shape[0] != model.config.in_channels:
+        raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the autoencoder "
+                         f"takes {model.config.in_channels}")
+    preset = args.preset or next((k for k, v in PRESETS.items() if v == model.config), None)
+    meta = {"preset": preset, "config": dataclasses.asdict(model.config), "weights": os.path.abspath(args.weights),
+            "dataset": args.dataset, "data_root": args.data_root, "split": args.split, "image_size": args.image_size,
+            "pad": args.pad}
+    encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype), args.num_workers,
+                   rank, world, device)
+    if distributed:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("encode", "train"):
+        s = sub.add_parser(name, help="cache latents of a dataset" if name == "encode" else "train a small autoencoder")
+        s.add_argument("--dataset", required=True, help="corrupt.load_dataset name: digits, fashion-mnist, folder, captions")
+        s.add_argument("--data-root", default=None, help="dataset location (see corrupt.py)")
+        s.add_argument("--image-size", type=int, default=None, help="resize images to this size (corrupt.load_dataset)")
+        s.add_argument("--pad", action="store_true", help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
+        s.add_argument("--preset", required=name == "train", choices=sorted(PRESETS),
+                       help="autoencoder architecture (encode: needed for CompVis/diffusers weights)")
+        s.add_argument("--out", required=True, help="output directory")
+        s.add_argument("--batch-size", type=int, default=64, help="images per chunk (encode) or per step (train)")
+    e = sub.choices["encode"]
+    e.add_argument("--weights", required=True, help="our checkpoint (vae.py train), a CompVis model.ckpt, "
+                   "or a diffusers VQModel/AutoencoderKL directory")
+    e.add_argument("--split", default="train", help="dataset split to encode")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored latent dtype")
+    e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading images")
+    t = sub.choices["train"]
+    t.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (LDM kl-f4: 1e-6)")
+    t.add_argument("--beta", type=float, default=0.25, help="VQ commitment weight (LDM: 0.25)")
+    t.add_argument("--eval-images", type=int, default=2000, help="first N held-out (test split) images for MSE/PSNR")
+    t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (atomic)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.add_argument("--seed", type=int, default=0, help="seed for init, batches and flips")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    encode(args) if args.command == "encode" else train(args)
+
+
+if __name__ == "__main__":
+    main()
