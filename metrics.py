@@ -792,10 +792,12 @@ def plot_sweeps(rows, out, extractor_name):
     runs = {}
     for r in rows:
         runs.setdefault(r["run"], []).append(r)
-    x_key = "is" if any("is" in r for r in rows) else "clip_score"
-    for name, (xk, yk, xlabel, ylabel) in {"fid_vs_" + x_key: (x_key, "fid", {"is": "IS", "clip_score": "CLIP score"}[x_key], "FID"),
+    # FID against IS (class models) or CLIP score (text models); against the scale when neither
+    x_key = next((k for k in ("is", "clip_score") if any(k in r for r in rows)), "scale")
+    x_label = {"is": "IS", "clip_score": "CLIP score", "scale": "guidance scale"}[x_key]
+    for name, (xk, yk, xlabel, ylabel) in {"fid_vs_" + x_key: (x_key, "fid", x_label, "FID"),
                                            "precision_recall": ("recall", "precision", "recall", "precision")}.items():
-        if not all(xk in r and yk in r for r in rows):
+        if not all(r.get(xk) is not None and r.get(yk) is not None for r in rows):
             continue
         fig, ax = plt.subplots(figsize=(5, 4))
         for run, rs in runs.items():
