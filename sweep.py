@@ -1,6 +1,6 @@
 """Does slight corruption help on real data we can train here? The Fashion-MNIST eta and CEP grid.
 
-    python sweep.py --out runs/fmnist-sweep --parallel 4      # one GPU, ~25 min (README)
+    python sweep.py --out runs/fmnist-sweep --parallel 4      # one GPU (README: the FLOP budget)
     python sweep.py --out /tmp/smoke --smoke                  # the same grid, tiny, on CPU (CI)
 
 Every model has the same architecture, seed, images seen and schedule; only the conditions differ:
@@ -79,7 +79,8 @@ def model_run(name, flags, seed, args, size):
             metrics = "fid,pr,rmd,entropy" if features.startswith("classifier") else "fid,is"
             run([py, "metrics.py", "--real", "dataset:fashion-mnist:test", "--data-root", args.data_root,
                  "--image-size", "32", "--fake", f"{name}-s{seed}={samples}", "--features", features,
-                 "--metrics", metrics, "--vq", os.path.join(args.out, "vq", "ckpt.pt"), "--cache", os.path.join(args.out, "cache"), "--out", out], log)
+                 "--metrics", metrics, "--vq", os.path.join(args.out, "vq", "ckpt.pt"),
+                 "--cache", os.path.join(args.out, "cache"), "--out", out], log)
     return run_dir
 
 
@@ -105,7 +106,8 @@ def shared_models(args, size):
              "--out", os.path.join(args.out, "classifier.pt")], log)
     if not os.path.exists(os.path.join(args.out, "vq", "ckpt.pt")):
         run([py, "vae.py", "train", "--dataset", "fashion-mnist", "--data-root", args.data_root, "--image-size", "32",
-             "--preset", "small-vq", "--steps", str(size["vq_steps"]), "--eval-images", str(size["vq_eval"]), "--out", os.path.join(args.out, "vq")], log)
+             "--preset", "small-vq", "--steps", str(size["vq_steps"]), "--eval-images", str(size["vq_eval"]),
+             "--out", os.path.join(args.out, "vq")], log)
 
 
 def results(run_dirs):

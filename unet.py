@@ -64,8 +64,8 @@ PRESETS = {
     # CPU demo on 8x8 one-channel pixels (sklearn digits): 1.0M params, ~40 MFLOP per image.
     "digits": UNetConfig(1, 1, 32, (1, 2), 1, (4,), 8, 64, head_channels=-1),
     # 32x32 one-channel Fashion-MNIST (pixels, padded; or replace in_channels for latents):
-    # 10.1M params, ~3.9 GFLOP per image (a GPU run).
-    "fmnist": UNetConfig(1, 1, 64, (1, 2, 2), 2, (16, 8), 32, 128, head_channels=-1),
+    # 2.6M params, 1.07 GFLOP per image forward: sized so sweep.py's 17 models fit one GPU.
+    "fmnist": UNetConfig(1, 1, 32, (1, 2, 2), 2, (16, 8), 32, 128, head_channels=-1),
 }
 
 
