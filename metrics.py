@@ -495,8 +495,9 @@ def reference_features(source, extractor, args, desc, needed):
         feats = extract(extractor, source, args.batch_size, desc)
         if path and world()[0] == 0:
             os.makedirs(args.cache, exist_ok=True)
-            np.savez(path + ".tmp.npz", **feats)
-            os.replace(path + ".tmp.npz", path)
+            tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: parallel runs may fill the same cache entry
+            np.savez(tmp, **feats)
+            os.replace(tmp, path)
     feats = {**feats, **stored}
     missing = set(needed) - feats.keys()
     if missing:
