@@ -208,6 +208,14 @@ def load_inception(path):
 # Other feature extractors: a small domain classifier (trained here) and CLIP (local directory)
 # --------------------------------------------------------------------------------------------
 
+def to_model_input(images, channels):
+    """uint8 [B, C, H, W] -> float in [-1, 1] with `channels` channels (grey <-> RGB)."""
+    x = images.float() / 127.5 - 1
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    return x
+
+
 class Classifier(nn.Module):
     """Small CNN for small grayscale datasets; its penultimate layer (128-d) is the feature space."""
 
@@ -224,9 +232,7 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
     def embed(self, images):  # uint8 images of any size and channel count
-        x = images.float() / 127.5 - 1
-        if x.shape[1] != self.channels:
-            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
+        x = to_model_input(images, self.channels)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return {"features": self.body(x)}
@@ -697,10 +703,7 @@ def load_vq(path, preset, device):
 def vq_latents(vq, images):
     """uint8 images -> the VQ encoder's pre-quantization latents (our reading: generated images are
     re-encoded, as the .npz holds images; for a latent model these are its decoded samples)."""
-    x = images.float() / 127.5 - 1
-    if x.shape[1] != vq.config.in_channels:
-        x = x.mean(1, keepdim=True) if vq.config.in_channels == 1 else x.expand(-1, vq.config.in_channels, -1, -1)
-    return vq.latent(x)
+    return vq.latent(to_model_input(images, vq.config.in_channels))
 
 
 @torch.no_grad()
