@@ -66,6 +66,30 @@ def guided_eps(model, x, t, context, null_context, scale):
     return eps_null + scale * (eps_c - eps_null)
 
 
+def cads_weight(t, num_train_steps, tau1=0.6, tau2=0.9):
+    """CADS's annealing schedule gamma(t) (Sadat et al., ICLR 2024, Sec. 3), t/(T-1) in [0, 1]:
+    1 (the clean condition) below tau1, 0 (pure noise) above tau2, linear in between."""
+    if not 0 <= tau1 < tau2 <= 1:
+        raise ValueError(f"CADS needs 0 <= tau1 < tau2 <= 1, got tau1={tau1}, tau2={tau2}")
+    u = t.double() / (num_train_steps - 1)
+    return ((tau2 - u) / (tau2 - tau1)).clamp(0, 1)
+
+
+def cads_context(context, t, noise, num_train_steps, tau1=0.6, tau2=0.9, scale=0.25, psi=1.0):
+    """Condition-annealed sampling (CADS, Sadat et al. 2024, Sec. 3): the inference-time
+    counterpart of CEP. c_hat = sqrt(gamma(t)) c + s sqrt(1 - gamma(t)) n, n ~ N(0, I), then
+    rescaled to c's per-sample mean and std and mixed back with weight psi.
+
+    context [B, L, D], t int64 [B], noise like context (a fresh draw at every step).
+    """
+    gamma = cads_weight(t, num_train_steps, tau1, tau2).to(context.dtype).view(-1, 1, 1)
+    noisy = gamma.sqrt() * context + scale * (1 - gamma).sqrt() * noise
+    dims = tuple(range(1, context.dim()))  # statistics over one condition's elements
+    rescaled = (noisy - noisy.mean(dims, keepdim=True)) / noisy.std(dims, keepdim=True) \
+        * context.std(dims, keepdim=True) + context.mean(dims, keepdim=True)
+    return psi * rescaled + (1 - psi) * noisy
+
+
 # ----------------------------------------------------------------------------- DDPM
 
 

@@ -32,7 +32,15 @@ def parse_args(argv=None):
     p.add_argument("--guidance", default="2.0", help="comma-separated guidance scales, one output folder each (1 = no guidance)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"], help="DPM-Solver++ 2M (paper), DDIM or DDPM")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--ddim-eta", type=float, default=0.0,
+                   help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of train.py)")
+    p.add_argument("--cads", action="store_true",
+                   help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the condition "
+                        "embedding, strong at high noise levels and gone at the end")
+    p.add_argument("--cads-tau", default="0.6,0.9",
+                   help="CADS tau1,tau2: clean condition below tau1, pure noise above tau2 (t/T)")
+    p.add_argument("--cads-scale", type=float, default=0.25, help="CADS noise scale s")
+    p.add_argument("--cads-psi", type=float, default=1.0, help="CADS rescaling mix psi (1 = rescaled)")
     p.add_argument("--per-class", type=int, default=None, help="class models: N samples of every class (paper: 50 per class)")
     p.add_argument("--classes", default=None, help="class models: comma-separated classes to sample (default: all)")
     p.add_argument("--prompts", default=None, help="text models: a file with one prompt per line")
@@ -72,14 +80,25 @@ def initial_noise(indices, seed, shape):
 
 
 @torch.no_grad()
-def sample_batch(model, conds, noise, gens, scale, args, abar, autoencoder):
+def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoencoder):
     device = next(model.parameters()).device
     c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
     context = model.embedder(c)  # eval mode: no CEP at sampling (Sec. 5.1)
     null_context = model.embedder(model.embedder.null_condition(len(conds)))
-    eps_fn = functools.partial(diffusion.guided_eps, model.unet, context=context, null_context=null_context,
+    eps_fn = functools.partial(diffusion.guided_eps, model.unet, null_context=null_context,
                                scale=scale)  # Eq. 2
-    x = diffusion.sample(eps_fn, noise.to(device), args.sampler, args.steps, abar, eta=args.eta, generators=gens)
+    if args.cads:  # the condition is re-noised at every step; the null condition stays clean
+        tau1, tau2 = (float(v) for v in args.cads_tau.split(","))
+        cads_gens = [torch.Generator().manual_seed(train.seed_of(args.seed, i, 1)) for i in indices]
+
+        def conditioned(x, t):
+            noise = torch.stack([torch.randn(context.shape[1:], generator=g) for g in cads_gens])
+            return eps_fn(x, t, context=diffusion.cads_context(
+                context, t, noise.to(device), len(abar), tau1, tau2, args.cads_scale, args.cads_psi))
+    else:
+        conditioned = functools.partial(eps_fn, context=context)
+    x = diffusion.sample(conditioned, noise.to(device), args.sampler, args.steps, abar,
+                         eta=args.ddim_eta, generators=gens)
     if autoencoder is not None:
         x = autoencoder.decode(x)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -102,8 +121,11 @@ def write_outputs(out, images, conds, scale, config, args):
     """samples.npz (sample i started from the seed (seed, i)), the grid, and one PNG per sample."""
     os.makedirs(out, exist_ok=True)
     key = "captions" if config["text"] else "labels"
-    np.savez(os.path.join(out, "samples.npz"), arr_0=images, **{key: np.asarray(conds)},
-             index=np.arange(len(images)), seed=args.seed, guidance=scale)
+    cads = f"tau={args.cads_tau},s={args.cads_scale},psi={args.cads_psi}" if args.cads else "off"
+    tmp = os.path.join(out, "samples.tmp.npz")  # atomic: a killed run leaves no truncated npz
+    np.savez(tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)),
+             seed=args.seed, guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads)
+    os.replace(tmp, os.path.join(out, "samples.npz"))
     if config["text"]:
         save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
     else:  # one row per class, up to 10 samples each
@@ -117,8 +139,21 @@ def write_outputs(out, images, conds, scale, config, args):
             Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(os.path.join(out, "images", f"{i:06d}.png"))
 
 
+def check_args(args):
+    """One-line errors for flags out of range, before any work."""
+    if not 0 <= args.ddim_eta <= 1:
+        raise SystemExit(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
+    if args.cads:
+        tau = args.cads_tau.split(",")
+        if len(tau) != 2 or not 0 <= float(tau[0]) < float(tau[1]) <= 1:
+            raise SystemExit(f"--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got {args.cads_tau}")
+        if args.cads_scale < 0 or not 0 <= args.cads_psi <= 1:
+            raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     rank, world, device = train.setup_distributed()
     model, config = load_model(args.ckpt, args.weights, device)
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
@@ -137,7 +172,7 @@ def main(argv=None):
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
             idx = mine[b:b + args.batch_size]
             noise, gens = initial_noise(idx, args.seed, shape)
-            images.append(sample_batch(model, [conds[i] for i in idx], noise, gens, scale, args, abar, autoencoder))
+            images.append(sample_batch(model, [conds[i] for i in idx], idx, noise, gens, scale, args, abar, autoencoder))
         images = gather(np.concatenate(images), mine, len(conds), world)
         if rank == 0:
             out = os.path.join(out_root, f"s{scale:g}")

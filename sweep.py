@@ -1,202 +1,411 @@
-"""Does slight corruption help on real data we can train here? The Fashion-MNIST eta and CEP grid.
+"""Does slight corruption help? The paper's comparison (Sec. 3 and 5) with paired seeds and statistics.
 
-    python sweep.py --out runs/fmnist-sweep --parallel 4      # one GPU (README: the FLOP budget)
-    python sweep.py --out /tmp/smoke --smoke                  # the same grid, tiny, on CPU (CI)
+    python sweep.py                                  # the CPU experiment: 8x8 digits, ~90 min on 2 cores
+    python sweep.py --setting fmnist --workers 4     # the same design on Fashion-MNIST 32x32 (a GPU)
+    python sweep.py --smoke --out /tmp/smoke         # the same code, tiny (CI, under a minute)
 
-Every model has the same architecture, seed, images seen and schedule; only the conditions differ:
-symmetric label corruption eta in {0, 2.5, ..., 20} % (Sec. 3.1), asymmetric corruption at 5 %
-within {T-shirt/top, Pullover, Coat, Shirt} (Sec. 3.3), CEP-U / CEP-G with gamma 1 (Sec. 5) and the
-IP baseline (Table 1). Then a second seed for clean, the best eta and the best CEP, so the effect
-can be told from seed noise. Models live in pixel space (32x32, padded): at this size a U-Net on
-pixels is cheap, and it keeps a second trained network (the autoencoder) out of every FID.
-Each stage calls train.py, sample.py or metrics.py and is skipped when its output exists, so a
-killed sweep resumes where it stopped. Evaluation: 1,000 samples per class against the 10K test
-images, DPM-Solver++ 50 steps, guidance {1, 1.5, 2, 3, 4}, FID / precision / recall / RMD in the
-feature space of a classifier trained here, sample entropy on a small VQ autoencoder trained here.
+Arms, all with the same architecture, images seen and schedule: clean; symmetric label flips eta in
+{2.5, 5, 10, 20} % (Sec. 3.1); CEP-U and CEP-G with gamma 1 (Sec. 5.1, Eq. 8), then gamma 0.3 and 3
+for whichever of the two has the lower mean FID at guidance 2; IP with lambda 0.1 (Table 1); and,
+on the clean models at sampling time only, CADS (condition noise annealed over the sampling steps).
+Paired seeds: seed k fixes the initial weights, the data order, every t / noise / dropout draw, the
+corruption (corruption seed = k) and the sampling noise, in every arm; CEP and IP draw after the
+shared draws of a step, so switching them on changes nothing else.
+
+The regime where the effect can appear is a small training set trained long (the clean model
+starts to copy training images). Every arm is scored against held-out real images, never the
+training images, in the feature space of a small classifier trained here: FID, precision and
+recall (k = 3), the classifier's accuracy on the conditioning label, top-1 % RMD (Eq. 38-40), and
+memorisation (distance of each sample to its nearest training image in pixel space; the ratio of
+samples closer than the 5th percentile of held-out real images' distances). Per arm against clean:
+mean paired difference, 95 % t-interval, exact sign-flip p-value, seed-to-seed spread, and the
+smallest difference the design could have detected (paired t, two-sided 5 %, power 80 %).
+Each (arm, seed) is one job, skipped when its artefacts are complete (the checkpoint's own step,
+the samples' recorded settings, the metrics' config), so a killed sweep resumes where it stopped.
 """
 import argparse
 import concurrent.futures
 import csv
+import itertools
 import json
+import math
+import multiprocessing
 import os
-import subprocess
-import sys
+import time
 
-GRID = [("clean", [])] + \
-    [(f"eta{e:g}", ["--eta", str(e / 100)]) for e in (2.5, 5, 7.5, 10, 15, 20)] + \
-    [("asym5", ["--eta", "0.05", "--corruption", "asymmetric", "--corrupt-classes", "0,2,4,6"]),
-     ("cep-u", ["--cep", "uniform", "--gamma", "1"]),
-     ("cep-g", ["--cep", "gaussian", "--gamma", "1"]),
-     ("ip", ["--input-perturbation", "0.1"])]
+import numpy as np
 
-FULL = dict(steps=12000, batch=128, per_class=1000, guidance="1,1.5,2,3,4", sample_steps=50,
-            classifier_steps=2500, vq_steps=3000, vq_eval=2000)
-SMOKE = dict(steps=3, batch=8, per_class=2, guidance="1,2", sample_steps=3, classifier_steps=3, vq_steps=2, vq_eval=16)
+SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the same budget
+    "digits": dict(dataset="digits", data_root=None, image_size=None, train_per_class=30,
+                   preset="digits", steps=1000, batch=64, lr=1e-3, per_class=50,
+                   guidance=(1.0, 2.0, 4.0), sample_steps=25, classifier_epochs=30),
+    "fmnist": dict(dataset="fashion-mnist", data_root="/usr/share/datasets/fashion-mnist",
+                   image_size=32, train_per_class=500, preset="fmnist", steps=12000, batch=128,
+                   lr=2e-4, per_class=1000, guidance=(1.0, 2.0, 4.0), sample_steps=50,
+                   classifier_epochs=3),
+}
+SMOKE = dict(train_per_class=3, steps=4, batch=8, per_class=3, guidance=(1.0, 2.0),
+             sample_steps=3, classifier_epochs=1)
+ARMS = {"clean": [], **{f"eta{e:g}": ["--eta", str(e / 100)] for e in (2.5, 5, 10, 20)},
+        "cep-u": ["--cep", "uniform", "--gamma", "1"], "cep-g": ["--cep", "gaussian", "--gamma", "1"],
+        "ip": ["--input-perturbation", "0.1"]}
+MAIN_ARMS = ("clean", "eta5", "cep-g")  # the arms with the most seeds
+CADS = ["--cads", "--cads-tau", "0.6,0.9", "--cads-scale", "0.25"]  # Sadat et al.'s defaults
+METRICS = ("fid", "precision", "recall", "class_acc", "rmd_top1", "nn_train", "mem_ratio")
+LOWER_IS_BETTER = {"fid": True, "nn_train": False, "mem_ratio": True}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/fmnist-sweep", help="sweep directory (resumable)")
-    p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
-    p.add_argument("--smoke", action="store_true", help="the same grid, tiny (CPU, CI)")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained / sampled at once (they share the GPU)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 12000; smoke 3)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default 128; smoke 8)")
-    p.add_argument("--preset", default="fmnist", help="U-Net preset (unet.py)")
-    p.add_argument("--seeds", default="0,1", help="first seed for the grid, second for the repeats")
-    p.add_argument("--inception", default=None, help="pytorch-fid Inception weights: also report Inception FID")
-    return p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", default="digits", choices=SETTINGS,
+                   help="digits: 8x8 pixels, CPU-sized (default); fmnist: 32x32, GPU-sized")
+    p.add_argument("--out", default=None, help="sweep directory, resumable (default runs/sweep-SETTING)")
+    p.add_argument("--seeds", type=int, default=6, help="seeds of clean, eta 5 %% and CEP-G")
+    p.add_argument("--other-seeds", type=int, default=2, help="seeds of every other arm")
+    p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
+    p.add_argument("--smoke", action="store_true", help="the same code, tiny (CI)")
+    args = p.parse_args(argv)
+    if args.seeds < 2 or args.other_seeds < 1 or args.workers < 1:
+        raise SystemExit("--seeds must be >= 2, --other-seeds and --workers >= 1")
+    args.out = args.out or f"runs/sweep-{args.setting}"
+    return args
 
 
-def run(cmd, log):
-    """One stage as a subprocess; its output goes to a log file, a failure stops the sweep."""
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"failed: {' '.join(cmd)}\n(see {log})")
+# ----------------------------------------------------------------------------- data and features
+
+def reference(out, size):
+    """Training subset, held-out images and the feature classifier, made once: reference.npz."""
+    import torch
+    import corrupt
+    import metrics
+    import train
+    path = os.path.join(out, "reference.npz")
+    if os.path.exists(path):
+        return dict(np.load(path))
+    full = corrupt.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
+    test = corrupt.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
+    used = train.first_per_class(full, size["train_per_class"])
+    held_mask = np.ones(len(full), bool)  # held out: the test split and the unused training images
+    for c in range(full.num_classes):
+        held_mask[np.flatnonzero(full.labels == c)[:size["train_per_class"]]] = False
+    held = torch.cat([full.images[torch.from_numpy(held_mask)], test.images])
+    clf_path = os.path.join(out, "classifier.pt")
+    accuracy = metrics.train_classifier([
+        "--dataset", size["dataset"], "--epochs", str(size["classifier_epochs"]), "--out", clf_path,
+        *(["--data-root", size["data_root"]] if size["data_root"] else []),
+        *(["--image-size", str(size["image_size"])] if size["image_size"] else [])])
+    ref = dict(train=nhwc(used.images), held=nhwc(held), test_accuracy=accuracy)
+    ref["held_features"] = features(clf_path, ref["held"])
+    ref["mem_threshold"] = np.quantile(nn_distance(ref["held"], ref["train"]), 0.05)
+    np.savez(path + ".tmp.npz", **ref)
+    os.replace(path + ".tmp.npz", path)
+    return ref
 
 
-def model_run(name, flags, seed, args, size):
-    """Train, sample and evaluate one model; every stage is skipped when its output exists."""
-    run_dir = os.path.join(args.out, f"{name}-s{seed}")
-    log = run_dir + ".log"
-    py = sys.executable
-    if not done_training(run_dir, size["steps"]):
-        resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
-        run([py, "train.py", "--dataset", "fashion-mnist", "--data-root", args.data_root, "--image-size", "32",
-             "--preset", args.preset, "--steps", str(size["steps"]), "--batch-size", str(size["batch"]),
-             "--lr", "2e-4", "--ema-decay", "0.999", "--seed", str(seed), "--out", run_dir, *resume, *flags], log)
-    samples = os.path.join(run_dir, "samples")
-    scales = size["guidance"].split(",")
-    if not all(os.path.exists(os.path.join(samples, f"s{float(s):g}", "samples.npz")) for s in scales):
-        run([py, "sample.py", "--ckpt", run_dir, "--out", samples, "--per-class", str(size["per_class"]),
-             "--guidance", size["guidance"], "--sampler", "dpm", "--steps", str(size["sample_steps"]),
-             "--batch-size", "500", "--no-images"], log)
-    for features in feature_spaces(args):
-        out = os.path.join(run_dir, "metrics-" + features.split(":")[0])
-        if not os.path.exists(os.path.join(out, "metrics.json")):
-            metrics = "fid,pr,rmd,entropy" if features.startswith("classifier") else "fid,is"
-            run([py, "metrics.py", "--real", "dataset:fashion-mnist:test", "--data-root", args.data_root,
-                 "--image-size", "32", "--fake", f"{name}-s{seed}={samples}", "--features", features,
-                 "--metrics", metrics, "--vq", os.path.join(args.out, "vq", "ckpt.pt"),
-                 "--cache", os.path.join(args.out, "cache"), "--out", out], log)
-    return run_dir
+def nhwc(images):
+    return images.permute(0, 2, 3, 1).numpy()
 
 
-def feature_spaces(args):
-    spaces = [f"classifier:{os.path.join(args.out, 'classifier.pt')}"]
-    return spaces + ([f"inception:{args.inception}"] if args.inception else [])
+def features(clf_path, images, batch=500):
+    """Penultimate-layer features of the domain classifier, float64 [N, 128]."""
+    import torch
+    import metrics
+    clf = metrics.load_classifier(clf_path)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return torch.cat([clf.embed(x[i:i + batch])["features"] for i in range(0, len(x), batch)]).double().numpy()
 
 
-def done_training(run_dir, steps):
-    log = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(log) or not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        return False
-    with open(log) as f:
-        return json.loads(f.readlines()[-1])["step"] >= steps
+def nn_distance(images, train_images):
+    """Per-pixel RMS distance of each image to its nearest training image (pixels in [0, 1])."""
+    import torch
+    a = torch.from_numpy(images.reshape(len(images), -1)).double() / 255
+    b = torch.from_numpy(train_images.reshape(len(train_images), -1)).double() / 255
+    return (torch.cdist(a, b).min(1).values / math.sqrt(a.shape[1])).numpy()
 
 
-def shared_models(args, size):
-    """The evaluation networks, trained once: the feature classifier and the VQ for entropy."""
-    py, log = sys.executable, os.path.join(args.out, "shared.log")
-    if not os.path.exists(os.path.join(args.out, "classifier.pt")):
-        run([py, "metrics.py", "train-classifier", "--dataset", "fashion-mnist", "--data-root", args.data_root,
-             "--image-size", "32", "--epochs", "100", "--max-steps", str(size["classifier_steps"]),
-             "--out", os.path.join(args.out, "classifier.pt")], log)
-    if not os.path.exists(os.path.join(args.out, "vq", "ckpt.pt")):
-        run([py, "vae.py", "train", "--dataset", "fashion-mnist", "--data-root", args.data_root, "--image-size", "32",
-             "--preset", "small-vq", "--steps", str(size["vq_steps"]), "--eval-images", str(size["vq_eval"]),
-             "--out", os.path.join(args.out, "vq")], log)
+def evaluate(npz_path, ref, clf_path):
+    """Every metric of one sample set against the held-out images and the training subset."""
+    import warnings
+    import torch
+    import metrics
+    warnings.filterwarnings("ignore", message="Matrix is singular")  # dead ReLU features: FID offsets
+    with np.load(npz_path) as f:
+        images, labels = f["arr_0"], f["labels"]
+    feats = features(clf_path, images)
+    held = ref["held_features"]
+    clf = metrics.load_classifier(clf_path)
+    with torch.no_grad():
+        x = metrics.to_model_input(torch.from_numpy(images).permute(0, 3, 1, 2), clf.channels)
+        predicted = clf(x).argmax(1).numpy()
+    d = nn_distance(images, ref["train"])
+    pr = metrics.precision_recall(held, feats, k=3)
+    return {"fid": metrics.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False),
+                                            held.mean(0), np.cov(held, rowvar=False)),
+            "precision": pr["precision"], "recall": pr["recall"],
+            "class_acc": float((predicted == labels).mean()),
+            "rmd_top1": metrics.top_fraction_mean(metrics.rmd_scores(feats, labels), 0.01),
+            "nn_train": float(d.mean()), "mem_ratio": float((d < ref["mem_threshold"]).mean()),
+            "n": len(images)}
 
 
-def results(run_dirs):
-    """One row per (model, guidance scale), from each run's metrics.json."""
+# ----------------------------------------------------------------------------- one job
+
+def train_flags(arm_flags, seed, size, run_dir):
+    return ["--dataset", size["dataset"], *(["--data-root", size["data_root"]] if size["data_root"] else []),
+            *(["--image-size", str(size["image_size"])] if size["image_size"] else []),
+            "--train-per-class", str(size["train_per_class"]), "--preset", size["preset"],
+            "--steps", str(size["steps"]), "--batch-size", str(size["batch"]), "--lr", str(size["lr"]),
+            "--ema-decay", "0.999", "--seed", str(seed), "--corruption-seed", str(seed),
+            "--ckpt-every", str(max(1, size["steps"] // 4)), "--log-every", str(max(1, size["steps"] // 20)),
+            "--num-workers", "0", "--out", run_dir, *arm_flags]
+
+
+def checkpoint_step(run_dir):
+    import torch
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+def samples_done(out, size, cads):
+    """Every scale's npz exists, is complete (written atomically) and has this sweep's settings."""
+    for scale in size["guidance"]:
+        path = os.path.join(out, f"s{scale:g}", "samples.npz")
+        if not os.path.exists(path):
+            return False
+        with np.load(path) as f:
+            if str(f["sampler"]) != f"dpm:{size['sample_steps']}" or (str(f["cads"]) != "off") != cads:
+                return False
+    return True
+
+
+def run_job(job):
+    """Train (or resume), sample every scale (and CADS for clean), evaluate: one (arm, seed)."""
+    import torch
+    torch.set_num_threads(1)
+    import sample
+    import train
+    arm, flags, seed, size, out, ref_path = job
+    run_dir = os.path.join(out, f"{arm}-s{seed}")
+    step = checkpoint_step(run_dir)
+    if step != size["steps"]:
+        if step is not None and step > size["steps"]:
+            raise SystemExit(f"{run_dir} was trained for {step} steps, more than {size['steps']}")
+        train.main(train_flags(flags, seed, size, run_dir) + (["--resume"] if step is not None else []))
+    ref = dict(np.load(ref_path))
+    clf_path = os.path.join(out, "classifier.pt")
     rows = []
-    for run_dir in run_dirs:
-        name = os.path.basename(run_dir)
-        for path in sorted(p for p in os.listdir(run_dir) if p.startswith("metrics-")):
-            with open(os.path.join(run_dir, path, "metrics.json")) as f:
-                for row in json.load(f)["rows"]:
-                    rows.append({"model": name, "features": path[len("metrics-"):], **row})
+    for variant, extra in [("dpm", [])] + ([("cads", CADS)] if arm == "clean" else []):
+        samples = os.path.join(run_dir, "samples" if variant == "dpm" else "samples-cads")
+        if not samples_done(samples, size, variant == "cads"):
+            sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(size["per_class"]),
+                         "--guidance", ",".join(f"{s:g}" for s in size["guidance"]), "--sampler", "dpm",
+                         "--steps", str(size["sample_steps"]), "--batch-size", "250", "--no-images",
+                         "--seed", str(seed), *extra])
+        for scale in size["guidance"]:
+            row = evaluate(os.path.join(samples, f"s{scale:g}", "samples.npz"), ref, clf_path)
+            rows.append({"arm": arm if variant == "dpm" else "cads", "seed": seed, "scale": scale, **row})
     return rows
 
 
-def best(rows, names, seed):
-    """The model (of `names`) with the lowest FID at any guidance scale (classifier features)."""
-    fids = {n: min(r["fid"] for r in rows if r["model"] == f"{n}-s{seed}" and r["features"] == "classifier")
-            for n in names}
-    return min(fids, key=fids.get)
+# ----------------------------------------------------------------------------- statistics
+
+def sign_flip_p(d):
+    """Exact two-sided sign-flip p-value of the mean of paired differences d (all 2^n flips)."""
+    d = np.asarray(d, float)
+    flips = np.array(list(itertools.product([1, -1], repeat=len(d))))
+    return float((np.abs(flips @ d) >= abs(d.sum()) - 1e-12).mean())
 
 
-def write_tables(rows, out):
-    keys = ["model", "features", "scale", "fid", "precision", "recall", "rmd_top1", "entropy", "is", "n"]
+def paired_stats(arm_values, clean_values):
+    """Mean paired difference arm - clean, its 95 % t-interval, the sign-flip p-value and the
+    smallest true difference the design detects with power 0.8 (two-sided 5 %)."""
+    from scipy import stats
+    d = np.asarray(arm_values, float) - np.asarray(clean_values, float)
+    n = len(d)
+    if n < 2:
+        return dict(n=n, diff=float(d.mean()), lo=math.nan, hi=math.nan, p=math.nan, mde=math.nan)
+    se = d.std(ddof=1) / math.sqrt(n)
+    t = stats.t.ppf(0.975, n - 1)
+    mde = (t + stats.t.ppf(0.8, n - 1)) * se
+    return dict(n=n, diff=float(d.mean()), lo=float(d.mean() - t * se), hi=float(d.mean() + t * se),
+                p=sign_flip_p(d), mde=float(mde))
+
+
+def summarise(rows):
+    """Per (arm, scale, metric): mean, seed-to-seed std, and the paired comparison with clean."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["arm"], r["scale"]), {})[r["seed"]] = r
+    out = []
+    for (arm, scale), seeds in sorted(by.items(), key=lambda kv: (arm_order(kv[0][0]), kv[0][1])):
+        clean = by.get(("clean", scale), {})
+        shared = sorted(set(seeds) & set(clean))
+        for m in METRICS:
+            values = [seeds[s][m] for s in sorted(seeds)]
+            row = dict(arm=arm, scale=scale, metric=m, seeds=len(values), mean=float(np.mean(values)),
+                       std=float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
+            if arm != "clean":
+                row.update(paired_stats([seeds[s][m] for s in shared], [clean[s][m] for s in shared]))
+            out.append(row)
+    return out
+
+
+def arm_order(arm):
+    names = ["clean", "eta2.5", "eta5", "eta10", "eta20", "cep-u", "cep-g", "ip", "cads"]
+    return (names.index(arm) if arm in names else len(names), arm)
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(rows, summary, out, ref, meta):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w = csv.DictWriter(f, ["arm", "seed", "scale", *METRICS, "n"])
         w.writeheader()
         w.writerows(rows)
-    scales = sorted({r["scale"] for r in rows})
-    lines = ["| model | " + " | ".join(f"FID s={s:g}" for s in scales) + " | best FID: s | precision | recall | RMD top-1% | entropy |",
-             "|---" * (len(scales) + 6) + "|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model and r["features"] == "classifier"]
-        by_scale = {r["scale"]: r for r in mine}
-        b = min(mine, key=lambda r: r["fid"])
-        lines.append(f"| {model} | " + " | ".join(f"{by_scale[s]['fid']:.2f}" if s in by_scale else "" for s in scales)
-                     + f" | {b['scale']:g} | {b['precision']:.3f} | {b['recall']:.3f} | {b['rmd_top1']:.2f} | {b['entropy']:.4f} |")
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        keys = ["arm", "scale", "metric", "seeds", "mean", "std", "n", "diff", "lo", "hi", "p", "mde"]
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in keys} for r in summary)
+    lines = [f"Classifier test accuracy {float(ref['test_accuracy']):.3f}; memorisation threshold "
+             f"{float(ref['mem_threshold']):.4f} (5th percentile of held-out images' distance to the "
+             f"training set); {meta}.", ""]
+    for m in ("fid", "precision", "recall", "class_acc", "nn_train", "mem_ratio", "rmd_top1"):
+        lines += metric_table(summary, m) + [""]
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("FID, precision, recall, RMD: classifier features (Fashion-MNIST CNN trained by metrics.py); "
-                "entropy: small VQ of vae.py.\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write("\n".join(lines))
+    return "\n".join(lines)
 
 
-def plot(rows, out, seed):
+def metric_table(summary, metric):
+    """One Markdown table: rows = arms, columns = scales; mean ± std, then diff [CI] p vs clean."""
+    mine = [r for r in summary if r["metric"] == metric]
+    scales = sorted({r["scale"] for r in mine})
+    lines = [f"**{metric}** (mean ± seed std; arm - clean: mean difference [95 % CI], sign-flip p, "
+             "smallest detectable difference)", "",
+             "| arm | seeds | " + " | ".join(f"s={s:g}" for s in scales) + " |",
+             "|---|---|" + "---|" * len(scales)]
+    for arm in sorted({r["arm"] for r in mine}, key=arm_order):
+        cells = []
+        for s in scales:
+            r = next((r for r in mine if r["arm"] == arm and r["scale"] == s), None)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{r['mean']:.3f} ± {r['std']:.3f}"
+            if arm != "clean" and r["n"] >= 2:
+                mark = "**" if r["lo"] > 0 or r["hi"] < 0 else ""
+                cell += (f"<br>{mark}{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]{mark} "
+                         f"p={r['p']:.2f} mde={r['mde']:.3f}")
+            cells.append(cell)
+        seeds = max(r["seeds"] for r in mine if r["arm"] == arm)
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(summary, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r["features"] == "classifier"]
-    fid = {(r["model"], r["scale"]): r for r in rows}
-    scales = sorted({r["scale"] for r in rows})
-    etas = [(0.0, "clean")] + [(e, f"eta{e:g}") for e in (2.5, 5, 7.5, 10, 15, 20)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for s in scales:  # FID against eta, one line per guidance scale (Fig. 2's U-shape)
-        pts = [(e, fid[(f"{n}-s{seed}", s)]["fid"]) for e, n in etas if (f"{n}-s{seed}", s) in fid]
-        axes[0].plot(*zip(*pts), "o-", label=f"s={s:g}")
-    axes[0].set(xlabel="corruption eta (%)", ylabel="FID", title="FID against eta (symmetric)")
-    for model in dict.fromkeys(r["model"] for r in rows):  # FID against precision, like Fig. 3
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["scale"])
-        axes[1].plot([r["precision"] for r in mine], [r["fid"] for r in mine], "o-", label=model, lw=1)
-        if model.rsplit("-s", 1)[0] in ("clean", "cep-u", "cep-g", "ip"):
-            axes[2].plot([r["scale"] for r in mine], [r["fid"] for r in mine], "o-", label=model, lw=1)
-    axes[1].set(xlabel="precision", ylabel="FID", title="FID against precision (one point per scale)")
-    axes[2].set(xlabel="guidance scale", ylabel="FID", title="clean against CEP and IP")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    get = {(r["arm"], r["scale"], r["metric"]): r for r in summary}
+    scales = sorted({r["scale"] for r in summary})
+    arms = sorted({r["arm"] for r in summary}, key=arm_order)
+    fig, ax = plt.subplots(2, 2, figsize=(12, 9))
+    etas = [(0, "clean"), (2.5, "eta2.5"), (5, "eta5"), (10, "eta10"), (20, "eta20")]
+    for s in scales:  # the paper's U-shape? (Fig. 2)
+        pts = [(e, get[(a, s, "fid")]) for e, a in etas if (a, s, "fid") in get]
+        ax[0, 0].errorbar([e for e, _ in pts], [r["mean"] for _, r in pts], fmt="o-", capsize=3,
+                          yerr=[r["std"] for _, r in pts], label=f"s={s:g}")
+    ax[0, 0].set(xlabel="symmetric label corruption eta (%)", ylabel="FID (held-out, mean ± seed std)",
+                 title="FID against eta, one line per guidance scale")
+    for arm in arms:  # Fig. 3: FID against precision, one point per scale
+        pts = [(get[(arm, s, "precision")]["mean"], get[(arm, s, "fid")]["mean"]) for s in scales
+               if (arm, s, "fid") in get]
+        ax[0, 1].plot(*zip(*pts), "o-", label=arm, lw=1)
+    ax[0, 1].set(xlabel="precision", ylabel="FID", title="FID against precision (points: s = "
+                 + ", ".join(f"{s:g}" for s in scales) + ")")
+    s_mid = scales[len(scales) // 2]
+    x = np.arange(len(arms))
+    for k, (m, label) in enumerate([("mem_ratio", "memorisation ratio"), ("recall", "recall")]):
+        vals = [get.get((a, s_mid, m), {"mean": np.nan, "std": 0}) for a in arms]
+        ax[1, 0].bar(x + (k - 0.5) * 0.4, [v["mean"] for v in vals], 0.4, yerr=[v["std"] for v in vals],
+                     capsize=2, label=label)
+    ax[1, 0].set(xticks=x, title=f"memorisation and diversity at s={s_mid:g} (mean ± seed std)")
+    ax[1, 0].set_xticklabels(arms, rotation=30)
+    others = [a for a in arms if a != "clean"]
+    for k, s in enumerate(scales):  # paired differences with their intervals
+        rows = [get[(a, s, "fid")] for a in others if (a, s, "fid") in get]
+        y = np.arange(len(rows)) + (k - 1) * 0.25
+        ax[1, 1].errorbar([r["diff"] for r in rows], y, fmt="o", capsize=3, label=f"s={s:g}",
+                          xerr=[[r["diff"] - r["lo"] for r in rows], [r["hi"] - r["diff"] for r in rows]])
+    ax[1, 1].axvline(0, color="k", lw=0.8)
+    ax[1, 1].set(yticks=np.arange(len(others)), xlabel="FID(arm) - FID(clean), paired, 95 % CI",
+                 title="paired differences against clean (left = better)")
+    ax[1, 1].set_yticklabels(others)
+    for a in ax.flat:
+        a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sweep.png"), dpi=120)
+    fig.savefig(os.path.join(out, "sweep.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def jobs_for(args, size, arms, seeds):
+    ref_path = os.path.join(args.out, "reference.npz")
+    return [(arm, ARMS[arm] if arm in ARMS else arms[arm], seed, size, args.out, ref_path)
+            for seed in seeds for arm in arms]
+
+
+def run_all(jobs, args, done_rows, t_start, total):
+    """Run jobs (in a pool of spawned one-thread workers), printing progress and time left."""
+    if args.workers == 1:
+        results = map(run_job, jobs)
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(run_job, jobs)
+    for job, rows in zip(jobs, results):
+        done_rows += rows
+        finished = len({(r["arm"], r["seed"]) for r in done_rows if r["arm"] != "cads"})
+        elapsed = time.time() - t_start
+        print(f"[sweep] {job[0]}-s{job[2]} done: {finished}/{total} jobs, {elapsed / 60:.1f} min, "
+              f"about {elapsed / max(finished, 1) * (total - finished) / 60:.0f} min left", flush=True)
+    return done_rows
 
 
 def main(argv=None):
     args = parse_args(argv)
-    size = dict(SMOKE if args.smoke else FULL)
-    size.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch_size)) if v is not None})
+    size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump({**vars(args), **size, "grid": GRID}, f, indent=1)
-    shared_models(args, size)
-    seed0, seed1 = (int(s) for s in args.seeds.split(","))
-    flags = dict(GRID)
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        dirs = list(pool.map(lambda g: model_run(g[0], g[1], seed0, args, size), GRID))
-        rows = results(dirs)
-        repeats = ["clean", best(rows, [n for n, _ in GRID if n.startswith("eta")], seed0),
-                   best(rows, ["cep-u", "cep-g"], seed0)]
-        print(f"second seed for: {', '.join(repeats)}")
-        dirs += list(pool.map(lambda n: model_run(n, flags[n], seed1, args, size), repeats))
-    rows = results(dirs)
-    write_tables(rows, args.out)
-    plot(rows, args.out, seed0)
-    print(f"wrote {args.out}/results.csv, results.md, sweep.png")
+        json.dump({**vars(args), **size, "arms": ARMS, "cads": CADS}, f, indent=1)
+    t_start = time.time()
+    ref = reference(args.out, size)
+    main_seeds, other_seeds = range(args.seeds), range(args.other_seeds)
+    first = jobs_for(args, size, ["cep-u", "cep-g", "clean", "eta5"], other_seeds) \
+        + jobs_for(args, size, [a for a in ARMS if a not in ("cep-u", "cep-g", "clean", "eta5")], other_seeds) \
+        + jobs_for(args, size, list(MAIN_ARMS), range(args.other_seeds, args.seeds))
+    total = len(first) + 2 * len(other_seeds)
+    rows = run_all(first, args, [], t_start, total)
+    better = min(("cep-u", "cep-g"), key=lambda a: np.mean([r["fid"] for r in rows if r["arm"] == a
+                                                             and r["scale"] == 2.0 and r["seed"] in other_seeds]))
+    kind = "uniform" if better == "cep-u" else "gaussian"
+    gamma_arms = {f"{better}-g{g:g}": ["--cep", kind, "--gamma", str(g)] for g in (0.3, 3)}
+    print(f"[sweep] gamma sweep for {better} (lower mean FID at s=2)", flush=True)
+    rows = run_all(jobs_for(args, size, gamma_arms, other_seeds), args, rows, t_start, total)
+    summary = summarise(rows)
+    minutes = (time.time() - t_start) / 60
+    meta = (f"{args.setting}: {size['train_per_class']} training images per class, {size['steps']} steps x "
+            f"{size['batch']}, {size['per_class']} samples per class, DPM-Solver++ {size['sample_steps']} "
+            f"steps; gamma sweep on {better}; this run took {minutes:.0f} min")
+    print(write_report(rows, summary, args.out, ref, meta))
+    plot(summary, args.out)
+    print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png ({minutes:.1f} min)")
+    return rows, summary
 
 
 if __name__ == "__main__":

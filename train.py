@@ -42,6 +42,9 @@ def parse_args(argv=None):
     d.add_argument("--image-size", type=int, default=None, help="resize images to this size (folder, captions: centre crop; digits, Fashion-MNIST: bilinear)")
     d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
     d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
+    d.add_argument("--train-per-class", type=int, default=None,
+                   help="digits, fashion-mnist: train on the first N images of each class only "
+                        "(a small training set, where a clean model starts to memorise)")
     c = p.add_argument_group("condition corruption (Sec. 3.1, 3.3)")
     c.add_argument("--eta", type=float, default=0.0, help="corruption ratio, e.g. 0.025 (paper: 0 to 0.20)")
     c.add_argument("--corruption", default="symmetric", choices=["symmetric", "asymmetric", "resample"],
@@ -117,10 +120,22 @@ def load_training_data(args):
                     vae_preset=cache.meta.get("preset"), num_classes=cache.num_classes)
         return cache, conditions, info
     ds = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
+    if args.train_per_class is not None:
+        ds = first_per_class(ds, args.train_per_class)
     text = getattr(ds, "captions", None) is not None
     info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
                 num_classes=None if text else ds.num_classes)
     return ds, (ds.captions if text else ds.labels), info
+
+
+def first_per_class(ds, n):
+    """The first n images of every class, in dataset order (in-memory datasets only)."""
+    if not isinstance(ds, corrupt.InMemoryDataset):
+        raise SystemExit("--train-per-class applies to the in-memory datasets (digits, fashion-mnist)")
+    if n < 1 or np.bincount(ds.labels).min() < n:
+        raise SystemExit(f"--train-per-class must be in [1, {np.bincount(ds.labels).min()}], got {n}")
+    keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n] for c in range(ds.num_classes)]))
+    return corrupt.InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names)
 
 
 def corrupt_conditions(args, conditions, num_classes):
