@@ -267,3 +267,28 @@ def test_sample_bad_input():
         sample(toy_eps, x_T, "euler", 50, ABAR)
     with pytest.raises(ValueError, match="one generator per sample"):
         sample(toy_eps, x_T, "ddim", 50, ABAR, eta=1.0, generators=gens([1]))
+
+
+def test_cads_schedule_closed_form():
+    from diffusion import cads_weight
+    t = torch.tensor([0, 500, 599, 749, 899, 999])  # t / 999 = 0, 0.5005, 0.5996, 0.7497, 0.8999, 1
+    expected = ((0.9 - t.double() / 999) / 0.3).clamp(0, 1)
+    torch.testing.assert_close(cads_weight(t, 1000, 0.6, 0.9), expected)
+    assert cads_weight(t, 1000)[0] == 1 and cads_weight(t, 1000)[-1] == 0
+    with pytest.raises(ValueError, match="tau1 < tau2"):
+        cads_weight(t, 1000, 0.9, 0.6)
+
+
+def test_cads_context_limits():
+    from diffusion import cads_context
+    g = torch.Generator().manual_seed(0)
+    c, n = torch.randn(4, 1, 16, generator=g) * 3 + 1, torch.randn(4, 1, 16, generator=g)
+    low, high = torch.zeros(4, dtype=torch.long), torch.full((4,), 999)
+    torch.testing.assert_close(cads_context(c, low, n, 1000), c)  # gamma = 1: the clean condition
+    noisy = cads_context(c, high, n, 1000, psi=0.0)  # gamma = 0, no rescaling: s * noise
+    torch.testing.assert_close(noisy, 0.25 * n)
+    rescaled = cads_context(c, high, n, 1000, psi=1.0)  # rescaled to c's per-sample statistics
+    torch.testing.assert_close(rescaled.mean((1, 2)), c.mean((1, 2)))
+    torch.testing.assert_close(rescaled.std((1, 2)), c.std((1, 2)))
+    torch.testing.assert_close(rescaled, (n - n.mean((1, 2), keepdim=True)) / n.std((1, 2), keepdim=True)
+                               * c.std((1, 2), keepdim=True) + c.mean((1, 2), keepdim=True))

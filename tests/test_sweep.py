@@ -1,21 +1,73 @@
-"""sweep.py --smoke: the whole Fashion-MNIST grid, tiny, on CPU (train, sample, evaluate, table, plot)."""
+"""sweep.py: the statistics against closed forms and scipy, and the whole experiment tiny (--smoke)."""
 import csv
 import os
+
+import numpy as np
+import pytest
+from scipy import stats
 
 import sweep
 
 
-def test_smoke_grid_runs_and_resumes(tmp_path):
+def test_sign_flip_p_value_enumerates_all_flips():
+    assert sweep.sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach 6
+    assert sweep.sign_flip_p([1, -1]) == 1.0
+    assert sweep.sign_flip_p([0.5] * 6) == pytest.approx(2 / 64)  # the smallest p with 6 seeds
+    d = [0.3, -0.1, 0.7, 0.2, 0.4]
+    sums = [abs(sum(s * x for s, x in zip(signs, d))) for signs in np.ndindex(*(2,) * 5)
+            for signs in [[1 - 2 * b for b in signs]]]
+    assert sweep.sign_flip_p(d) == pytest.approx(np.mean(np.array(sums) >= sum(d) - 1e-12))
+
+
+def test_paired_stats_interval_matches_scipy_and_mde_has_power_080():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(10, 1, 6)
+    arm = clean + rng.normal(-0.5, 0.3, 6)
+    s = sweep.paired_stats(arm, clean)
+    ci = stats.ttest_rel(arm, clean).confidence_interval(0.95)
+    assert (s["lo"], s["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert s["diff"] == pytest.approx(np.mean(arm - clean))
+    # at a true difference of mde the two-sided 5 % paired t-test has power close to 0.8
+    n, se = 6, np.std(arm - clean, ddof=1) / np.sqrt(6)
+    t_crit = stats.t.ppf(0.975, n - 1)
+    power = 1 - stats.nct.cdf(t_crit, n - 1, s["mde"] / se) + stats.nct.cdf(-t_crit, n - 1, s["mde"] / se)
+    assert 0.75 < power < 0.85
+
+
+def test_smoke_experiment_runs_and_resumes(tmp_path):
     out = str(tmp_path / "sweep")
-    sweep.main(["--out", out, "--smoke", "--parallel", "2"])
+    argv = ["--out", out, "--smoke", "--workers", "1", "--seeds", "3", "--other-seeds", "2"]
+    rows, summary = sweep.main(argv)
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(r["arm"], set()).add(r["seed"])
+    assert {a: len(s) for a, s in seeds.items() if a in sweep.MAIN_ARMS} == {a: 3 for a in sweep.MAIN_ARMS}
+    assert all(len(seeds[a]) == 2 for a in sweep.ARMS if a not in sweep.MAIN_ARMS)
+    assert len(seeds["cads"]) == 3 and sum(a.endswith(("-g0.3", "-g3")) for a in seeds) == 2
     with open(os.path.join(out, "results.csv")) as f:
-        rows = list(csv.DictReader(f))
-    models = {r["model"] for r in rows}
-    assert {f"{name}-s0" for name, _ in sweep.GRID} <= models
-    assert "clean-s1" in models and len(models) == len(sweep.GRID) + 3  # the second seeds
-    assert {r["scale"] for r in rows} == {"1.0", "2.0"}
-    assert all(float(r["fid"]) >= 0 and 0 <= float(r["precision"]) <= 1 for r in rows)
-    assert os.path.exists(os.path.join(out, "sweep.png")) and os.path.exists(os.path.join(out, "results.md"))
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and {r["scale"] for r in table} == {"1.0", "2.0"}
+    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["mem_ratio"]) <= 1 for r in table)
+    paired = [r for r in summary if r["arm"] == "eta5" and r["metric"] == "fid"]
+    assert all(r["n"] == 3 and r["lo"] <= r["diff"] <= r["hi"] for r in paired)
+    for name in ("summary.csv", "results.md", "sweep.png", "reference.npz", "sweep.json"):
+        assert os.path.exists(os.path.join(out, name))
     before = os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt"))
-    sweep.main(["--out", out, "--smoke", "--parallel", "2"])  # everything exists: nothing is redone
+    npz = os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")
+    sample_time = os.path.getmtime(npz)
+    again, _ = sweep.main(argv)  # every artefact is complete: nothing is trained or sampled again
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
+    assert os.path.getmtime(npz) == sample_time
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_smoke_resumes_a_killed_training(tmp_path):
+    """A job whose checkpoint stopped short of the step count is resumed, not restarted."""
+    out = str(tmp_path / "sweep")
+    size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
+    run_dir = os.path.join(out, "clean-s0")
+    import train
+    train.main(sweep.train_flags([], 0, {**size, "steps": 2}, run_dir))  # "killed" at step 2 of 4
+    assert sweep.checkpoint_step(run_dir) == 2
+    sweep.main(["--out", out, "--smoke", "--workers", "1", "--seeds", "2", "--other-seeds", "1"])
+    assert sweep.checkpoint_step(run_dir) == size["steps"]

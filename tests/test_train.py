@@ -119,3 +119,32 @@ def test_latent_cache_training_and_decoding(tmp_path):
     assert config["latent_scale"] == vae.LatentCache(cache).scale
     sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"), "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
+
+
+def test_train_per_class_takes_the_first_images_of_each_class(tmp_path):
+    import corrupt
+    out = run(tmp_path, "few", "--steps", "1", "--train-per-class", "3")
+    assert json.load(open(os.path.join(out, "config.json")))["num_examples"] == 30
+    full = corrupt.load_dataset("digits", split="train")
+    few = train.first_per_class(full, 3)
+    assert np.bincount(few.labels).tolist() == [3] * 10
+    first = np.sort(np.concatenate([np.flatnonzero(full.labels == c)[:3] for c in range(10)]))
+    assert torch.equal(few.images, full.images[torch.from_numpy(first)])
+    with pytest.raises(SystemExit, match="--train-per-class must be in"):
+        run(tmp_path, "too-many", "--steps", "1", "--train-per-class", "100000")
+
+
+def test_cads_sampling_is_seeded_batch_invariant_and_recorded(tmp_path):
+    out = run(tmp_path, "c", "--steps", "2")
+    common = ["--ckpt", out, "--per-class", "1", "--steps", "6", "--guidance", "2", "--no-images"]
+    sample.main([*common, "--out", str(tmp_path / "plain")])
+    sample.main([*common, "--out", str(tmp_path / "a"), "--cads", "--batch-size", "3"])
+    sample.main([*common, "--out", str(tmp_path / "b"), "--cads", "--batch-size", "10"])
+    plain, a, b = (np.load(tmp_path / f"{d}/s2/samples.npz") for d in ("plain", "a", "b"))
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # per-sample CADS noise
+    assert not np.array_equal(a["arr_0"], plain["arr_0"])  # CADS changes the samples
+    assert str(plain["cads"]) == "off" and str(a["cads"]).startswith("tau=0.6,0.9,s=0.25")
+    with pytest.raises(SystemExit, match="--cads-tau"):
+        sample.main([*common, "--out", str(tmp_path / "bad"), "--cads", "--cads-tau", "0.9,0.6"])
+    with pytest.raises(SystemExit, match="--ddim-eta"):
+        sample.main([*common, "--out", str(tmp_path / "bad"), "--ddim-eta", "2"])
