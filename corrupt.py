@@ -67,12 +67,13 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Images read from files on demand, with class labels (folder) or captions (TSV)."""
+    """Images read from files on demand, with class labels (folder) or captions (TSV). Grayscale
+    folders stay one channel (see file_channels); transparent images are composited onto white."""
 
     def __init__(self, paths, image_size, labels=None, class_names=None, captions=None):
         self.paths = list(paths)
         self.images = None  # loaded lazily, one file per __getitem__
-        self.image_size, self.channels = image_size, 3
+        self.image_size, self.channels = image_size, file_channels(self.paths)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.class_names = None if class_names is None else list(class_names)
         self.num_classes = None if class_names is None else len(class_names)
@@ -82,9 +83,37 @@ class FileDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = read_image(self.paths[i], self.image_size)
+        image = read_image(self.paths[i], self.image_size, self.channels)
         condition = int(self.labels[i]) if self.labels is not None else self.captions[i]
         return image, condition
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def is_grayscale(im):
+    """A grayscale mode, or colour pixels whose channels are all equal (grey saved as RGB)."""
+    if im.mode in GRAY_MODES:
+        return True
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def file_channels(paths, probe=100):
+    """1 when the first `probe` files (sorted) are all grayscale, else 3: three equal channels
+    would triple the work and leave the model a direction the data never uses. Warns once when
+    some have transparency (they are composited onto white, not stripped of their alpha)."""
+    gray, transparent = [], False
+    for path in sorted(paths)[:probe]:
+        try:
+            with Image.open(path) as im:
+                transparent |= im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+                gray.append(is_grayscale(im))
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot read image file {path}: {e}") from e
+    if transparent:
+        print("note: some images have transparency; they are composited onto a white background")
+    return 1 if gray and all(gray) else 3
 
 
 def center_crop_arr(pil_image, image_size):
@@ -99,15 +128,19 @@ def center_crop_arr(pil_image, image_size):
     return arr[y:y + image_size, x:x + image_size]
 
 
-def read_image(path, image_size):
-    """One image file -> float32 [3, S, S] in [-1, 1]; an unreadable file names itself."""
+def read_image(path, image_size, channels=3):
+    """One image file -> float32 [channels, S, S] in [-1, 1]; transparent pixels are composited
+    onto white; an unreadable file names itself."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert("RGBA")  # every mode, palettes with transparency included
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im).convert("L" if channels == 1 else "RGB")
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise RuntimeError(f"cannot read image file {path}: {e}") from e
     arr = center_crop_arr(im, image_size)
-    return to_float(torch.from_numpy(arr).permute(2, 0, 1))
+    arr = arr[:, :, None] if arr.ndim == 2 else arr  # [S, S, C]
+    return to_float(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
 
 
 def resize_uint8(images, size):

@@ -90,6 +90,18 @@ def cads_context(context, t, noise, num_train_steps, tau1=0.6, tau2=0.9, scale=0
     return psi * rescaled + (1 - psi) * noisy
 
 
+def clip_denoised(eps_fn, alphas_cumprod):
+    """eps_fn whose implied x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is clipped to [-1, 1], eps
+    re-derived from it (as DDPM / ADM sample pixel-space models; diffusers' clip_sample). At t near
+    T, 1/sqrt(abar) ~ 84 turns a small eps error into a large x0 error; clipping bounds it."""
+    def clipped(x, t):
+        eps = eps_fn(x, t)
+        abar = alphas_cumprod.to(x.device)[t].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return clipped
+
+
 # ----------------------------------------------------------------------------- DDPM
 
 

@@ -14,7 +14,9 @@ of the training set are corrupted (symmetric flips, corrupt.corrupt_labels) with
                  tied to eta by gamma_for_eta (our reading), plus a separate gamma sweep that
                  checks Theorems 1 and 2.
   (2) empirical check: a small MLP diffusion model with a class embedding, trained with
-      diffusion.py on the corrupted labels and sampled with DPM-Solver++ (50 steps).
+      diffusion.py on the corrupted labels and sampled with DPM-Solver++ (50 steps); and the same
+      model trained on the clean labels with embedding noise c(y) + gamma xi in training only
+      (CEP, Sec. 5.1, Gaussian; gamma = gamma_for_eta(eta)), the trained counterpart of Lemma 4.
 
 Metrics, to the TRUE mixture (known mu_y, covariance I):
   H     class-averaged entropy of the generated class distributions, 0.5 logdet(2 pi e Sigma):
@@ -164,7 +166,7 @@ def timestep_embedding(t, dim):
 class MLPDenoiser(nn.Module):
     """eps_theta(x_t, t, c(y)): an MLP on [x_t, time embedding, class embedding].
 
-    context [B, 1, emb_dim] is the class embedding c(y) (INTERFACES.md); no guidance here, so no null class.
+    context [B, 1, emb_dim] is the class embedding c(y); no guidance here, so no null class.
     """
 
     def __init__(self, dim, num_classes, width=128, emb_dim=32):
@@ -181,20 +183,25 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat([x, timestep_embedding(t, self.emb_dim), context[:, 0]], 1))
 
 
-def train_diffusion(x, labels, num_classes, args):
-    """Train an MLPDenoiser with diffusion.py's loss on (x, labels); same init and draws for every eta."""
+def train_diffusion(x, labels, num_classes, args, gamma=0.0):
+    """Train an MLPDenoiser with diffusion.py's loss on (x, labels); same init and draws for every eta.
+    gamma > 0: the condition embedding is c(y) + gamma xi, xi ~ N(0, I) drawn afresh per sample and
+    step from its own generator (so every other draw is unchanged): embedding noise in training."""
     torch.manual_seed(args.seed)
     model = MLPDenoiser(x.shape[1], num_classes, args.width)
     abar = alphas_cumprod(ldm_linear_betas())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / args.steps)  # linear decay to 0
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(labels)
-    g = torch.Generator().manual_seed(args.seed)
+    g, g_cep = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 7)
     for _ in range(args.steps):
         i = torch.randint(len(x), (args.batch,), generator=g)
         t = torch.randint(len(abar), (args.batch,), generator=g)
         noise = torch.randn(args.batch, x.shape[1], generator=g)
-        loss = training_loss(model, x[i], t, noise, model.embed(y[i])[:, None], abar)
+        context = model.embed(y[i])[:, None]  # [B, 1, emb_dim]
+        if gamma > 0:
+            context = context + gamma * torch.randn(context.shape, generator=g_cep)
+        loss = training_loss(model, x[i], t, noise, context, abar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -240,6 +247,10 @@ def eta_sweep(args, log=print):
             gen = sample_diffusion(train_diffusion(x, noisy, K, args), K, args.gen_per_class, d, args.seed)
             row["dm_H"], row["dm_W2c"] = class_metrics([empirical_gaussian(g) for g in gen], means)
             row["dm_W2ot"] = debiased_ot_w2sq(gen[:, :m].reshape(-1, d), gen[:, m:2 * m].reshape(-1, d), *true)
+            cep = train_diffusion(x, labels, K, args, gamma) if eta > 0 else None  # clean labels
+            gen = sample_diffusion(cep, K, args.gen_per_class, d, args.seed) if cep else gen
+            row["cep_H"], row["cep_W2c"] = class_metrics([empirical_gaussian(g) for g in gen], means)
+            row["cep_W2ot"] = debiased_ot_w2sq(gen[:, :m].reshape(-1, d), gen[:, m:2 * m].reshape(-1, d), *true)
         rows.append(row)
         log(format_row(row))
     return rows
@@ -278,11 +289,12 @@ def theorem_checks(args):
 # ----------------------------------------------------------------------------- report
 
 HEADER = ("  eta  real. gamma | label: H      W2c    W2ot  | embed: H      W2c    W2ot  "
-          "|  diffusion: H  W2c    W2ot")
+          "|  diffusion: H  W2c    W2ot | diffusion+CEP: H  W2c  W2ot")
 
 
 def format_row(r):
-    dm = (f"| {r['dm_H']:9.3f} {r['dm_W2c']:6.3f} {r['dm_W2ot']:6.3f}" if "dm_H" in r else "|   (skipped)")
+    dm = (f"| {r['dm_H']:9.3f} {r['dm_W2c']:6.3f} {r['dm_W2ot']:6.3f} "
+          f"| {r['cep_H']:9.3f} {r['cep_W2c']:6.3f} {r['cep_W2ot']:6.3f}" if "dm_H" in r else "|   (skipped)")
     return (f"{100 * r['eta']:5.1f}% {100 * r['realised']:4.1f}% {r['gamma']:5.3f} "
             f"| {r['label_H']:9.3f} {r['label_W2c']:6.3f} {r['label_W2ot']:6.3f} "
             f"| {r['embed_H']:9.3f} {r['embed_W2c']:6.3f} {r['embed_W2ot']:6.3f} {dm}")
@@ -293,7 +305,8 @@ def verdicts(rows):
     lines = []
     for key, name in (("label", "label corruption, closed form"),
                       ("embed", "embedding corruption (Lemma 4), closed form"),
-                      ("dm", "diffusion model on corrupted labels, estimate")):
+                      ("dm", "diffusion model on corrupted labels, estimate"),
+                      ("cep", "diffusion model with embedding noise (CEP) on clean labels, estimate")):
         if key + "_H" not in rows[0]:
             continue
         H = [r[key + "_H"] for r in rows]
@@ -324,16 +337,17 @@ def write_results(path, args, rows, thm, seconds):
         "the mixture W2^2); W2ot: mixture-to-mixture W2^2, debiased exact OT on samples "
         "(OT(gen, true) - (OT(gen, gen') + OT(true, true')) / 2, an estimate). "
         "label/embed columns are exact closed forms (W2ot excepted); diffusion columns are estimates from a "
-        "Gaussian fit of the samples. gamma = gamma_for_eta(eta) applies only to the embed columns.", "",
+        "Gaussian fit of the samples. gamma = gamma_for_eta(eta) applies only to the embed and CEP "
+        "columns (CEP: the diffusion model trained on the clean labels with c(y) + gamma xi).", "",
         "| eta | realised | gamma | label H | label W2c | label W2ot | embed H | embed W2c | embed W2ot "
-        "| diffusion H | diffusion W2c | diffusion W2ot |",
-        "|" + "---|" * 12]
+        "| diffusion H | diffusion W2c | diffusion W2ot | CEP H | CEP W2c | CEP W2ot |",
+        "|" + "---|" * 15]
     for r in rows:
-        dm = [r.get(k, float("nan")) for k in ("dm_H", "dm_W2c", "dm_W2ot")]
+        dm = [r.get(k, float("nan")) for k in ("dm_H", "dm_W2c", "dm_W2ot", "cep_H", "cep_W2c", "cep_W2ot")]
         lines.append(f"| {100 * r['eta']:g} % | {100 * r['realised']:.1f} % | {r['gamma']:.3f} | "
                      f"{r['label_H']:.3f} | {r['label_W2c']:.3f} | {r['label_W2ot']:.3f} | "
                      f"{r['embed_H']:.3f} | {r['embed_W2c']:.3f} | {r['embed_W2ot']:.3f} | "
-                     f"{dm[0]:.3f} | {dm[1]:.3f} | {dm[2]:.3f} |")
+                     + " | ".join(f"{v:.3f}" for v in dm) + " |")
     lines += ["", "## Findings (generated)", ""] + verdicts(rows)
     lines += ["", f"## Theorems 1 and 2 on Lemma 4 (gamma sweep, {args.trials} training sets)", "",
               "gain = H(corrupted) - H(clean) (exact), first = 0.5 g^2/(1+g^2) ||mu_hat||^2 tr(Sigma^-1); "
@@ -356,7 +370,8 @@ def plot(path, args, rows):
     eta = [100 * r["eta"] for r in rows]
     methods = [("label", "label corruption (closed form)", "o-"),
                ("embed", "embedding noise, Lemma 4 (closed form)", "s-"),
-               ("dm", "diffusion model, label corruption (estimate)", "^--")]
+               ("dm", "diffusion model, label corruption (estimate)", "^--"),
+               ("cep", "diffusion model, CEP on clean labels (estimate)", "v--")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (metric, title) in zip(axes, (("H", "entropy of generations (higher = more diverse)"),
                                           ("W2c", "class-matched W2$^2$ to truth (lower = better)"),

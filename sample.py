@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
     p.add_argument("--ddim-eta", type=float, default=0.0,
                    help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of train.py)")
+    p.add_argument("--clip-denoised", action="store_true",
+                   help="clip every step's x0 prediction to [-1, 1] (pixel-space models, as DDPM / ADM "
+                        "sample; bounds the samples of an undertrained model, does not fix them)")
     p.add_argument("--cads", action="store_true",
                    help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the condition "
                         "embedding, strong at high noise levels and gone at the end")
@@ -79,6 +82,20 @@ def initial_noise(indices, seed, shape):
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
+OUT_OF_RANGE = 3.0  # |value| beyond this is far outside the data range [-1, 1]
+
+
+def range_warning(outside):
+    """A sample set with more than 1 % of its values far outside [-1, 1] comes from a model that is
+    not ready: say so (the images are clamped, so they would look like saturated noise). Trained
+    pixel models overshoot saturated backgrounds a little (digits: 0.25 % of values beyond 3)."""
+    if outside > 0.01:
+        return (f"warning: {100 * outside:.1f} % of the sample values lie outside [-{OUT_OF_RANGE}, "
+                f"{OUT_OF_RANGE}] (the data lies in [-1, 1]): the model is not ready. Train longer "
+                f"(README, 'Your own data'); --clip-denoised bounds the samples but does not fix them.")
+    return None
+
+
 @torch.no_grad()
 def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoencoder):
     device = next(model.parameters()).device
@@ -97,11 +114,14 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoenco
                 context, t, noise.to(device), len(abar), tau1, tau2, args.cads_scale, args.cads_psi))
     else:
         conditioned = functools.partial(eps_fn, context=context)
+    if args.clip_denoised:
+        conditioned = diffusion.clip_denoised(conditioned, abar)
     x = diffusion.sample(conditioned, noise.to(device), args.sampler, args.steps, abar,
                          eta=args.ddim_eta, generators=gens)
     if autoencoder is not None:
         x = autoencoder.decode(x)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    outside = (x.abs() > OUT_OF_RANGE).float().mean().item()  # data lies in [-1, 1]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), outside
 
 
 def save_grid(images, rows, path, min_cell=64, gap=2):
@@ -168,16 +188,22 @@ def main(argv=None):
     out_root = args.out or os.path.join(run_dir, "samples")
     shape = (config["channels"], config["size"], config["size"])
     for scale in [float(s) for s in args.guidance.split(",")]:
-        images = []
+        images, outside = [], []
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
             idx = mine[b:b + args.batch_size]
             noise, gens = initial_noise(idx, args.seed, shape)
-            images.append(sample_batch(model, [conds[i] for i in idx], idx, noise, gens, scale, args, abar, autoencoder))
+            batch, out_of_range = sample_batch(model, [conds[i] for i in idx], idx, noise, gens, scale,
+                                               args, abar, autoencoder)
+            images.append(batch)
+            outside.append(out_of_range * len(idx))
         images = gather(np.concatenate(images), mine, len(conds), world)
+        outside = gather(np.array([sum(outside)]), [rank], world, world).sum() / len(conds)
         if rank == 0:
             out = os.path.join(out_root, f"s{scale:g}")
             write_outputs(out, images, conds, scale, config, args)
             print(f"wrote {len(images)} samples to {out}")
+            if range_warning(outside):
+                print(range_warning(outside))
     if world > 1:
         dist.destroy_process_group()
 

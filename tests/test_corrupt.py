@@ -268,3 +268,31 @@ def test_cli_writes_the_manifest(tmp_path, monkeypatch, capsys):
     m = corrupt.read_manifest(str(tmp_path / "corruption.tsv"))
     assert len(m["index"]) == 81 and m["meta"]["seed"] == "0"
     assert (m["original"] != m["new"]).all()
+
+
+def test_folder_channels_from_the_images_and_transparency_on_white(tmp_path):
+    from PIL import Image
+    for name, mode, value in (("grey", "L", 100), ("grey-rgb", "RGB", (100, 100, 100)),
+                              ("colour", "RGB", (100, 50, 10))):
+        os.makedirs(tmp_path / name / "a")
+        Image.new(mode, (8, 8), value).save(tmp_path / name / "a" / "0.png")
+    assert corrupt.load_dataset("folder", str(tmp_path / "grey"), image_size=8).channels == 1
+    assert corrupt.load_dataset("folder", str(tmp_path / "grey-rgb"), image_size=8).channels == 1
+    colour = corrupt.load_dataset("folder", str(tmp_path / "colour"), image_size=8)
+    assert colour.channels == 3 and colour[0][0].shape == (3, 8, 8)
+    torch.testing.assert_close(colour[0][0][:, 0, 0], torch.tensor([100, 50, 10]) / 127.5 - 1)
+    os.makedirs(tmp_path / "alpha" / "a")
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # transparent red: white once composited
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.save(tmp_path / "alpha" / "a" / "0.png")
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "alpha" / "a" / "1.png", transparency=0)  # index 0 (black) transparent
+    alpha = corrupt.load_dataset("folder", str(tmp_path / "alpha"), image_size=8)
+    assert alpha.channels == 3
+    red, green = alpha[0][0], alpha[1][0]
+    torch.testing.assert_close(red[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(red[:, 4, 4], torch.ones(3))  # transparent -> white, not red
+    torch.testing.assert_close(green[:, 1, 1], torch.tensor([-1.0, 1.0, -1.0]))
+    torch.testing.assert_close(green[:, 4, 4], torch.ones(3))  # transparent -> white, not black
