@@ -35,6 +35,8 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+import system
+
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
 
@@ -840,6 +842,8 @@ def parse_eval_args(argv):
                    help="directory of cached reference features ('' = no cache)")
     p.add_argument("--out", default="metrics_out", help="output folder: metrics.json, plots, RMD scores")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
     return p.parse_args(argv)
 
 
@@ -856,6 +860,7 @@ def main_eval(argv):
     args = parse_eval_args(argv)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 features
     device = setup_distributed(args.device)
+    system.set_threads(args.threads)
     rank = world()[0]
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     extractor = Extractor(args.features, device)

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import diffusion
+import system
 import train
 import vae
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses the seed (seed, i)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or raw weights")
     p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
     return p.parse_args(argv)
 
@@ -174,7 +177,8 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    rank, world, device = train.setup_distributed()
+    rank, world, device = system.setup_distributed()
+    system.set_threads(args.threads)
     model, config = load_model(args.ckpt, args.weights, device)
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:

@@ -159,7 +159,7 @@ def train_flags(arm_flags, seed, size, run_dir):
             "--steps", str(size["steps"]), "--batch-size", str(size["batch"]), "--lr", str(size["lr"]),
             "--ema-decay", "0.999", "--seed", str(seed), "--corruption-seed", str(seed),
             "--ckpt-every", str(max(1, size["steps"] // 4)), "--log-every", str(max(1, size["steps"] // 20)),
-            "--num-workers", "0", "--out", run_dir, *arm_flags]
+            "--num-workers", "0", "--threads", "1", "--out", run_dir, *arm_flags]
 
 
 def checkpoint_step(run_dir):
@@ -185,7 +185,7 @@ def samples_done(out, size, cads):
 def run_job(job):
     """Train (or resume), sample every scale (and CADS for clean), evaluate: one (arm, seed)."""
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the evaluation; train and sample get --threads 1
     import sample
     import train
     arm, flags, seed, size, out, ref_path = job
@@ -204,7 +204,7 @@ def run_job(job):
             sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(size["per_class"]),
                          "--guidance", ",".join(f"{s:g}" for s in size["guidance"]), "--sampler", "dpm",
                          "--steps", str(size["sample_steps"]), "--batch-size", "250", "--no-images",
-                         "--seed", str(seed), *extra])
+                         "--seed", str(seed), "--threads", "1", *extra])
         for scale in size["guidance"]:
             row = evaluate(os.path.join(samples, f"s{scale:g}", "samples.npz"), ref, clf_path)
             rows.append({"arm": arm if variant == "dpm" else "cads", "seed": seed, "scale": scale, **row})

@@ -27,11 +27,12 @@ from tqdm import tqdm
 import cep
 import corrupt
 import diffusion
+import system
 import unet
 import vae
 
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
-RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out"}
+RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads"}
 
 
 def parse_args(argv=None):
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     s.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
     s.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     s.add_argument("--num-workers", type=int, default=2, help="data loader workers for image-folder datasets")
+    s.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
     return p.parse_args(argv)
 
 
@@ -235,19 +238,6 @@ def update_ema(ema, model, decay):
 
 
 # ----------------------------------------------------------------------------- training
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if backend == "nccl":
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def build_config(args, data, conditions, info, autoencoder):
     """All flags plus what the data decides: the diffusion space's channels and size."""
     x = data[0][0][0] if isinstance(data, vae.LatentCache) else data[0][0]  # one image (or latent)
@@ -300,7 +290,8 @@ def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = system.setup_distributed()
+    system.set_threads(args.threads)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None

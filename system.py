@@ -1,0 +1,45 @@
+"""The machine a run uses: its processes (torchrun, DDP) and its CPU threads.
+
+torch's default is one thread per core: right on an idle machine, 15-80x slower on a busy one
+(threads that wait for a core spin instead of sleeping). Every script takes `--threads N`; the
+default stays one per core (shared among a node's torchrun processes), so that a run and its
+resume use the same count and agree bit for bit, and a busy machine is reported at the start.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed():
+    """(rank, world size, device): torchrun sets RANK; NCCL on CUDA, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def set_threads(requested=0):
+    """torch's CPU threads: `requested` if > 0, else OMP_NUM_THREADS if set, else the cores shared
+    among this node's torchrun processes. Prints a note when other work already fills the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if requested > 0:
+        threads = requested
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    else:
+        threads = max(1, cores // local)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy + threads * local > cores + 0.5 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"note: {cores} cores, load {busy:.1f} before this run, {threads} threads per process: "
+              f"oversubscribed CPUs run torch many times slower; consider --threads "
+              f"{max(1, round(cores - busy) // local)}")
+    torch.set_num_threads(threads)
+    return threads
