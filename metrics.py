@@ -803,7 +803,10 @@ def plot_sweeps(rows, out, extractor_name):
     x_label = {"is": "IS", "clip_score": "CLIP score", "scale": "guidance scale"}[x_key]
     for name, (xk, yk, xlabel, ylabel) in {"fid_vs_" + x_key: (x_key, "fid", x_label, "FID"),
                                            "precision_recall": ("recall", "precision", "recall", "precision")}.items():
-        if not all(r.get(xk) is not None and r.get(yk) is not None for r in rows):
+        missing = sorted({r["run"] for r in rows if r.get(xk) is None or r.get(yk) is None})
+        if missing:
+            print(f"note: no {name}.png: {', '.join(missing)} give no {xlabel if xk == 'scale' else xk} "
+                  f"or {yk} (a guidance scale comes from a sample.py folder OUT/s{{scale}}/samples.npz)")
             continue
         fig, ax = plt.subplots(figsize=(5, 4))
         for run, rs in runs.items():
@@ -923,7 +926,15 @@ def train_classifier(argv):
     import corrupt
     torch.manual_seed(args.seed)
     train = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
-    test = corrupt.load_dataset(args.dataset, args.data_root, split="test", image_size=args.image_size)
+    if args.dataset in ("folder", "captions"):  # no splits: hold out a seeded 10 % to test on
+        order = np.random.default_rng(args.seed).permutation(len(train))
+        held = max(1, len(train) // 10)
+        train, test = (torch.utils.data.Subset(train, sorted(order[held:].tolist())),
+                       torch.utils.data.Subset(train, sorted(order[:held].tolist())))
+        train.num_classes = train.dataset.num_classes
+        print(f"{args.dataset} has no test split: testing on a held-out 10 % ({held} images)")
+    else:
+        test = corrupt.load_dataset(args.dataset, args.data_root, split="test", image_size=args.image_size)
     x0 = train[0][0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Classifier(train.num_classes, x0.shape[-1], x0.shape[0]).to(device)

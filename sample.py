@@ -52,20 +52,33 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses the seed (seed, i)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or raw weights")
     p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
+    p.add_argument("--text-encoder", default=None,
+                   help="text models: the encoder directory, if it moved since training")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
     return p.parse_args(argv)
 
 
-def load_model(ckpt_path, weights, device):
+def load_model(ckpt_path, weights, device, text_encoder=None):
+    """The Denoiser of a train.py checkpoint (tensors and plain data only: nothing runs on load)."""
     path = os.path.join(ckpt_path, "ckpt.pt") if os.path.isdir(ckpt_path) else ckpt_path
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path} (train one with train.py)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = train.Denoiser(ckpt["config"])
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = dict(ckpt["config"])
+    if config["text"]:
+        config["text_encoder"] = text_encoder or config["text_encoder"]
+        if not os.path.isdir(config["text_encoder"]):
+            raise SystemExit(f"the text encoder this model was trained with is not at "
+                             f"{config['text_encoder']}: pass --text-encoder DIR (the same model)")
+    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"{path}: the {weights} weights are not finite ({bad[0]}, ...): the run "
+                         f"diverged before this checkpoint; nothing to sample")
+    model = train.Denoiser(config)
     model.load_state_dict(ckpt[weights])
-    return model.to(device).eval(), ckpt["config"]
+    return model.to(device).eval(), config
 
 
 def conditions_to_sample(args, config):
@@ -74,8 +87,19 @@ def conditions_to_sample(args, config):
         if not args.prompts:
             raise SystemExit("text model: give --prompts FILE (one prompt per line)")
         with open(args.prompts) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else range(config["num_classes"])
+            lines = [line.rstrip("\n") for line in f]
+        prompts = [line for line in lines if line.strip()]
+        if len(prompts) < len(lines):
+            print(f"note: {len(lines) - len(prompts)} blank lines of {args.prompts} skipped")
+        if args.per_class is not None or args.classes is not None:
+            print("note: --per-class and --classes apply to class models; one sample per prompt")
+        return prompts
+    n = config["num_classes"]
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else range(n)
+    if any(not 0 <= c < n for c in classes):
+        raise SystemExit(f"--classes must lie in [0, {n - 1}] for this {n}-class model")
+    if args.per_class is not None and args.per_class < 1:
+        raise SystemExit(f"--per-class must be >= 1, got {args.per_class}")
     return [c for c in classes for _ in range(args.per_class or 10)]
 
 
@@ -179,7 +203,7 @@ def main(argv=None):
     check_args(args)
     rank, world, device = system.setup_distributed()
     system.set_threads(args.threads)
-    model, config = load_model(args.ckpt, args.weights, device)
+    model, config = load_model(args.ckpt, args.weights, device, args.text_encoder)
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")

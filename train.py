@@ -271,7 +271,7 @@ def build_model(args, config, device, ckpt_path):
         return model, ema, opt, 0
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     check_resumable(ckpt["config"], config)
     model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
     return model, ema, opt, ckpt["step"]
@@ -301,6 +301,8 @@ def main(argv=None):
     model, ema, opt, step = build_model(args, config, device, ckpt_path)
     if rank == 0:
         write_run_files(args, config, clean, conditions, model)
+        if step == 0 and os.path.exists(os.path.join(args.out, "log.jsonl")):
+            os.remove(os.path.join(args.out, "log.jsonl"))  # a fresh run: no lines of a crashed one
     train_model = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
 

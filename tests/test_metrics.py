@@ -269,3 +269,16 @@ def test_npz_sources_and_statistics_files(tmp_path):
     assert stats["mu"] is not None and (stats["sigma"] == sigma).all()
     with pytest.raises(ValueError, match="no images"):
         metrics.reference_features(metrics.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["features"])
+
+
+def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "f" / str(c))
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "f" / str(c) / f"{i}.png")
+    metrics.main(["train-classifier", "--dataset", "folder", "--data-root", str(tmp_path / "f"),
+                  "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "c.pt")])
+    out = capsys.readouterr().out
+    assert "held-out 10 % (4 images)" in out and "(4 images)" in out.splitlines()[-1]

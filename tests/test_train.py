@@ -193,3 +193,27 @@ def test_clip_denoised_bounds_every_x0_prediction():
     a = abar[t].view(-1, 1, 1, 1).float()
     x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
     assert x0.abs().max() <= 1 + 1e-4
+
+
+def test_sample_refuses_bad_classes_counts_and_non_finite_weights(tmp_path):
+    out = run(tmp_path, "m", "--steps", "1")
+    common = ["--ckpt", out, "--steps", "2", "--out", str(tmp_path / "s"), "--no-images"]
+    with pytest.raises(SystemExit, match=r"--classes must lie in \[0, 9\]"):
+        sample.main([*common, "--classes", "10"])  # 10 is the null class of a 10-class model
+    with pytest.raises(SystemExit, match="--per-class must be >= 1"):
+        sample.main([*common, "--per-class", "0"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    next(v for v in ckpt["ema"].values() if v.is_floating_point())[0] = float("nan")
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    with pytest.raises(SystemExit, match="weights are not finite"):
+        sample.main(common)
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_a_fresh_run_starts_a_fresh_log(tmp_path):
+    out = tmp_path / "crashed"
+    os.makedirs(out)
+    (out / "log.jsonl").write_text('{"step": 999, "loss": 1.0}\n')  # died before its first checkpoint
+    run(tmp_path, "crashed", "--steps", "2")
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == [1, 2]
