@@ -59,10 +59,11 @@ def guided_eps(model, x, t, context, null_context, scale):
     One batched forward over [cond; null]; scale 1 is the plain conditional model.
     """
     if scale == 1:
-        return model(x, t, context)
+        return model(x, t, context).float()
     if null_context.shape != context.shape:
         raise ValueError(f"null_context {tuple(null_context.shape)} must match context {tuple(context.shape)}")
     eps_c, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null_context])).chunk(2)
+    eps_c, eps_null = eps_c.float(), eps_null.float()  # combined in fp32, also under bf16 autocast
     return eps_null + scale * (eps_c - eps_null)
 
 

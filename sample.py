@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
     p.add_argument("--text-encoder", default=None,
                    help="text models: the encoder directory, if it moved since training")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="U-Net autocast dtype; auto = bf16 (and TF32) on CUDA, fp32 on the CPU; "
+                        "guidance and the sampler's steps stay fp32")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
@@ -143,8 +146,11 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoenco
         conditioned = functools.partial(eps_fn, context=context)
     if args.clip_denoised:
         conditioned = diffusion.clip_denoised(conditioned, abar)
-    x = diffusion.sample(conditioned, noise.to(device), args.sampler, args.steps, abar,
-                         eta=args.ddim_eta, generators=gens)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    # bf16 for the U-Net's matmuls and convolutions; the sampler's arithmetic stays fp32
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = diffusion.sample(conditioned, noise.to(device), args.sampler, args.steps, abar,
+                             eta=args.ddim_eta, generators=gens)
     if autoencoder is not None:
         x = autoencoder.decode(x)
     outside = (x.abs() > OUT_OF_RANGE).float().mean().item()  # data lies in [-1, 1]
@@ -203,6 +209,8 @@ def main(argv=None):
     check_args(args)
     rank, world, device = system.setup_distributed()
     system.set_threads(args.threads)
+    tf32 = args.precision == "auto" and device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     model, config = load_model(args.ckpt, args.weights, device, args.text_encoder)
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:

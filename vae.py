@@ -84,7 +84,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # [B,1,HW,C]
+        # [B, 1, HW, C], contiguous: SDPA's fused kernels need a contiguous last dimension
+        q, k, v = (m(h).flatten(2).transpose(1, 2).contiguous()[:, None] for m in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 

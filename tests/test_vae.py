@@ -241,3 +241,28 @@ def test_cli_train_then_encode(tmp_path, monkeypatch):
               "--batch-size", "4", "--num-workers", "0"])
     cache = vae.LatentCache(str(tmp_path / "cache"))
     assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
+
+
+def test_autoencoder_attention_is_contiguous_and_exact(monkeypatch):
+    """q, k, v reach SDPA contiguous (its fused kernels need it) and the block equals the
+    explicit softmax(q k^T / sqrt(C)) v of LDM's AttnBlock."""
+    torch.manual_seed(0)
+    block = vae.AttnBlock(32).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 32, 4, 4)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return sdpa(q, k, v, *a, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        out = block(x)
+        h = block.norm(x)
+        q, k, v = (m(h).flatten(2) for m in (block.q, block.k, block.v))  # [B, C, HW]
+        w = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, dim=-1)  # [B, HW, HW]
+        ref = x + block.proj_out((v @ w.transpose(1, 2)).reshape(2, 32, 4, 4))
+    assert seen == [True]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
