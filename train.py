@@ -233,8 +233,8 @@ def check_resumable(saved, config):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - decay)
+    """ema <- ema + (1 - decay) (model - ema), one fused call over all tensors (fp32 weights)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 # ----------------------------------------------------------------------------- training
@@ -307,14 +307,18 @@ def main(argv=None):
     train_model = torch.compile(train_model) if args.compile else train_model
 
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
-    prior = None if config["text"] else torch.bincount(torch.as_tensor(clean), minlength=config["num_classes"]).float()
+    if not config["text"]:  # class labels and their prior live on the device
+        prior = torch.bincount(torch.as_tensor(clean), minlength=config["num_classes"]).float().to(device)
+        conditions = torch.as_tensor(conditions, dtype=torch.int64).to(device)
+    else:
+        prior = None
     G, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
     loader = iter(torch.utils.data.DataLoader(
         ImagesOnly(data), num_workers=0 if isinstance(data, corrupt.InMemoryDataset) else args.num_workers,
         batch_sampler=StepBatches(step, args.steps, args.batch_size, world, rank, len(conditions), args.seed),
         pin_memory=cuda))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    log_loss, t0, steps_timed = 0.0, time.time(), 0
+    loss_sum, t0, steps_timed = torch.zeros((), device=device), time.time(), 0  # read at log steps
     while step < args.steps:
         x0 = next(loader).to(device, non_blocking=True)
         g = step_generator(args.seed, step, device)
@@ -337,16 +341,21 @@ def main(argv=None):
         opt.step()
         update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # LDM's LitEma warm-up
         step += 1
-        loss_value = all_reduce_mean(loss.detach(), world)
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"non-finite loss ({loss_value}) at step {step}; last good checkpoint: {ckpt_path}")
-        log_loss, steps_timed = log_loss + loss_value, steps_timed + 1
+        loss_sum += loss.detach().float()  # no host sync: the loss is read at log and save steps
+        steps_timed += 1
         bar.update(1)
+        save_now = step % args.ckpt_every == 0 or step == args.steps
+        if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
+            mean_loss = all_reduce_mean(loss_sum.clone(), world) / steps_timed
+            if not math.isfinite(mean_loss):
+                raise SystemExit(f"non-finite loss ({mean_loss}) in steps {step - steps_timed + 1} to "
+                                 f"{step}; last good checkpoint: {ckpt_path}")
         if step % args.log_every == 0 or step == args.steps:
             if rank == 0:
-                log_line(args.out, step, G, log_loss / steps_timed, steps_timed * G / (time.time() - t0), device, bar)
-            log_loss, t0, steps_timed = 0.0, time.time(), 0
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+                log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0), device, bar)
+            loss_sum.zero_()
+            t0, steps_timed = time.time(), 0
+        if rank == 0 and save_now:
             save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
     bar.close()
@@ -356,15 +365,16 @@ def main(argv=None):
 
 
 def batch_conditions(args, conditions, prior, idx, mine, g, device, config):
-    """This rank's (possibly corrupted) conditions, with condition dropout for guidance."""
+    """This rank's (possibly corrupted) conditions, with condition dropout for guidance; class
+    labels, the dropout mask and the resampled flips stay on the device (no host sync)."""
     G = len(idx)
-    drop = (torch.rand(G, generator=g, device=device) < args.cond_drop).cpu()
+    drop = torch.rand(G, generator=g, device=device) < args.cond_drop
     if config["text"]:
-        return ["" if drop[i] else conditions[j] for i, j in enumerate(idx.tolist())][mine]
-    labels = torch.as_tensor(conditions)[idx].to(device)
+        return ["" if d else conditions[j] for d, j in zip(drop.tolist(), idx.tolist())][mine]
+    labels = conditions[idx.to(device, non_blocking=True)]  # conditions: int64 [N] on the device
     if args.corruption == "resample" and args.eta > 0:  # Table 7: re-drawn every step
-        labels = corrupt.resample_corruption(labels, args.eta, prior.to(device), g)
-    labels = torch.where(drop.to(device), config["num_classes"], labels)
+        labels = corrupt.resample_corruption(labels, args.eta, prior, g)
+    labels = torch.where(drop, config["num_classes"], labels)
     return labels[mine]
 
 

@@ -57,8 +57,9 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
 
 def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion, "training_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(SystemExit, match="non-finite loss.*at step 1;"):
-        run(tmp_path, "nan", "--steps", "3")
+    with pytest.raises(SystemExit, match="non-finite loss.*in steps 1 to 1;"):
+        run(tmp_path, "nan", "--steps", "3", "--log-every", "2", "--ckpt-every", "1")
+    assert not os.path.exists(tmp_path / "nan" / "ckpt.pt")  # checked before the save of step 1
 
 
 def test_corruption_manifest_written(tmp_path):
