@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on the embedded digits, tiny shapes, CPU."""
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -228,3 +229,14 @@ def test_bf16_autocast_samples_stay_close_to_fp32(tmp_path):
     a, b = (np.load(tmp_path / f"{p}/s2/samples.npz")["arr_0"].astype(float) for p in ("fp32", "bf16"))
     assert not np.array_equal(a, b)  # bf16 did run
     assert np.abs(a - b).mean() < 1.0  # of 255 levels (measured: 0.3)
+
+
+@pytest.mark.parametrize("flags,rtol", [(["--precision", "bf16"], 3e-2), (["--compile"], 1e-4)])
+def test_gpu_code_paths_on_the_cpu_match_fp32_eager(tmp_path, flags, rtol):
+    """The paths a GPU run takes (bf16 autocast, torch.compile) run here and agree with fp32 eager."""
+    if "--compile" in flags and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler (none found)")
+    base = run(tmp_path, "fp32", "--steps", "3", "--precision", "fp32")
+    other = run(tmp_path, "other", "--steps", "3", *flags)
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (base, other)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=rtol)
