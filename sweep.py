@@ -1,7 +1,7 @@
-"""Does slight corruption help? The paper's comparison (Sec. 3 and 5) with paired seeds and statistics.
+"""Does slight corruption help? The paper's comparison (Sec. 3, 5) with paired seeds and statistics.
 
-    python sweep.py                                  # the CPU experiment: 8x8 digits, ~90 min on 2 cores
-    python sweep.py --setting fmnist --workers 4     # the same design on Fashion-MNIST 32x32 (a GPU)
+    python sweep.py                               # the CPU experiment: 8x8 digits, 2 cores
+    python sweep.py --setting fmnist --workers 4  # the same design on Fashion-MNIST 32x32 (a GPU)
     python sweep.py --smoke --out /tmp/smoke         # the same code, tiny (CI, under a minute)
 
 Arms, all with the same architecture, images seen and schedule: clean; symmetric label flips eta in
@@ -47,7 +47,8 @@ SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the sam
 SMOKE = dict(train_per_class=3, steps=4, batch=8, per_class=3, guidance=(1.0, 2.0),
              sample_steps=3, classifier_epochs=1)
 ARMS = {"clean": [], **{f"eta{e:g}": ["--eta", str(e / 100)] for e in (2.5, 5, 10, 20)},
-        "cep-u": ["--cep", "uniform", "--gamma", "1"], "cep-g": ["--cep", "gaussian", "--gamma", "1"],
+        "cep-u": ["--cep", "uniform", "--gamma", "1"],
+        "cep-g": ["--cep", "gaussian", "--gamma", "1"],
         "ip": ["--input-perturbation", "0.1"]}
 MAIN_ARMS = ("clean", "eta5", "cep-g")  # the arms with the most seeds
 CADS = ["--cads", "--cads-tau", "0.6,0.9", "--cads-scale", "0.25"]  # Sadat et al.'s defaults
@@ -60,7 +61,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default="digits", choices=SETTINGS,
                    help="digits: 8x8 pixels, CPU-sized (default); fmnist: 32x32, GPU-sized")
-    p.add_argument("--out", default=None, help="sweep directory, resumable (default runs/sweep-SETTING)")
+    p.add_argument("--out", default=None,
+                   help="sweep directory, resumable (default runs/sweep-SETTING)")
     p.add_argument("--seeds", type=int, default=6, help="seeds of clean, eta 5 %% and CEP-G")
     p.add_argument("--other-seeds", type=int, default=2, help="seeds of every other arm")
     p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
@@ -114,7 +116,8 @@ def features(clf_path, images, batch=500):
     clf = metrics.load_classifier(clf_path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
-        return torch.cat([clf.embed(x[i:i + batch])["features"] for i in range(0, len(x), batch)]).double().numpy()
+        parts = [clf.embed(x[i:i + batch])["features"] for i in range(0, len(x), batch)]
+    return torch.cat(parts).double().numpy()
 
 
 def nn_distance(images, train_images):
@@ -130,7 +133,7 @@ def evaluate(npz_path, ref, clf_path):
     import warnings
     import torch
     import metrics
-    warnings.filterwarnings("ignore", message="Matrix is singular")  # dead ReLU features: FID offsets
+    warnings.filterwarnings("ignore", message="Matrix is singular")  # dead ReLU features
     with np.load(npz_path) as f:
         images, labels = f["arr_0"], f["labels"]
     feats = features(clf_path, images)
@@ -153,12 +156,15 @@ def evaluate(npz_path, ref, clf_path):
 # ----------------------------------------------------------------------------- one job
 
 def train_flags(arm_flags, seed, size, run_dir):
-    return ["--dataset", size["dataset"], *(["--data-root", size["data_root"]] if size["data_root"] else []),
-            *(["--image-size", str(size["image_size"])] if size["image_size"] else []),
-            "--train-per-class", str(size["train_per_class"]), "--preset", size["preset"],
-            "--steps", str(size["steps"]), "--batch-size", str(size["batch"]), "--lr", str(size["lr"]),
-            "--ema-decay", "0.999", "--seed", str(seed), "--corruption-seed", str(seed),
-            "--ckpt-every", str(max(1, size["steps"] // 4)), "--log-every", str(max(1, size["steps"] // 20)),
+    data = ["--dataset", size["dataset"]] \
+        + (["--data-root", size["data_root"]] if size["data_root"] else []) \
+        + (["--image-size", str(size["image_size"])] if size["image_size"] else [])
+    return [*data, "--train-per-class", str(size["train_per_class"]), "--preset", size["preset"],
+            "--steps", str(size["steps"]), "--batch-size", str(size["batch"]),
+            "--lr", str(size["lr"]), "--ema-decay", "0.999",
+            "--seed", str(seed), "--corruption-seed", str(seed),
+            "--ckpt-every", str(max(1, size["steps"] // 4)),
+            "--log-every", str(max(1, size["steps"] // 20)),
             "--num-workers", "0", "--threads", "1", "--out", run_dir, *arm_flags]
 
 
@@ -177,7 +183,8 @@ def samples_done(out, size, cads):
         if not os.path.exists(path):
             return False
         with np.load(path) as f:
-            if str(f["sampler"]) != f"dpm:{size['sample_steps']}" or (str(f["cads"]) != "off") != cads:
+            same_sampler = str(f["sampler"]) == f"dpm:{size['sample_steps']}"
+            if not same_sampler or (str(f["cads"]) != "off") != cads:
                 return False
     return True
 
@@ -194,20 +201,23 @@ def run_job(job):
     if step != size["steps"]:
         if step is not None and step > size["steps"]:
             raise SystemExit(f"{run_dir} was trained for {step} steps, more than {size['steps']}")
-        train.main(train_flags(flags, seed, size, run_dir) + (["--resume"] if step is not None else []))
+        resume = ["--resume"] if step is not None else []
+        train.main(train_flags(flags, seed, size, run_dir) + resume)
     ref = dict(np.load(ref_path))
     clf_path = os.path.join(out, "classifier.pt")
     rows = []
     for variant, extra in [("dpm", [])] + ([("cads", CADS)] if arm == "clean" else []):
         samples = os.path.join(run_dir, "samples" if variant == "dpm" else "samples-cads")
         if not samples_done(samples, size, variant == "cads"):
+            scales = ",".join(f"{s:g}" for s in size["guidance"])
             sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(size["per_class"]),
-                         "--guidance", ",".join(f"{s:g}" for s in size["guidance"]), "--sampler", "dpm",
+                         "--guidance", scales, "--sampler", "dpm",
                          "--steps", str(size["sample_steps"]), "--batch-size", "250", "--no-images",
                          "--seed", str(seed), "--threads", "1", *extra])
         for scale in size["guidance"]:
             row = evaluate(os.path.join(samples, f"s{scale:g}", "samples.npz"), ref, clf_path)
-            rows.append({"arm": arm if variant == "dpm" else "cads", "seed": seed, "scale": scale, **row})
+            name = arm if variant == "dpm" else "cads"
+            rows.append({"arm": name, "seed": seed, "scale": scale, **row})
     return rows
 
 
@@ -246,10 +256,12 @@ def summarise(rows):
         shared = sorted(set(seeds) & set(clean))
         for m in METRICS:
             values = [seeds[s][m] for s in sorted(seeds)]
-            row = dict(arm=arm, scale=scale, metric=m, seeds=len(values), mean=float(np.mean(values)),
+            row = dict(arm=arm, scale=scale, metric=m, seeds=len(values),
+                       mean=float(np.mean(values)),
                        std=float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
             if arm != "clean":
-                row.update(paired_stats([seeds[s][m] for s in shared], [clean[s][m] for s in shared]))
+                row.update(paired_stats([seeds[s][m] for s in shared],
+                                        [clean[s][m] for s in shared]))
             out.append(row)
     return out
 
@@ -267,13 +279,14 @@ def write_report(rows, summary, out, ref, meta):
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        keys = ["arm", "scale", "metric", "seeds", "mean", "std", "n", "diff", "lo", "hi", "p", "mde"]
+        keys = ["arm", "scale", "metric", "seeds", "mean", "std",
+                "n", "diff", "lo", "hi", "p", "mde"]
         w = csv.DictWriter(f, keys)
         w.writeheader()
         w.writerows({k: r.get(k, "") for k in keys} for r in summary)
-    lines = [f"Classifier test accuracy {float(ref['test_accuracy']):.3f}; memorisation threshold "
-             f"{float(ref['mem_threshold']):.4f} (5th percentile of held-out images' distance to the "
-             f"training set); {meta}.", ""]
+    lines = [f"Classifier test accuracy {float(ref['test_accuracy']):.3f}; memorisation "
+             f"threshold {float(ref['mem_threshold']):.4f} (5th percentile of held-out images' "
+             f"distance to the training set); {meta}.", ""]
     for m in ("fid", "precision", "recall", "class_acc", "nn_train", "mem_ratio", "rmd_top1"):
         lines += metric_table(summary, m) + [""]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -285,8 +298,8 @@ def metric_table(summary, metric):
     """One Markdown table: rows = arms, columns = scales; mean ± std, then diff [CI] p vs clean."""
     mine = [r for r in summary if r["metric"] == metric]
     scales = sorted({r["scale"] for r in mine})
-    lines = [f"**{metric}** (mean ± seed std; arm - clean: mean difference [95 % CI], sign-flip p, "
-             "smallest detectable difference)", "",
+    lines = [f"**{metric}** (mean ± seed std; arm - clean: mean difference [95 % CI], "
+             "sign-flip p, smallest detectable difference)", "",
              "| arm | seeds | " + " | ".join(f"s={s:g}" for s in scales) + " |",
              "|---|---|" + "---|" * len(scales)]
     for arm in sorted({r["arm"] for r in mine}, key=arm_order):
@@ -320,7 +333,8 @@ def plot(summary, out):
         pts = [(e, get[(a, s, "fid")]) for e, a in etas if (a, s, "fid") in get]
         ax[0, 0].errorbar([e for e, _ in pts], [r["mean"] for _, r in pts], fmt="o-", capsize=3,
                           yerr=[r["std"] for _, r in pts], label=f"s={s:g}")
-    ax[0, 0].set(xlabel="symmetric label corruption eta (%)", ylabel="FID (held-out, mean ± seed std)",
+    ax[0, 0].set(xlabel="symmetric label corruption eta (%)",
+                 ylabel="FID (held-out, mean ± seed std)",
                  title="FID against eta, one line per guidance scale")
     for arm in arms:  # Fig. 3: FID against precision, one point per scale
         pts = [(get[(arm, s, "precision")]["mean"], get[(arm, s, "fid")]["mean"]) for s in scales
@@ -332,16 +346,17 @@ def plot(summary, out):
     x = np.arange(len(arms))
     for k, (m, label) in enumerate([("mem_ratio", "memorisation ratio"), ("recall", "recall")]):
         vals = [get.get((a, s_mid, m), {"mean": np.nan, "std": 0}) for a in arms]
-        ax[1, 0].bar(x + (k - 0.5) * 0.4, [v["mean"] for v in vals], 0.4, yerr=[v["std"] for v in vals],
-                     capsize=2, label=label)
+        ax[1, 0].bar(x + (k - 0.5) * 0.4, [v["mean"] for v in vals], 0.4,
+                     yerr=[v["std"] for v in vals], capsize=2, label=label)
     ax[1, 0].set(xticks=x, title=f"memorisation and diversity at s={s_mid:g} (mean ± seed std)")
     ax[1, 0].set_xticklabels(arms, rotation=30)
     others = [a for a in arms if a != "clean"]
     for k, s in enumerate(scales):  # paired differences with their intervals
         rows = [get[(a, s, "fid")] for a in others if (a, s, "fid") in get]
         y = np.arange(len(rows)) + (k - 1) * 0.25
-        ax[1, 1].errorbar([r["diff"] for r in rows], y, fmt="o", capsize=3, label=f"s={s:g}",
-                          xerr=[[r["diff"] - r["lo"] for r in rows], [r["hi"] - r["diff"] for r in rows]])
+        xerr = [[r["diff"] - r["lo"] for r in rows], [r["hi"] - r["diff"] for r in rows]]
+        ax[1, 1].errorbar([r["diff"] for r in rows], y, xerr=xerr, fmt="o", capsize=3,
+                          label=f"s={s:g}")
     ax[1, 1].axvline(0, color="k", lw=0.8)
     ax[1, 1].set(yticks=np.arange(len(others)), xlabel="FID(arm) - FID(clean), paired, 95 % CI",
                  title="paired differences against clean (left = better)")
@@ -366,14 +381,16 @@ def run_all(jobs, args, done_rows, t_start, total):
     if args.workers == 1:
         results = map(run_job, jobs)
     else:
-        pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+        spawn = multiprocessing.get_context("spawn")  # fresh processes: one thread each
+        pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn)
         results = pool.map(run_job, jobs)
     for job, rows in zip(jobs, results):
         done_rows += rows
         finished = len({(r["arm"], r["seed"]) for r in done_rows if r["arm"] != "cads"})
         elapsed = time.time() - t_start
+        left = elapsed / max(finished, 1) * (total - finished)
         print(f"[sweep] {job[0]}-s{job[2]} done: {finished}/{total} jobs, {elapsed / 60:.1f} min, "
-              f"about {elapsed / max(finished, 1) * (total - finished) / 60:.0f} min left", flush=True)
+              f"about {left / 60:.0f} min left", flush=True)
     return done_rows
 
 
@@ -386,25 +403,30 @@ def main(argv=None):
     t_start = time.time()
     ref = reference(args.out, size)
     main_seeds, other_seeds = range(args.seeds), range(args.other_seeds)
-    first = jobs_for(args, size, ["cep-u", "cep-g", "clean", "eta5"], other_seeds) \
-        + jobs_for(args, size, [a for a in ARMS if a not in ("cep-u", "cep-g", "clean", "eta5")], other_seeds) \
+    early = ["cep-u", "cep-g", "clean", "eta5"]  # the CEP choice of the gamma sweep needs these
+    first = jobs_for(args, size, early, other_seeds) \
+        + jobs_for(args, size, [a for a in ARMS if a not in early], other_seeds) \
         + jobs_for(args, size, list(MAIN_ARMS), range(args.other_seeds, args.seeds))
     total = len(first) + 2 * len(other_seeds)
     rows = run_all(first, args, [], t_start, total)
-    better = min(("cep-u", "cep-g"), key=lambda a: np.mean([r["fid"] for r in rows if r["arm"] == a
-                                                             and r["scale"] == 2.0 and r["seed"] in other_seeds]))
+    def mean_fid(arm):
+        return np.mean([r["fid"] for r in rows
+                        if r["arm"] == arm and r["scale"] == 2.0 and r["seed"] in other_seeds])
+    better = min(("cep-u", "cep-g"), key=mean_fid)
     kind = "uniform" if better == "cep-u" else "gaussian"
     gamma_arms = {f"{better}-g{g:g}": ["--cep", kind, "--gamma", str(g)] for g in (0.3, 3)}
     print(f"[sweep] gamma sweep for {better} (lower mean FID at s=2)", flush=True)
     rows = run_all(jobs_for(args, size, gamma_arms, other_seeds), args, rows, t_start, total)
     summary = summarise(rows)
     minutes = (time.time() - t_start) / 60
-    meta = (f"{args.setting}: {size['train_per_class']} training images per class, {size['steps']} steps x "
-            f"{size['batch']}, {size['per_class']} samples per class, DPM-Solver++ {size['sample_steps']} "
-            f"steps; gamma sweep on {better}; this run took {minutes:.0f} min")
+    meta = (f"{args.setting}: {size['train_per_class']} training images per class, "
+            f"{size['steps']} steps x {size['batch']}, {size['per_class']} samples per class, "
+            f"DPM-Solver++ {size['sample_steps']} steps; gamma sweep on {better}; "
+            f"this run took {minutes:.0f} min")
     print(write_report(rows, summary, args.out, ref, meta))
     plot(summary, args.out)
-    print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png ({minutes:.1f} min)")
+    print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png "
+          f"({minutes:.1f} min)")
     return rows, summary
 
 

@@ -38,8 +38,8 @@ def set_threads(requested=0):
         threads = max(1, cores // local)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if busy + threads * local > cores + 0.5 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        print(f"note: {cores} cores, load {busy:.1f} before this run, {threads} threads per process: "
-              f"oversubscribed CPUs run torch many times slower; consider --threads "
+        print(f"note: {cores} cores, load {busy:.1f} before this run, {threads} threads per "
+              f"process: oversubscribed CPUs run torch many times slower; consider --threads "
               f"{max(1, round(cores - busy) // local)}")
     torch.set_num_threads(threads)
     return threads

@@ -1,4 +1,4 @@
-"""sweep.py: the statistics against closed forms and scipy, and the whole experiment tiny (--smoke)."""
+"""sweep.py: its statistics against closed forms and scipy; the whole experiment, tiny."""
 import csv
 import os
 
@@ -10,7 +10,7 @@ import sweep
 
 
 def test_sign_flip_p_value_enumerates_all_flips():
-    assert sweep.sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach 6
+    assert sweep.sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)  # only +++ and --- reach 6
     assert sweep.sign_flip_p([1, -1]) == 1.0
     assert sweep.sign_flip_p([0.5] * 6) == pytest.approx(2 / 64)  # the smallest p with 6 seeds
     d = [0.3, -0.1, 0.7, 0.2, 0.4]
@@ -30,7 +30,8 @@ def test_paired_stats_interval_matches_scipy_and_mde_has_power_080():
     # at a true difference of mde the two-sided 5 % paired t-test has power close to 0.8
     n, se = 6, np.std(arm - clean, ddof=1) / np.sqrt(6)
     t_crit = stats.t.ppf(0.975, n - 1)
-    power = 1 - stats.nct.cdf(t_crit, n - 1, s["mde"] / se) + stats.nct.cdf(-t_crit, n - 1, s["mde"] / se)
+    shift = s["mde"] / se
+    power = 1 - stats.nct.cdf(t_crit, n - 1, shift) + stats.nct.cdf(-t_crit, n - 1, shift)
     assert 0.75 < power < 0.85
 
 
@@ -41,7 +42,8 @@ def test_smoke_experiment_runs_and_resumes(tmp_path):
     seeds = {}
     for r in rows:
         seeds.setdefault(r["arm"], set()).add(r["seed"])
-    assert {a: len(s) for a, s in seeds.items() if a in sweep.MAIN_ARMS} == {a: 3 for a in sweep.MAIN_ARMS}
+    main = {a: len(s) for a, s in seeds.items() if a in sweep.MAIN_ARMS}
+    assert main == {a: 3 for a in sweep.MAIN_ARMS}
     assert all(len(seeds[a]) == 2 for a in sweep.ARMS if a not in sweep.MAIN_ARMS)
     assert len(seeds["cads"]) == 3 and sum(a.endswith(("-g0.3", "-g3")) for a in seeds) == 2
     with open(os.path.join(out, "results.csv")) as f:
