@@ -55,7 +55,9 @@ def parse_args(argv=None):
     c.add_argument("--rewritten-captions", default=None, help="captions: a TSV index<TAB>caption of rewritten captions (Sec. 3.3)")
     c.add_argument("--corruption-seed", type=int, default=0, help="seed that decides which samples are corrupted")
     m = p.add_argument_group("model and method")
-    m.add_argument("--preset", default="digits", help=f"U-Net preset: {', '.join(unet.PRESETS)}")
+    m.add_argument("--preset", default=None,
+                   help="U-Net preset (default: the one made for the data's size): "
+                        + ", ".join(f"{k} ({c.sample_size}x{c.sample_size})" for k, c in unet.PRESETS.items()))
     m.add_argument("--head-channels", type=int, default=None, help="override the preset's head width (-1 = one head, the paper's model)")
     m.add_argument("--text-encoder", default=None, help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
     m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation (Sec. 5.1)")
@@ -103,6 +105,25 @@ class Denoiser(torch.nn.Module):
     def forward(self, x_t, t, conditions, delta=None):
         context = self.cep(self.embedder(conditions), delta)  # Eq. 8: c_theta(y) + delta
         return self.unet(x_t, t, context)
+
+
+def choose_preset(name, size):
+    """The --preset, checked against the input size; by default the preset made for that size."""
+    made_for = [k for k, c in unet.PRESETS.items() if c.sample_size == size]
+    listing = ", ".join(f"{k} ({c.sample_size})" for k, c in unet.PRESETS.items())
+    if name is None:
+        if not made_for:
+            raise SystemExit(f"no U-Net preset is made for {size}x{size} inputs (presets: {listing}); "
+                             f"choose --image-size, or train on latents (--latents / --vae)")
+        return made_for[0]
+    if name not in unet.PRESETS:
+        raise SystemExit(f"unknown --preset {name!r}; presets: {listing}")
+    try:
+        dataclasses.replace(unet.PRESETS[name], sample_size=size)
+    except ValueError as e:
+        raise SystemExit(f"--preset {name} does not fit {size}x{size} inputs ({e}); presets made "
+                         f"for this size: {', '.join(made_for) or 'none'}") from None
+    return name
 
 
 def unet_config(config):
@@ -245,7 +266,8 @@ def build_config(args, data, conditions, info, autoencoder):
         with torch.no_grad():
             x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
     return {**vars(args), **info, "text": isinstance(conditions, list), "channels": x.shape[0],
-            "size": x.shape[-1], "num_examples": len(conditions)}
+            "size": x.shape[-1], "num_examples": len(conditions),
+            "preset": choose_preset(args.preset, x.shape[-1])}
 
 
 def prepare_data(args, device):

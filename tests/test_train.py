@@ -240,3 +240,15 @@ def test_gpu_code_paths_on_the_cpu_match_fp32_eager(tmp_path, flags, rtol):
     other = run(tmp_path, "other", "--steps", "3", *flags)
     losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (base, other)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=rtol)
+
+
+def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
+    assert train.choose_preset(None, 8) == "digits" and train.choose_preset(None, 16) == "tiny"
+    assert train.choose_preset("digits", 8) == "digits"
+    with pytest.raises(SystemExit, match=r"no U-Net preset is made for 256x256.*digits \(8\)"):
+        train.choose_preset(None, 256)
+    with pytest.raises(SystemExit, match="--preset digits does not fit 16x16 inputs.*made for this size: tiny"):
+        train.choose_preset("digits", 16)
+    out = str(tmp_path / "auto")
+    train.main(["--steps", "1", "--batch-size", "8", "--out", out, "--num-workers", "0"])  # digits: 8x8
+    assert json.load(open(os.path.join(out, "config.json")))["preset"] == "digits"
