@@ -47,7 +47,7 @@ class TextEmbedder(nn.Module):
     """Captions -> token states of a pre-trained, fully trainable BERT-family encoder (the paper:
     bert-base-uncased, 77 tokens, App. B.3), loaded from a local directory only."""
 
-    def __init__(self, path, context_dim, max_length=77):
+    def __init__(self, path, context_dim, max_length=77, freeze=False):
         super().__init__()
         if not os.path.isfile(os.path.join(str(path), "config.json")):
             raise FileNotFoundError(
@@ -60,7 +60,9 @@ class TextEmbedder(nn.Module):
         self.encoder.train()  # from_pretrained returns eval mode; the encoder is trained too
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # unused (we take the token states); DDP rejects unused parameters
-        self.max_length = max_length
+        self.max_length, self.freeze = max_length, freeze
+        if freeze:  # small caption sets on a CPU: a fixed encoder (the paper trains it)
+            self.encoder.requires_grad_(False).eval()
         hidden = self.encoder.config.hidden_size
         # the paper does not say how BERT's width meets the U-Net's context width: a linear
         # projection when they differ (our reading)
@@ -78,9 +80,16 @@ class TextEmbedder(nn.Module):
         device = next(self.encoder.parameters()).device
         return {k: v.to(device) for k, v in tokens.items()}
 
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze:
+            self.encoder.eval()  # no dropout in a frozen encoder
+        return self
+
     def forward(self, captions):
-        # list[str] -> last hidden states [B, 77, hidden] -> [B, 77, context_dim]
-        hidden = self.encoder(**self.tokenize(captions)).last_hidden_state
+        # list[str] -> last hidden states [B, max_length, hidden] -> [B, max_length, context_dim]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            hidden = self.encoder(**self.tokenize(captions)).last_hidden_state
         return self.proj(hidden)
 
 

@@ -497,6 +497,8 @@ def reference_features(source, extractor, args, desc, needed):
     key = hashlib.sha1(f"{source.cache_id()}|{extractor.cache_id}".encode()).hexdigest()[:16]
     path = os.path.join(args.cache, f"{key}.npz") if args.cache else None
     if path and os.path.exists(path):
+        if world()[0] == 0:
+            print(f"{desc}: cached features {path} (--cache '' recomputes them)")
         with np.load(path) as f:
             feats = {k: f[k] for k in f.files}
     else:
@@ -841,7 +843,7 @@ def parse_eval_args(argv):
     p.add_argument("--data-root", default=None, help="root for dataset:NAME sources (e.g. the Fashion-MNIST idx dir)")
     p.add_argument("--image-size", type=int, default=None, help="image size for dataset:NAME sources (as train.py's --image-size)")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass per process")
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/slight-corruption-metrics"),
+    p.add_argument("--cache", default="runs/metrics-cache",
                    help="directory of cached reference features ('' = no cache)")
     p.add_argument("--out", default="metrics_out", help="output folder: metrics.json, plots, RMD scores")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")

