@@ -826,7 +826,7 @@ def plot_sweeps(rows, out, extractor_name):
 
 
 def parse_eval_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     p.add_argument("--real", required=True, help="reference set: .npz (arr_0 and/or mu, sigma), image folder or dataset:NAME[:SPLIT] (split default: test)")
     p.add_argument("--fake", required=True, action="append", help="[LABEL=]PATH of samples: .npz, image folder, or a "
                    "sample.py folder OUT with OUT/s{scale}/samples.npz (one row per scale); repeat to overlay runs")
@@ -914,7 +914,8 @@ def main_eval(argv):
 
 def train_classifier(argv):
     p = argparse.ArgumentParser(description="Train the small CNN whose penultimate layer is the "
-                                "'classifier:PATH' feature space (for datasets where ImageNet features mean little).")
+                                "'classifier:PATH' feature space (for datasets where ImageNet "
+                                "features mean little).", formatter_class=system.HelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", help="corrupt.load_dataset name (fashion-mnist, digits, ...)")
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="dataset location")
     p.add_argument("--image-size", type=int, default=None, help="as train.py's --image-size (default: native size)")

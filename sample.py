@@ -27,7 +27,7 @@ import vae
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (uses RUN/ckpt.pt)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
     p.add_argument("--guidance", default="2.0", help="comma-separated guidance scales, one output folder each (1 = no guidance)")

@@ -57,8 +57,8 @@ LOWER_IS_BETTER = {"fid": True, "nn_train": False, "mem_ratio": True}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    import system
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     p.add_argument("--setting", default="digits", choices=SETTINGS,
                    help="digits: 8x8 pixels, CPU-sized (default); fmnist: 32x32, GPU-sized")
     p.add_argument("--out", default=None,

@@ -1,10 +1,11 @@
-"""The machine a run uses: its processes (torchrun, DDP) and its CPU threads.
+"""The machine a run uses: its processes (torchrun, DDP), its CPU threads, and the command line.
 
 torch's default is one thread per core: right on an idle machine, 15-80x slower on a busy one
 (threads that wait for a core spin instead of sleeping). Every script takes `--threads N`; the
 default stays one per core (shared among a node's torchrun processes), so that a run and its
 resume use the same count and agree bit for bit, and a busy machine is reported at the start.
 """
+import argparse
 import os
 
 import torch
@@ -43,3 +44,7 @@ def set_threads(requested=0):
               f"{max(1, round(cores - busy) // local)}")
     torch.set_num_threads(threads)
     return threads
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""

@@ -36,7 +36,7 @@ RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compi
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="digits", help="digits (embedded default) | fashion-mnist | folder | captions")
     d.add_argument("--data-root", default=None, help="dataset location (folder, captions TSV, Fashion-MNIST idx dir)")

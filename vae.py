@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import system
 
 # ----------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
@@ -631,10 +632,11 @@ def encode(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("encode", "train"):
-        s = sub.add_parser(name, help="cache latents of a dataset" if name == "encode" else "train a small autoencoder")
+        s = sub.add_parser(name, formatter_class=system.HelpFormatter,
+                           help="cache latents of a dataset" if name == "encode" else "train a small autoencoder")
         s.add_argument("--dataset", required=True, help="corrupt.load_dataset name: digits, fashion-mnist, folder, captions")
         s.add_argument("--data-root", default=None, help="dataset location (see corrupt.py)")
         s.add_argument("--image-size", type=int, default=None, help="resize images to this size (corrupt.load_dataset)")
