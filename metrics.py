@@ -324,6 +324,9 @@ class NpzSource:
                 self.offset = fh.tell()
             if dtype != np.uint8 or fortran or len(self.shape) not in (3, 4):
                 raise ValueError(f"{path}: arr_0 must be a C-ordered uint8 array [N, H, W, C], got {dtype} {self.shape}")
+            if len(self.shape) == 4 and self.shape[-1] not in (1, 3) and self.shape[1] in (1, 3):
+                raise ValueError(f"{path}: arr_0 {self.shape} looks channel-first [N, C, H, W]; "
+                                 f"images must be channel-last [N, H, W, C] (np.transpose(x, (0, 2, 3, 1)))")
             self.length = self.shape[0]
             self.fh, self.pos = None, None
 

@@ -13,6 +13,7 @@ import argparse
 import functools
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -186,6 +187,8 @@ def write_outputs(out, images, conds, scale, config, args):
         per = [np.flatnonzero(np.asarray(conds) == c)[:10] for c in classes]
         cols = min(len(p) for p in per)
         save_grid(np.concatenate([images[p[:cols]] for p in per]), len(classes), os.path.join(out, "grid.png"))
+    if os.path.isdir(os.path.join(out, "images")):  # replaced whole: no PNG of an earlier run stays
+        shutil.rmtree(os.path.join(out, "images"))
     if not args.no_images:
         os.makedirs(os.path.join(out, "images"), exist_ok=True)
         for i, img in enumerate(images):

@@ -245,10 +245,11 @@ def save_checkpoint(path, state):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError inside torch.save
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is intact") from e
+        raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is "
+                         f"intact (a save needs room for two checkpoints)") from e
 
 
 def check_resumable(saved, config):
@@ -316,8 +317,26 @@ def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
     return t, noise, ip, delta
 
 
+def check_args(args):
+    """One-line errors for flags out of range, before any work."""
+    inf = math.inf
+    ranges = [("--eta", args.eta, 0, 1), ("--cond-drop", args.cond_drop, 0, 1),
+              ("--gamma", args.gamma, 0, inf), ("--input-perturbation", args.input_perturbation, 0, inf),
+              ("--steps", args.steps, 1, inf), ("--batch-size", args.batch_size, 1, inf),
+              ("--ckpt-every", args.ckpt_every, 1, inf), ("--log-every", args.log_every, 1, inf),
+              ("--text-length", args.text_length, 1, inf), ("--lr", args.lr, 0, inf)]
+    for flag, value, lo, hi in ranges:
+        if not lo <= value <= hi:
+            raise SystemExit(f"{flag} must be in [{lo}, {hi}], got {value}")
+    if args.corrupt_classes and args.corruption != "asymmetric":
+        raise SystemExit("--corrupt-classes applies to --corruption asymmetric")
+    if args.dataset == "captions" and not args.text_encoder:
+        raise SystemExit("--dataset captions needs --text-encoder DIR (a local BERT-family model)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     rank, world, device = system.setup_distributed()
     system.set_threads(args.threads)
     cuda = device.type == "cuda"

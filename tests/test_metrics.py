@@ -282,3 +282,11 @@ def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
                   "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "c.pt")])
     out = capsys.readouterr().out
     assert "held-out 10 % (4 images)" in out and "(4 images)" in out.splitlines()[-1]
+
+
+def test_channel_first_arrays_are_refused(tmp_path):
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((10, 1, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="looks channel-first"):
+        metrics.NpzSource(str(tmp_path / "nchw.npz"))
+    np.savez(tmp_path / "nhwc.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
+    assert len(metrics.NpzSource(str(tmp_path / "nhwc.npz"))) == 10

@@ -279,3 +279,40 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path):
     sample.main(["--ckpt", out, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
                  "--out", str(tmp_path / "s"), "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape[0] == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eta", "1.5", "--corruption", "resample"], r"--eta must be in \[0, 1\]"),
+    (["--cond-drop", "2"], r"--cond-drop must be in \[0, 1\]"),
+    (["--steps", "0"], r"--steps must be in \[1, inf\]"),
+    (["--gamma", "-1", "--cep", "gaussian"], r"--gamma must be in \[0, inf\]"),
+    (["--corrupt-classes", "0,1", "--eta", "0.1"], "--corrupt-classes applies to --corruption asymmetric"),
+    (["--dataset", "captions"], "--dataset captions needs --text-encoder"),
+])
+def test_bad_training_flags_give_one_line_errors_and_write_nothing(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, "bad", "--steps", "1", *flags)  # (a later --steps wins)
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = run(tmp_path, "disk", "--steps", "1")
+    before = params(out)
+
+    def full_disk(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="previous checkpoint is intact"):
+        train.main([*TINY, "--out", out, "--steps", "2", "--resume"])
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    assert_same(before, params(out))
+
+
+def test_sampling_into_an_existing_output_replaces_it_whole(tmp_path):
+    out = run(tmp_path, "r", "--steps", "1")
+    common = ["--ckpt", out, "--steps", "2", "--guidance", "1", "--out", str(tmp_path / "s")]
+    sample.main([*common, "--per-class", "2"])
+    sample.main([*common, "--per-class", "1"])
+    assert len(os.listdir(tmp_path / "s/s1/images")) == 10  # not 20: no stale PNGs
+    assert np.load(tmp_path / "s/s1/samples.npz")["arr_0"].shape[0] == 10
