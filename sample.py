@@ -82,7 +82,7 @@ def load_model(ckpt_path, weights, device, text_encoder=None):
                          f"diverged before this checkpoint; nothing to sample")
     model = train.Denoiser(config)
     model.load_state_dict(ckpt[weights])
-    return model.to(device).eval(), config
+    return model.to(device).eval(), config, ckpt["step"]
 
 
 def conditions_to_sample(args, config):
@@ -171,14 +171,15 @@ def save_grid(images, rows, path, min_cell=64, gap=2):
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
-def write_outputs(out, images, conds, scale, config, args):
+def write_outputs(out, images, conds, scale, config, args, step):
     """samples.npz (sample i started from the seed (seed, i)), the grid, and one PNG per sample."""
     os.makedirs(out, exist_ok=True)
     key = "captions" if config["text"] else "labels"
     cads = f"tau={args.cads_tau},s={args.cads_scale},psi={args.cads_psi}" if args.cads else "off"
     tmp = os.path.join(out, "samples.tmp.npz")  # atomic: a killed run leaves no truncated npz
     np.savez(tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)),
-             seed=args.seed, guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads)
+             seed=args.seed, guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads,
+             ckpt_step=step, weights=args.weights)
     os.replace(tmp, os.path.join(out, "samples.npz"))
     if config["text"]:
         save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
@@ -214,7 +215,7 @@ def main(argv=None):
     system.set_threads(args.threads)
     tf32 = args.precision == "auto" and device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    model, config = load_model(args.ckpt, args.weights, device, args.text_encoder)
+    model, config, step = load_model(args.ckpt, args.weights, device, args.text_encoder)
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
@@ -239,7 +240,7 @@ def main(argv=None):
         outside = gather(np.array([sum(outside)]), [rank], world, world).sum() / len(conds)
         if rank == 0:
             out = os.path.join(out_root, f"s{scale:g}")
-            write_outputs(out, images, conds, scale, config, args)
+            write_outputs(out, images, conds, scale, config, args, step)
             print(f"wrote {len(images)} samples to {out}")
             if range_warning(outside):
                 print(range_warning(outside))

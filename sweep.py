@@ -177,14 +177,16 @@ def checkpoint_step(run_dir):
 
 
 def samples_done(out, size, cads):
-    """Every scale's npz exists, is complete (written atomically) and has this sweep's settings."""
+    """Every scale's npz exists, is complete (written atomically) and has this sweep's settings
+    and model (the checkpoint step it was sampled from)."""
     for scale in size["guidance"]:
         path = os.path.join(out, f"s{scale:g}", "samples.npz")
         if not os.path.exists(path):
             return False
         with np.load(path) as f:
             same_sampler = str(f["sampler"]) == f"dpm:{size['sample_steps']}"
-            if not same_sampler or (str(f["cads"]) != "off") != cads:
+            same_model = "ckpt_step" in f.files and int(f["ckpt_step"]) == size["steps"]
+            if not (same_sampler and same_model) or (str(f["cads"]) != "off") != cads:
                 return False
     return True
 

@@ -57,6 +57,11 @@ def test_smoke_experiment_runs_and_resumes(tmp_path):
     before = os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt"))
     npz = os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")
     sample_time = os.path.getmtime(npz)
+    size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
+    samples = os.path.join(out, "clean-s0", "samples")
+    assert sweep.samples_done(samples, size, cads=False)
+    assert not sweep.samples_done(samples, {**size, "steps": size["steps"] + 1}, cads=False)
+    assert not sweep.samples_done(samples, {**size, "sample_steps": 7}, cads=False)
     again, _ = sweep.main(argv)  # every artefact is complete: nothing is trained or sampled again
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
     assert os.path.getmtime(npz) == sample_time
