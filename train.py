@@ -79,7 +79,8 @@ def parse_args(argv=None):
     s.add_argument("--out", default="runs/demo", help="run directory: config, log, manifest, checkpoint")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
     s.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, t, dropout, CEP)")
-    s.add_argument("--ckpt-every", type=int, default=1000, help="write the checkpoint every N steps (and at the end)")
+    s.add_argument("--ckpt-every", type=int, default=1000, help="write the checkpoint every N steps and at the end; the previous one is kept as "
+                        "ckpt.prev.pt, so saving needs room for three checkpoints")
     s.add_argument("--log-every", type=int, default=50, help="log a JSON line every N steps")
     s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     s.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
@@ -240,16 +241,35 @@ def step_generator(seed, step, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, state):
-    """Atomic: write a temp file next to the target, then rename (a killed run loses nothing)."""
+    """Atomic: write a temp file next to the target, then rename (a killed run loses nothing).
+    The previous checkpoint stays as ckpt.prev.pt, the fallback when the newest cannot be read."""
     tmp = path + ".tmp"
     try:
         torch.save(state, tmp)
+        if os.path.exists(path):
+            os.replace(path, previous_checkpoint(path))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError inside torch.save
         if os.path.exists(tmp):
             os.remove(tmp)
         raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is "
-                         f"intact (a save needs room for two checkpoints)") from e
+                         f"intact (a save needs room for three checkpoints)") from e
+
+
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt"
+
+
+def load_checkpoint(path, device):
+    """The newest readable checkpoint: ckpt.pt, else (with a message) ckpt.prev.pt."""
+    for candidate in (path, previous_checkpoint(path)):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return torch.load(candidate, map_location=device, weights_only=True)
+        except Exception as e:  # truncated or foreign file: torch raises several kinds
+            print(f"cannot read {candidate} ({type(e).__name__}: {str(e)[:100]}); trying the previous one")
+    raise SystemExit(f"--resume: no readable checkpoint at {path} or {previous_checkpoint(path)}")
 
 
 def check_resumable(saved, config):
@@ -298,10 +318,9 @@ def build_model(args, config, device, ckpt_path):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     if not args.resume:
         return model, ema, opt, 0
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(ckpt_path, device)
     check_resumable(ckpt["config"], config)
+    print(f"resuming at step {ckpt['step']}")
     model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
     return model, ema, opt, ckpt["step"]
 

@@ -316,3 +316,19 @@ def test_sampling_into_an_existing_output_replaces_it_whole(tmp_path):
     sample.main([*common, "--per-class", "1"])
     assert len(os.listdir(tmp_path / "s/s1/images")) == 10  # not 20: no stale PNGs
     assert np.load(tmp_path / "s/s1/samples.npz")["arr_0"].shape[0] == 10
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+    flags = ["--eta", "0.1", "--ckpt-every", "1"]
+    full = run(tmp_path, "full", "--steps", "4", *flags)
+    part = run(tmp_path, "part", "--steps", "3", *flags)  # ckpt.pt at step 3, ckpt.prev.pt at 2
+    with open(os.path.join(part, "ckpt.pt"), "r+b") as f:
+        f.truncate(1000)  # a checkpoint cut short
+    train.main([*TINY, "--out", part, "--steps", "4", "--resume", *flags])
+    out = capsys.readouterr().out
+    assert "cannot read" in out and "resuming at step 2" in out
+    assert_same(params(full), params(part))
+    with open(os.path.join(part, "ckpt.pt"), "wb") as f, open(os.path.join(part, "ckpt.prev.pt"), "wb") as g:
+        f.write(b"junk"), g.write(b"junk")
+    with pytest.raises(SystemExit, match="no readable checkpoint"):
+        train.main([*TINY, "--out", part, "--steps", "5", "--resume", *flags])
