@@ -10,11 +10,14 @@ whole global batch from a generator seeded by (seed, step), and each rank takes 
 result does not depend on the number of processes, and a resumed run continues exactly.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 
@@ -336,6 +339,34 @@ def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
     return t, noise, ip, delta
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """Collects SIGINT and SIGTERM (a cluster's pre-emption notice) instead of dying mid-step;
+    the loop saves and stops after the current step."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signals reach the main thread only
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(received, step, log_every, world, device):
+    """One process: after any step. Several: at log steps, all ranks together (one all-reduce)."""
+    if world == 1:
+        return bool(received)
+    if step % log_every:
+        return False
+    flag = torch.tensor(float(bool(received)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 def check_args(args):
     """One-line errors for flags out of range, before any work."""
     inf = math.inf
@@ -385,45 +416,53 @@ def main(argv=None):
         pin_memory=cuda))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     loss_sum, t0, steps_timed = torch.zeros((), device=device), time.time(), 0  # read at log steps
-    while step < args.steps:
-        x0 = next(loader).to(device, non_blocking=True)
-        g = step_generator(args.seed, step, device)
-        conds = batch_conditions(args, conditions, prior, global_indices(step, G, len(conditions), args.seed),
-                                 mine, g, device, config)
-        if isinstance(data, vae.LatentCache):  # both horizontal flips are cached: pick one per sample
-            flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
-            x0 = x0[torch.arange(len(x0), device=device), flip]
-        if autoencoder is not None:
-            with torch.no_grad():
-                x0 = autoencoder.encode(x0)
-        t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape, len(abar), device)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, delta),
-                                           x0, t, noise, conds, abar, input_noise=ip)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # LDM's LitEma warm-up
-        step += 1
-        loss_sum += loss.detach().float()  # no host sync: the loss is read at log and save steps
-        steps_timed += 1
-        bar.update(1)
-        save_now = step % args.ckpt_every == 0 or step == args.steps
-        if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
-            mean_loss = all_reduce_mean(loss_sum.clone(), world) / steps_timed
-            if not math.isfinite(mean_loss):
-                raise SystemExit(f"non-finite loss ({mean_loss}) in steps {step - steps_timed + 1} to "
-                                 f"{step}; last good checkpoint: {ckpt_path}")
-        if step % args.log_every == 0 or step == args.steps:
-            if rank == 0:
-                log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0), device, bar)
-            loss_sum.zero_()
-            t0, steps_timed = time.time(), 0
-        if rank == 0 and save_now:
-            save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                                        "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
+    with stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
+        while step < args.steps:
+            x0 = next(loader).to(device, non_blocking=True)
+            g = step_generator(args.seed, step, device)
+            conds = batch_conditions(args, conditions, prior, global_indices(step, G, len(conditions), args.seed),
+                                     mine, g, device, config)
+            if isinstance(data, vae.LatentCache):  # both horizontal flips are cached: pick one per sample
+                flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
+                x0 = x0[torch.arange(len(x0), device=device), flip]
+            if autoencoder is not None:
+                with torch.no_grad():
+                    x0 = autoencoder.encode(x0)
+            t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape, len(abar), device)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, delta),
+                                               x0, t, noise, conds, abar, input_noise=ip)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # LDM's LitEma warm-up
+            step += 1
+            loss_sum += loss.detach().float()  # no host sync: the loss is read at log and save steps
+            steps_timed += 1
+            bar.update(1)
+            stopping = stop_requested(received, step, args.log_every, world, device)
+            save_now = step % args.ckpt_every == 0 or step == args.steps or stopping
+            if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
+                mean_loss = all_reduce_mean(loss_sum.clone(), world) / steps_timed
+                if not math.isfinite(mean_loss):
+                    raise SystemExit(f"non-finite loss ({mean_loss}) in steps {step - steps_timed + 1} to "
+                                     f"{step}; last good checkpoint: {ckpt_path}")
+            if step % args.log_every == 0 or step == args.steps:
+                if rank == 0:
+                    log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0), device, bar)
+                loss_sum.zero_()
+                t0, steps_timed = time.time(), 0
+            if rank == 0 and save_now:
+                save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                                            "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
+            if stopping:
+                if world > 1:
+                    dist.barrier()
+                name = signal.Signals(received[0]).name if received else "a signal to another rank"
+                raise SystemExit(f"stopped by {name} after step {step}: checkpoint written; "
+                                 f"continue with the same command and --resume")
     bar.close()
     if world > 1:
         dist.barrier()

@@ -332,3 +332,25 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
         f.write(b"junk"), g.write(b"junk")
     with pytest.raises(SystemExit, match="no readable checkpoint"):
         train.main([*TINY, "--out", part, "--steps", "5", "--resume", *flags])
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_and_the_resume_is_exact(tmp_path, monkeypatch, sig):
+    import signal
+    flags = ["--eta", "0.1", "--cep", "gaussian"]  # --ckpt-every 1000: only the signal saves
+    full = run(tmp_path, "full", "--steps", "5", *flags)
+    loss, calls = diffusion.training_loss, []
+
+    def loss_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # during step 2 (a pre-emption notice, or Ctrl-C)
+            os.kill(os.getpid(), getattr(signal, sig))
+        return loss(*a, **k)
+    monkeypatch.setattr(diffusion, "training_loss", loss_then_signal)
+    with pytest.raises(SystemExit, match=f"stopped by {sig} after step 2"):
+        run(tmp_path, "part", "--steps", "5", *flags)
+    monkeypatch.setattr(diffusion, "training_loss", loss)
+    assert torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["step"] == 2
+    train.main([*TINY, "--out", str(tmp_path / "part"), "--steps", "5", "--resume", *flags])
+    assert_same(params(full), params(str(tmp_path / "part")))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
