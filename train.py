@@ -35,7 +35,9 @@ import unet
 import vae
 
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
-RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads"}
+# --batch-size (per process) may change when the number of processes does: the global batch is checked.
+RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads",
+             "batch_size"}
 
 
 def parse_args(argv=None):
@@ -276,6 +278,12 @@ def load_checkpoint(path, device):
 
 
 def check_resumable(saved, config):
+    saved_batch = saved.get("global_batch", saved["batch_size"])
+    if saved_batch != config["global_batch"]:
+        world = config["global_batch"] // config["batch_size"]
+        raise SystemExit(f"the checkpoint's global batch is {saved_batch}, this run's "
+                         f"{config['global_batch']} ({world} processes x {config['batch_size']}): "
+                         f"pass --batch-size {saved_batch // world} to keep it")
     diff = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUMABLE and saved.get(k) != v}
     if diff:
         lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -393,6 +401,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None
     data, clean, conditions, config, autoencoder = prepare_data(args, device)
+    config["global_batch"] = args.batch_size * world  # what a resume must keep (data order, draws)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     model, ema, opt, step = build_model(args, config, device, ckpt_path)

@@ -354,3 +354,21 @@ def test_a_signal_saves_and_the_resume_is_exact(tmp_path, monkeypatch, sig):
     train.main([*TINY, "--out", str(tmp_path / "part"), "--steps", "5", "--resume", *flags])
     assert_same(params(full), params(str(tmp_path / "part")))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+
+
+def test_resume_in_another_world_size_keeps_the_global_batch(tmp_path):
+    flags = ["--eta", "0.1", "--cep", "gaussian"]
+    one = run(tmp_path, "one", "--steps", "4", "--batch-size", "16", *flags)
+    two = str(tmp_path / "two")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [*TINY[:2], "--batch-size", "8", *TINY[4:], "--out", two, "--steps", "2", *flags]
+    mp.spawn(_ddp_worker, args=(2, port, argv), nprocs=2, join=True)  # 2 processes x 8
+    with pytest.raises(SystemExit, match="global batch is 16.*pass --batch-size 16"):
+        train.main([*TINY[:2], "--batch-size", "8", *TINY[4:], "--out", two, "--steps", "4",
+                    "--resume", *flags])  # 1 process x 8 would halve it
+    train.main([*TINY, "--out", two, "--steps", "4", "--resume", *flags])  # 1 x 16
+    a, b = params(one), params(two)
+    off = sum(((a[k] - b[k]).abs() > 1e-5).sum().item() for k in a)
+    assert off <= 1e-4 * sum(v.numel() for v in a.values())  # as the DDP test: rounding only
