@@ -553,6 +553,9 @@ def train(args):
     import corrupt  # datasets (Fashion-MNIST, digits, folders)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    if os.path.exists(os.path.join(args.out, "ckpt.pt")) and not args.resume:
+        raise SystemExit(f"{args.out} already holds an autoencoder (latent runs may depend on it): "
+                         f"pass --resume to continue it, or choose another --out")
     cfg = PRESETS[args.preset]
     train_set = corrupt.load_dataset(args.dataset, args.data_root, "train", args.image_size, args.pad)
     test_set = corrupt.load_dataset(args.dataset, args.data_root, "test", args.image_size, args.pad)

@@ -241,6 +241,10 @@ def test_cli_train_then_encode(tmp_path, monkeypatch):
               "--batch-size", "4", "--num-workers", "0"])
     cache = vae.LatentCache(str(tmp_path / "cache"))
     assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds an autoencoder"):
+        vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--out", str(out)])
+    assert (out / "ckpt.pt").read_bytes() == before  # the trained autoencoder is untouched
 
 
 def test_autoencoder_attention_is_contiguous_and_exact(monkeypatch):
