@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import diffusion
@@ -158,8 +158,9 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoenco
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), outside
 
 
-def save_grid(images, rows, path, min_cell=64, gap=2):
-    """rows x cols grid with a gap between cells; small images enlarged (nearest) to be seen."""
+def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
+    """rows x cols grid with a gap between cells; small images enlarged (nearest) to be seen;
+    row_labels (one string per row) are written in a white margin on the left."""
     zoom = max(1, min_cell // images.shape[1])
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     n, h, w, c = images.shape
@@ -168,7 +169,17 @@ def save_grid(images, rows, path, min_cell=64, gap=2):
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
         grid[gap + r * (h + gap):gap + r * (h + gap) + h, gap + q * (w + gap):gap + q * (w + gap) + w] = img
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    if row_labels:
+        draw = ImageDraw.Draw(picture)
+        margin = 8 + int(max(draw.textlength(label) for label in row_labels))
+        labelled = Image.new(picture.mode, (picture.width + margin, picture.height), "white")
+        labelled.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, label in enumerate(row_labels):
+            draw.text((4, gap + r * (h + gap) + h // 2 - 5), label, fill="black")
+        picture = labelled
+    picture.save(path)
 
 
 def write_outputs(out, images, conds, scale, config, args, step):
@@ -181,13 +192,17 @@ def write_outputs(out, images, conds, scale, config, args, step):
              seed=args.seed, guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads,
              ckpt_step=step, weights=args.weights)
     os.replace(tmp, os.path.join(out, "samples.npz"))
-    if config["text"]:
+    if config["text"]:  # up to 64 samples, row-major; their prompts in grid_prompts.txt
         save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
-    else:  # one row per class, up to 10 samples each
+        with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
+            f.write("".join(f"{i // 8 + 1},{i % 8 + 1}\t{p}\n" for i, p in enumerate(conds[:64])))
+    else:  # one row per class, up to 10 samples each, labelled with the class names
         classes = sorted(set(conds))
         per = [np.flatnonzero(np.asarray(conds) == c)[:10] for c in classes]
         cols = min(len(p) for p in per)
-        save_grid(np.concatenate([images[p[:cols]] for p in per]), len(classes), os.path.join(out, "grid.png"))
+        names = config.get("class_names") or [str(c) for c in range(config["num_classes"])]
+        save_grid(np.concatenate([images[p[:cols]] for p in per]), len(classes),
+                  os.path.join(out, "grid.png"), [names[c] for c in classes])
     if os.path.isdir(os.path.join(out, "images")):  # replaced whole: no PNG of an earlier run stays
         shutil.rmtree(os.path.join(out, "images"))
     if not args.no_images:

@@ -38,10 +38,11 @@ def set_threads(requested=0):
     else:
         threads = max(1, cores // local)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if busy + threads * local > cores + 0.5 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    fitting = max(1, round(cores - busy) // local)  # threads that the free cores hold
+    if threads > fitting and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(f"note: {cores} cores, load {busy:.1f} before this run, {threads} threads per "
               f"process: oversubscribed CPUs run torch many times slower; consider --threads "
-              f"{max(1, round(cores - busy) // local)}")
+              f"{fitting}")
     torch.set_num_threads(threads)
     return threads
 

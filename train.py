@@ -37,7 +37,7 @@ import vae
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
 # --batch-size (per process) may change when the number of processes does: the global batch is checked.
 RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads",
-             "batch_size"}
+             "batch_size", "class_names"}
 
 
 def parse_args(argv=None):
@@ -160,7 +160,8 @@ def load_training_data(args):
         ds = first_per_class(ds, args.train_per_class)
     text = getattr(ds, "captions", None) is not None
     info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
-                num_classes=None if text else ds.num_classes)
+                num_classes=None if text else ds.num_classes,
+                class_names=None if text else ds.class_names)  # labels of the sample grids
     return ds, (ds.captions if text else ds.labels), info
 
 

