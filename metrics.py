@@ -772,6 +772,12 @@ def check_request(metrics, extractor, sources, args):
             raise ValueError(f"RMD needs the conditioning labels: '{src.path}' has no 'labels'")
         if "clip" in metrics and src.captions is None:
             raise ValueError(f"CLIP score needs the prompts: '{src.path}' has no 'captions'")
+    for label, _, src in sources:
+        if {"fid", "sfid"} & set(metrics) and len(src) < 2:
+            raise ValueError(f"FID needs at least 2 images: '{src.path}' has {len(src)}")
+        if "pr" in metrics and len(src) <= args.k:
+            raise ValueError(f"precision/recall with k={args.k} needs more than {args.k} images: "
+                             f"'{src.path}' has {len(src)}")
     if "mem" in metrics and not args.train:
         raise ValueError("mem needs --train (the training images)")
     if "entropy" in metrics and not args.vq:
@@ -871,9 +877,13 @@ def main_eval(argv):
     system.set_threads(args.threads)
     rank = world()[0]
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    extractor = Extractor(args.features, device)
-    runs = [(label, scale, open_images(path, args.data_root, args.image_size)) for label, scale, path in fake_runs(args.fake)]
-    check_request(metrics, extractor, runs, args)
+    try:  # what the user gave: one-line errors
+        extractor = Extractor(args.features, device)
+        runs = [(label, scale, open_images(path, args.data_root, args.image_size))
+                for label, scale, path in fake_runs(args.fake)]
+        check_request(metrics, extractor, runs, args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"metrics.py: {e}") from None
     extras = {}
     if "entropy" in metrics:
         extras["vq"] = load_vq(args.vq, args.vq_preset, device)

@@ -213,6 +213,14 @@ def write_outputs(out, images, conds, scale, config, args, step):
 
 def check_args(args):
     """One-line errors for flags out of range, before any work."""
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("--steps and --batch-size must be >= 1")
+    try:
+        scales = [float(s) for s in args.guidance.split(",")]
+    except ValueError:
+        raise SystemExit(f"--guidance must be comma-separated numbers, got {args.guidance!r}") from None
+    if any(s < 0 for s in scales):
+        raise SystemExit(f"--guidance scales must be >= 0, got {args.guidance}")
     if not 0 <= args.ddim_eta <= 1:
         raise SystemExit(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
     if args.cads:

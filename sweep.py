@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import time
+import zipfile
 
 import numpy as np
 
@@ -183,11 +184,15 @@ def samples_done(out, size, cads):
         path = os.path.join(out, f"s{scale:g}", "samples.npz")
         if not os.path.exists(path):
             return False
-        with np.load(path) as f:
-            same_sampler = str(f["sampler"]) == f"dpm:{size['sample_steps']}"
-            same_model = "ckpt_step" in f.files and int(f["ckpt_step"]) == size["steps"]
-            if not (same_sampler and same_model) or (str(f["cads"]) != "off") != cads:
-                return False
+        try:
+            with np.load(path) as f:
+                same_sampler = str(f["sampler"]) == f"dpm:{size['sample_steps']}"
+                same_model = "ckpt_step" in f.files and int(f["ckpt_step"]) == size["steps"]
+                same_cads = (str(f["cads"]) != "off") == cads
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # cut short or foreign: redo
+            return False
+        if not (same_sampler and same_model and same_cads):
+            return False
     return True
 
 

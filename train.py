@@ -464,6 +464,9 @@ def main(argv=None):
                     log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0), device, bar)
                 loss_sum.zero_()
                 t0, steps_timed = time.time(), 0
+            if save_now and not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
+                                 f"checkpoint: {ckpt_path}")
             if rank == 0 and save_now:
                 save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
                                             "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})

@@ -227,8 +227,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert os.path.exists(tmp_path / "out" / "precision_recall.png")
     assert len(os.listdir(tmp_path / "cache")) == 1  # real = train: one cached feature file
     assert "classifier:cls.pt" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="labels"):  # RMD needs the conditioning labels; a folder has none
+    with pytest.raises(SystemExit, match="labels"):  # RMD needs the conditioning labels; a folder has none
         run([str(folder)], "rmd", "out2")
+    write_npz(tmp_path / "one.npz", 1, 3)
+    with pytest.raises(SystemExit, match="^metrics.py: FID needs at least 2 images"):
+        run([str(tmp_path / "one.npz")], "fid", "out3")
+    write_npz(tmp_path / "three.npz", 3, 3)
+    with pytest.raises(SystemExit, match="k=3 needs more than 3 images"):
+        run([str(tmp_path / "three.npz")], "pr", "out3")
+    assert not os.path.exists(tmp_path / "out3")
     import dataclasses
     import vae
     vq = vae.Autoencoder(vae.PRESETS["tiny-vq"])  # a random VQ autoencoder in vae.py's checkpoint format

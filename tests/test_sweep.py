@@ -1,6 +1,7 @@
 """sweep.py: its statistics against closed forms and scipy; the whole experiment, tiny."""
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -62,6 +63,11 @@ def test_smoke_experiment_runs_and_resumes(tmp_path):
     assert sweep.samples_done(samples, size, cads=False)
     assert not sweep.samples_done(samples, {**size, "steps": size["steps"] + 1}, cads=False)
     assert not sweep.samples_done(samples, {**size, "sample_steps": 7}, cads=False)
+    cut = str(tmp_path / "cut")
+    shutil.copytree(samples, cut)
+    with open(os.path.join(cut, "s2", "samples.npz"), "r+b") as f:
+        f.truncate(100)  # cut short (by something other than sample.py, which writes atomically)
+    assert not sweep.samples_done(cut, size, cads=False)
     again, _ = sweep.main(argv)  # every artefact is complete: nothing is trained or sampled again
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
     assert os.path.getmtime(npz) == sample_time

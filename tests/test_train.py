@@ -401,3 +401,15 @@ def test_class_grids_are_labelled_with_class_names(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "s/s2/grid.png"))
     unlabelled = 1 * (64 + 2) + 2  # one 64-pixel column (8x8 zoomed) and its gaps
     assert grid.shape[1] > unlabelled and (grid[:, :4] == 255).all()  # a white label margin
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--guidance", "2,x"], "--guidance must be comma-separated numbers"),
+    (["--guidance", "-1"], "--guidance scales must be >= 0"),
+    (["--steps", "0"], "--steps and --batch-size must be >= 1"),
+    (["--ddim-eta", "-0.5"], r"--ddim-eta must be in \[0, 1\]"),
+])
+def test_bad_sampling_flags_give_one_line_errors(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        sample.main(["--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s"), *flags])
+    assert not os.path.exists(tmp_path / "s")
