@@ -698,10 +698,10 @@ def fake_runs(specs):
     return rows
 
 
-def load_vq(path, preset, device):
+def load_vq(path, preset, device, unsafe_pickle=False):
     """The VQ autoencoder of vae.py and its codebook [K, C] (for the sample entropy)."""
     import vae
-    model = vae.load_autoencoder(path, preset).to(device).eval().requires_grad_(False)
+    model = vae.load_autoencoder(path, preset, unsafe_pickle=unsafe_pickle).to(device).eval().requires_grad_(False)
     if model.config.kind != "vq":
         raise ValueError(f"'{path}' is a {model.config.kind} autoencoder; the sample entropy needs a VQ codebook")
     return model, model.quantize.embedding.weight
@@ -858,6 +858,9 @@ def parse_eval_args(argv):
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="--vq: read a checkpoint that pickles more than tensors (a CompVis Lightning "
+                        "model.ckpt); unpickling can run any code it holds: only for files you trust")
     return p.parse_args(argv)
 
 
@@ -886,7 +889,7 @@ def main_eval(argv):
         raise SystemExit(f"metrics.py: {e}") from None
     extras = {}
     if "entropy" in metrics:
-        extras["vq"] = load_vq(args.vq, args.vq_preset, device)
+        extras["vq"] = load_vq(args.vq, args.vq_preset, device, args.unsafe_pickle)
     if "clip" in metrics:
         extras["clip"] = CLIP(args.clip).to(device)
     real = train = None

@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses the seed (seed, i)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or raw weights")
     p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
+    p.add_argument("--unsafe-pickle", action="store_true", help=vae.UNSAFE_PICKLE_HELP)
     p.add_argument("--text-encoder", default=None,
                    help="text models: the encoder directory, if it moved since training")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -242,7 +243,8 @@ def main(argv=None):
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
-    autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"), config.get("latent_scale")).to(device).eval() \
+    autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"), config.get("latent_scale"),
+                                       args.unsafe_pickle).to(device).eval() \
         if vae_path else None
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU: step sizes are Python floats
     conds = conditions_to_sample(args, config)

@@ -37,7 +37,7 @@ import vae
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
 # --batch-size (per process) may change when the number of processes does: the global batch is checked.
 RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads",
-             "batch_size", "class_names"}
+             "batch_size", "class_names", "unsafe_pickle"}
 
 
 def parse_args(argv=None):
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     d.add_argument("--image-size", type=int, default=None, help="resize images to this size (folder, captions: centre crop; digits, Fashion-MNIST: bilinear)")
     d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
     d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
+    d.add_argument("--unsafe-pickle", action="store_true", help=vae.UNSAFE_PICKLE_HELP)
     d.add_argument("--train-per-class", type=int, default=None,
                    help="digits, fashion-mnist: train on the first N images of each class only "
                         "(a small training set, where a clean model starts to memorise)")
@@ -312,7 +313,8 @@ def build_config(args, data, conditions, info, autoencoder):
 def prepare_data(args, device):
     """Data, its (possibly corrupted) conditions, the run config and the frozen autoencoder."""
     data, clean, info = load_training_data(args)
-    autoencoder = vae.load_autoencoder(args.vae).to(device).eval() if args.vae else None
+    autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle).to(device).eval() \
+        if args.vae else None
     if autoencoder is not None:
         info["latent_scale"] = autoencoder.scale
     config = build_config(args, data, clean, info, autoencoder)

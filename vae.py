@@ -271,12 +271,22 @@ DOWNLOAD_HINT = ("CompVis weights: the LDM repo's model zoo, https://ommer-lab.c
                  "holding diffusion_pytorch_model.safetensors (e.g. the `vqvae` folder of a DiffusionNoise LDM pipeline)")
 
 
-def torch_load(path):
+UNSAFE_PICKLE_HELP = ("read autoencoder weights that pickle more than tensors (a CompVis Lightning "
+                      "model.ckpt); unpickling can run any code the file holds: only for files you trust")
+
+
+def torch_load(path, unsafe_pickle=False):
+    """Tensors and plain data only; a file that pickles more (a Lightning checkpoint) is read in
+    full only when the user says so, since unpickling it can run any code it holds."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"autoencoder weights not found: {path}. {DOWNLOAD_HINT}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # Lightning checkpoints pickle extra objects: a local file the user chose
+    except pickle.UnpicklingError as e:
+        if not unsafe_pickle:
+            raise SystemExit(f"{path} holds pickled objects besides tensors (a Lightning checkpoint?); "
+                             f"reading it can run code. If you trust the file, pass --unsafe-pickle "
+                             f"({str(e).splitlines()[0][:120]})") from None
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -309,8 +319,8 @@ def compvis_state_dict(ckpt):
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}
 
 
-def load_compvis_checkpoint(model, path):
-    load_exact(model, compvis_state_dict(torch_load(path)), path)
+def load_compvis_checkpoint(model, path, unsafe_pickle=False):
+    load_exact(model, compvis_state_dict(torch_load(path, unsafe_pickle)), path)
 
 
 # our (LDM) name -> diffusers name; the decoder's up[i] is diffusers' up_blocks[L-1-i]
@@ -374,7 +384,7 @@ def load_diffusers_weights(model, path):
     load_exact(model, sd, f)
 
 
-def load_autoencoder(weights, preset=None, scale=None):
+def load_autoencoder(weights, preset=None, scale=None, unsafe_pickle=False):
     """Our checkpoint (from `vae.py train`: knows its config and scale), a CompVis model.ckpt, or a
     diffusers dir; the last two need `preset` (vq-f4 / kl-f4) and, for KL, `scale` (a latent cache's
     meta["scale"]) or a measured one (measure_scale)."""
@@ -382,7 +392,7 @@ def load_autoencoder(weights, preset=None, scale=None):
         model = Autoencoder(preset_config(preset, weights))
         load_diffusers_weights(model, weights)
     else:
-        ckpt = torch_load(weights)
+        ckpt = torch_load(weights, unsafe_pickle)
         if is_our_checkpoint(ckpt):
             model = from_our_checkpoint(ckpt)
         else:
@@ -620,7 +630,7 @@ def encode(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dataset = corrupt.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
-    model = load_autoencoder(args.weights, args.preset).to(device).eval()
+    model = load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle).to(device).eval()
     if dataset[0][0].shape[0] != model.config.in_channels:
         raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the autoencoder "
                          f"takes {model.config.in_channels}")
@@ -652,6 +662,7 @@ def parse_args(argv=None):
     e.add_argument("--weights", required=True, help="our checkpoint (vae.py train), a CompVis model.ckpt, "
                    "or a diffusers VQModel/AutoencoderKL directory")
     e.add_argument("--split", default="train", help="dataset split to encode")
+    e.add_argument("--unsafe-pickle", action="store_true", help=UNSAFE_PICKLE_HELP)
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored latent dtype")
     e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading images")
     t = sub.choices["train"]

@@ -270,3 +270,20 @@ def test_autoencoder_attention_is_contiguous_and_exact(monkeypatch):
         ref = x + block.proj_out((v @ w.transpose(1, 2)).reshape(2, 32, 4, 4))
     assert seen == [True]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class Payload:
+    """Unpickling calls print: the stand-in for code a checkpoint could run."""
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def test_checkpoints_that_pickle_code_need_an_explicit_flag(tmp_path, capsys):
+    src = randomized("tiny-vq")
+    torch.save({"state_dict": src.state_dict(), "callbacks": Payload()}, tmp_path / "model.ckpt")
+    with pytest.raises(SystemExit, match="pass --unsafe-pickle"):
+        vae.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq")
+    assert "payload ran" not in capsys.readouterr().out
+    model = vae.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq", unsafe_pickle=True)
+    assert "payload ran" in capsys.readouterr().out  # what the flag risks
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
