@@ -154,7 +154,8 @@ def load_training_data(args):
         cache = vae.LatentCache(args.latents)
         conditions = cache.captions if cache.captions is not None else cache.labels
         info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
-                    vae_preset=cache.meta.get("preset"), num_classes=cache.num_classes)
+                    vae_sha256=cache.meta.get("weights_sha256"), vae_preset=cache.meta.get("preset"),
+                    num_classes=cache.num_classes)
         return cache, conditions, info
     ds = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
     if args.train_per_class is not None:
@@ -316,7 +317,7 @@ def prepare_data(args, device):
     autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle).to(device).eval() \
         if args.vae else None
     if autoencoder is not None:
-        info["latent_scale"] = autoencoder.scale
+        info["latent_scale"], info["vae_sha256"] = autoencoder.scale, vae.weights_hash(args.vae)
     config = build_config(args, data, clean, info, autoencoder)
     return data, clean, corrupt_conditions(args, clean, config["num_classes"]), config, autoencoder
 

@@ -12,6 +12,7 @@ CompVis checkpoint loads key for key; diffusers weights go through `diffusers_ke
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -269,6 +270,20 @@ def measure_scale(model, images, batch_size=64):
 DOWNLOAD_HINT = ("CompVis weights: the LDM repo's model zoo, https://ommer-lab.com/files/latent-diffusion/vq-f4.zip "
                  "(or kl-f4.zip), unzipped to model.ckpt; diffusers weights: a VQModel / AutoencoderKL directory "
                  "holding diffusion_pytorch_model.safetensors (e.g. the `vqvae` folder of a DiffusionNoise LDM pipeline)")
+
+
+def weights_hash(path):
+    """sha256 of the autoencoder's weights (a file, or a diffusers directory's weight files): a
+    latent cache, the runs trained on it and their sampling must use the same weights."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+        if f.endswith((".safetensors", ".bin", ".ckpt", ".pt")))
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 UNSAFE_PICKLE_HELP = ("read autoencoder weights that pickle more than tensors (a CompVis Lightning "
@@ -636,6 +651,7 @@ def encode(args):
                          f"takes {model.config.in_channels}")
     preset = args.preset or next((k for k, v in PRESETS.items() if v == model.config), None)
     meta = {"preset": preset, "config": dataclasses.asdict(model.config), "weights": os.path.abspath(args.weights),
+            "weights_sha256": weights_hash(args.weights),
             "dataset": args.dataset, "data_root": args.data_root, "split": args.split, "image_size": args.image_size,
             "pad": args.pad}
     encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype), args.num_workers,

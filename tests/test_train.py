@@ -121,6 +121,16 @@ def test_latent_cache_training_and_decoding(tmp_path):
     assert config["latent_scale"] == vae.LatentCache(cache).scale
     sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"), "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
+    assert config["vae_sha256"] == vae.weights_hash(os.path.join(ae, "ckpt.pt"))
+    other = str(tmp_path / "other")  # another autoencoder: its latents mean something else
+    vae.main(["train", *data, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8",
+              "--out", other, "--seed", "1"])
+    with pytest.raises(SystemExit, match="other weights than the autoencoder"):
+        sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s2"),
+                     "--vae", os.path.join(other, "ckpt.pt")])
+    os.replace(os.path.join(other, "ckpt.pt"), os.path.join(ae, "ckpt.pt"))  # replaced under the same path
+    with pytest.raises(SystemExit, match="holds a different cache"):
+        vae.main(["encode", *data, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
 
 
 def test_train_per_class_takes_the_first_images_of_each_class(tmp_path):
