@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 DATASETS = ("digits", "fashion-mnist", "folder", "captions")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -114,6 +115,18 @@ def file_channels(paths, probe=100):
     if transparent:
         print("note: some images have transparency; they are composited onto a white background")
     return 1 if gray and all(gray) else 3
+
+
+def unreadable_images(paths):
+    """[(path, error)] of the files PIL cannot decode (every file is read: slow on large sets)."""
+    bad = []
+    for path in tqdm(paths, desc="check images", leave=False):
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, ValueError) as e:
+            bad.append((path, str(e)))
+    return bad
 
 
 def center_crop_arr(pil_image, image_size):

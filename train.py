@@ -37,7 +37,7 @@ import vae
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
 # --batch-size (per process) may change when the number of processes does: the global batch is checked.
 RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads",
-             "batch_size", "class_names", "unsafe_pickle"}
+             "batch_size", "class_names", "unsafe_pickle", "check_images", "data_changed_ok"}
 
 
 def parse_args(argv=None):
@@ -49,6 +49,12 @@ def parse_args(argv=None):
     d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
     d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
     d.add_argument("--unsafe-pickle", action="store_true", help=vae.UNSAFE_PICKLE_HELP)
+    d.add_argument("--check-images", action="store_true",
+                   help="folder / captions: read every image before training and list the unreadable "
+                        "ones (the first 100 are always read)")
+    d.add_argument("--data-changed-ok", action="store_true",
+                   help="--resume on a dataset whose size changed (e.g. bad files removed); the data "
+                        "order after the resume then differs from an uninterrupted run")
     d.add_argument("--train-per-class", type=int, default=None,
                    help="digits, fashion-mnist: train on the first N images of each class only "
                         "(a small training set, where a clean model starts to memorise)")
@@ -160,6 +166,11 @@ def load_training_data(args):
     ds = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
     if args.train_per_class is not None:
         ds = first_per_class(ds, args.train_per_class)
+    if args.check_images and getattr(ds, "paths", None):
+        bad = corrupt.unreadable_images(ds.paths)
+        if bad:
+            listing = "; ".join(f"{p} ({e})" for p, e in bad[:5])
+            raise SystemExit(f"{len(bad)} unreadable images: {listing}" + (" ..." if len(bad) > 5 else ""))
     text = getattr(ds, "captions", None) is not None
     info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
                 num_classes=None if text else ds.num_classes,
@@ -287,7 +298,9 @@ def check_resumable(saved, config):
         raise SystemExit(f"the checkpoint's global batch is {saved_batch}, this run's "
                          f"{config['global_batch']} ({world} processes x {config['batch_size']}): "
                          f"pass --batch-size {saved_batch // world} to keep it")
-    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUMABLE and saved.get(k) != v}
+    data_keys = {"num_examples"} if config["data_changed_ok"] else set()  # the user said so
+    diff = {k: (saved.get(k), v) for k, v in config.items()
+            if k not in RESUMABLE | data_keys and saved.get(k) != v}
     if diff:
         lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"the checkpoint was trained with another config; refusing to resume:\n{lines}")

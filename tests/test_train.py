@@ -423,3 +423,23 @@ def test_bad_sampling_flags_give_one_line_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         sample.main(["--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s"), *flags])
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_check_images_lists_bad_files_and_a_changed_dataset_resumes_when_told(tmp_path):
+    from PIL import Image
+    root = tmp_path / "folder"
+    for c in range(2):
+        os.makedirs(root / str(c))
+        for i in range(55):  # 110 files: the last one lies beyond the first 100 read up front
+            Image.fromarray(np.full((8, 8), 40 * c + i, np.uint8)).save(root / str(c) / f"{i:03d}.png")
+    (root / "1" / "999.png").write_bytes(b"\x89PNG cut short")
+    flags = ["--dataset", "folder", "--data-root", str(root), "--image-size", "8", "--num-workers", "0"]
+    with pytest.raises(SystemExit, match=r"1 unreadable images: .*999.png"):
+        run(tmp_path, "checked", "--steps", "1", "--check-images", *flags)
+    os.remove(root / "1" / "999.png")
+    out = run(tmp_path, "run", "--steps", "1", *flags)
+    os.remove(root / "1" / "054.png")  # the dataset changes under a run
+    with pytest.raises(SystemExit, match="--num-examples: checkpoint 110, now 109"):
+        train.main([*TINY, "--out", out, "--steps", "2", "--resume", *flags])
+    train.main([*TINY, "--out", out, "--steps", "2", "--resume", "--data-changed-ok", *flags])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
