@@ -182,13 +182,18 @@ def load_digits_dataset(split="train"):
 def read_idx(path):
     """An idx file (MNIST format, optionally gzipped) -> numpy uint8 array."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # a cut-short or damaged .gz
+        raise ValueError(f"cannot read {path}: {e}") from None
     magic = int.from_bytes(data[0:4], "big")
     if magic >> 8 != 0x08:  # 0x0000 08 ndim: unsigned byte data
         raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x})")
     ndim = magic & 0xFF
     shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    if len(data) - 4 - 4 * ndim != math.prod(shape):
+        raise ValueError(f"{path} is truncated: {len(data) - 4 - 4 * ndim} of {math.prod(shape)} bytes")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 

@@ -326,9 +326,12 @@ def build_config(args, data, conditions, info, autoencoder):
 
 def prepare_data(args, device):
     """Data, its (possibly corrupted) conditions, the run config and the frozen autoencoder."""
-    data, clean, info = load_training_data(args)
-    autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle).to(device).eval() \
-        if args.vae else None
+    try:  # the user's data and weights: one-line errors that name the file
+        data, clean, info = load_training_data(args)
+        autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle).to(device).eval() \
+            if args.vae else None
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"train.py: {e}") from None
     if autoencoder is not None:
         info["latent_scale"], info["vae_sha256"] = autoencoder.scale, vae.weights_hash(args.vae)
     config = build_config(args, data, clean, info, autoencoder)

@@ -696,7 +696,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    encode(args) if args.command == "encode" else train(args)
+    try:
+        encode(args) if args.command == "encode" else train(args)
+    except FileNotFoundError as e:  # a missing dataset or weights file: one line
+        raise SystemExit(f"vae.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -443,3 +443,46 @@ def test_check_images_lists_bad_files_and_a_changed_dataset_resumes_when_told(tm
         train.main([*TINY, "--out", out, "--steps", "2", "--resume", *flags])
     train.main([*TINY, "--out", out, "--steps", "2", "--resume", "--data-changed-ok", *flags])
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
+
+
+def test_a_truncated_dataset_file_is_named_in_one_line(tmp_path):
+    import gzip
+    import shutil as sh
+    root = tmp_path / "fmnist"
+    sh.copytree("/usr/share/datasets/fashion-mnist", root)
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "rb") as f:
+        head = f.read(10_000)
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(head)  # a download cut short
+    with pytest.raises(SystemExit, match=r"^train.py: .*train-images-idx3-ubyte.gz is truncated"):
+        run(tmp_path, "f", "--steps", "1", "--dataset", "fashion-mnist", "--data-root", str(root),
+            "--image-size", "8")
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """A real full disk: a tmpfs with room for one checkpoint and a half."""
+    import subprocess
+    disk = tmp_path / "disk"
+    os.makedirs(disk)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the simulated full disk test still runs")
+    try:
+        out = str(disk / "run")
+        run(disk, "run", "--steps", "1")  # one checkpoint, ~16 MB
+        before = params(out)
+        with pytest.raises(SystemExit, match="previous checkpoint is intact"):
+            train.main([*TINY, "--out", out, "--steps", "2", "--resume"])
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "corruption.tsv", "log.jsonl"]
+        assert_same(before, params(out))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_a_missing_autoencoder_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^train.py: autoencoder weights not found: .*nowhere.ckpt"):
+        run(tmp_path, "v", "--steps", "1", "--vae", str(tmp_path / "nowhere.ckpt"))
+    import vae
+    with pytest.raises(SystemExit, match=r"^vae.py: autoencoder weights not found"):
+        vae.main(["encode", "--dataset", "digits", "--weights", str(tmp_path / "nowhere.ckpt"),
+                  "--out", str(tmp_path / "cache")])
