@@ -37,7 +37,8 @@ import vae
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
 # --batch-size (per process) may change when the number of processes does: the global batch is checked.
 RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads",
-             "batch_size", "class_names", "unsafe_pickle", "check_images", "data_changed_ok"}
+             "batch_size", "grad_accum", "class_names", "unsafe_pickle", "check_images",
+             "data_changed_ok"}
 
 
 def parse_args(argv=None):
@@ -83,6 +84,9 @@ def parse_args(argv=None):
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1500, help="training steps (paper: 178K for IN-1K)")
     o.add_argument("--batch-size", type=int, default=64, help="per-process batch (paper: 64 per GPU on 8 GPUs)")
+    o.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step: global batch = batch-size x processes x grad-accum "
+                        "(paper: 512 = 64 x 8 x 1; one GPU: 64 x 1 x 8)")
     o.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 1e-4; the default suits the small CPU models)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (LDM trains without clipping)")
@@ -225,19 +229,21 @@ def global_indices(step, global_batch, n, seed):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """This rank's slice of every global batch from `start` on (so a resumed loader is exact)."""
+    """This rank's micro-batches of every global batch from `start` on (a resumed loader is
+    exact). The global batch is cut into world x accum chunks; rank r takes chunks r*accum.. ."""
 
-    def __init__(self, start, steps, batch, world, rank, n, seed):
-        self.start, self.steps, self.batch = start, steps, batch
+    def __init__(self, start, steps, batch, world, rank, n, seed, accum=1):
+        self.start, self.steps, self.batch, self.accum = start, steps, batch, accum
         self.world, self.rank, self.n, self.seed = world, rank, n, seed
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            idx = global_indices(step, self.batch * self.world, self.n, self.seed)
-            yield idx[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
+            idx = global_indices(step, self.batch * self.world * self.accum, self.n, self.seed)
+            for chunk in range(self.rank * self.accum, (self.rank + 1) * self.accum):
+                yield idx[chunk * self.batch:(chunk + 1) * self.batch].tolist()
 
     def __len__(self):
-        return self.steps - self.start
+        return (self.steps - self.start) * self.accum
 
 
 class ImagesOnly(torch.utils.data.Dataset):
@@ -294,10 +300,11 @@ def load_checkpoint(path, device):
 def check_resumable(saved, config):
     saved_batch = saved.get("global_batch", saved["batch_size"])
     if saved_batch != config["global_batch"]:
-        world = config["global_batch"] // config["batch_size"]
+        per_step = config["global_batch"] // config["batch_size"]  # processes x grad-accum
         raise SystemExit(f"the checkpoint's global batch is {saved_batch}, this run's "
-                         f"{config['global_batch']} ({world} processes x {config['batch_size']}): "
-                         f"pass --batch-size {saved_batch // world} to keep it")
+                         f"{config['global_batch']} ({per_step} micro-batches of {config['batch_size']}): "
+                         f"keep it with --batch-size and --grad-accum whose product with the number "
+                         f"of processes is {saved_batch} (e.g. --batch-size {max(1, saved_batch // per_step)})")
     data_keys = {"num_examples"} if config["data_changed_ok"] else set()  # the user said so
     diff = {k: (saved.get(k), v) for k, v in config.items()
             if k not in RESUMABLE | data_keys and saved.get(k) != v}
@@ -401,6 +408,7 @@ def check_args(args):
     ranges = [("--eta", args.eta, 0, 1), ("--cond-drop", args.cond_drop, 0, 1),
               ("--gamma", args.gamma, 0, inf), ("--input-perturbation", args.input_perturbation, 0, inf),
               ("--steps", args.steps, 1, inf), ("--batch-size", args.batch_size, 1, inf),
+              ("--grad-accum", args.grad_accum, 1, inf),
               ("--ckpt-every", args.ckpt_every, 1, inf), ("--log-every", args.log_every, 1, inf),
               ("--text-length", args.text_length, 1, inf), ("--lr", args.lr, 0, inf)]
     for flag, value, lo, hi in ranges:
@@ -421,7 +429,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None
     data, clean, conditions, config, autoencoder = prepare_data(args, device)
-    config["global_batch"] = args.batch_size * world  # what a resume must keep (data order, draws)
+    config["global_batch"] = args.batch_size * world * args.grad_accum  # a resume keeps it
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     model, ema, opt, step = build_model(args, config, device, ckpt_path)
@@ -429,8 +437,8 @@ def main(argv=None):
         write_run_files(args, config, clean, conditions, model)
         if step == 0 and os.path.exists(os.path.join(args.out, "log.jsonl")):
             os.remove(os.path.join(args.out, "log.jsonl"))  # a fresh run: no lines of a crashed one
-    train_model = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    train_model = torch.compile(train_model) if args.compile else train_model
+    ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    train_model = torch.compile(ddp) if args.compile else ddp
 
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
     if not config["text"]:  # class labels and their prior live on the device
@@ -438,16 +446,17 @@ def main(argv=None):
         conditions = torch.as_tensor(conditions, dtype=torch.int64).to(device)
     else:
         prior = None
-    G, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+    B, accum = args.batch_size, args.grad_accum
+    G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's share
     loader = iter(torch.utils.data.DataLoader(
         ImagesOnly(data), num_workers=0 if isinstance(data, corrupt.InMemoryDataset) else args.num_workers,
-        batch_sampler=StepBatches(step, args.steps, args.batch_size, world, rank, len(conditions), args.seed),
+        batch_sampler=StepBatches(step, args.steps, B, world, rank, len(conditions), args.seed, accum),
         pin_memory=cuda))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     loss_sum, t0, steps_timed = torch.zeros((), device=device), time.time(), 0  # read at log steps
     with stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
         while step < args.steps:
-            x0 = next(loader).to(device, non_blocking=True)
+            x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
             g = step_generator(args.seed, step, device)
             conds = batch_conditions(args, conditions, prior, global_indices(step, G, len(conditions), args.seed),
                                      mine, g, device, config)
@@ -458,17 +467,22 @@ def main(argv=None):
                 with torch.no_grad():
                     x0 = autoencoder.encode(x0)
             t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape, len(abar), device)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, delta),
-                                               x0, t, noise, conds, abar, input_noise=ip)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for m in range(accum):  # micro-batches of B; gradients are all-reduced after the last
+                part = slice(m * B, (m + 1) * B)
+                sync = ddp.no_sync() if world > 1 and m < accum - 1 else nullcontext()
+                with sync, torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    d = delta[part] if delta is not None else None
+                    loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, d), x0[part],
+                                                   t[part], noise[part], conds[part], abar,
+                                                   input_noise=ip[part] if ip is not None else None)
+                    (loss / accum).backward()
+                loss_sum += loss.detach().float() / accum  # no host sync: read at log and save steps
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # LDM's LitEma warm-up
             step += 1
-            loss_sum += loss.detach().float()  # no host sync: the loss is read at log and save steps
             steps_timed += 1
             bar.update(1)
             stopping = stop_requested(received, step, args.log_every, world, device)
