@@ -577,7 +577,7 @@ def save_atomic(obj, path):
 def train(args):
     import corrupt  # datasets (Fashion-MNIST, digits, folders)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+    system.set_threads(args.threads)
     if os.path.exists(os.path.join(args.out, "ckpt.pt")) and not args.resume:
         raise SystemExit(f"{args.out} already holds an autoencoder (latent runs may depend on it): "
                          f"pass --resume to continue it, or choose another --out")
@@ -641,6 +641,7 @@ def encode(args):
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    system.set_threads(args.threads)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -674,6 +675,8 @@ def parse_args(argv=None):
                        help="autoencoder architecture (encode: needed for CompVis/diffusers weights)")
         s.add_argument("--out", required=True, help="output directory")
         s.add_argument("--batch-size", type=int, default=64, help="images per chunk (encode) or per step (train)")
+        s.add_argument("--threads", type=int, default=0,
+                       help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
     e = sub.choices["encode"]
     e.add_argument("--weights", required=True, help="our checkpoint (vae.py train), a CompVis model.ckpt, "
                    "or a diffusers VQModel/AutoencoderKL directory")
@@ -689,7 +692,6 @@ def parse_args(argv=None):
     t.add_argument("--eval-images", type=int, default=2000, help="first N held-out (test split) images for MSE/PSNR")
     t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (atomic)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     t.add_argument("--seed", type=int, default=0, help="seed for init, batches and flips")
     return p.parse_args(argv)
 
