@@ -243,14 +243,14 @@ def main(argv=None):
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
-    if vae_path and config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
-        raise SystemExit(f"{vae_path} holds other weights than the autoencoder this model's latents "
-                         f"came from (sha256 {config['vae_sha256']}): pass --vae with those weights")
     try:
         autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"), config.get("latent_scale"),
                                            args.unsafe_pickle).to(device).eval() if vae_path else None
     except (FileNotFoundError, ValueError) as e:  # a missing or foreign autoencoder: one line
         raise SystemExit(f"sample.py: {e}") from None
+    if vae_path and config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
+        raise SystemExit(f"{vae_path} holds other weights than the autoencoder this model's latents "
+                         f"came from (sha256 {config['vae_sha256']}): pass --vae with those weights")
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU: step sizes are Python floats
     conds = conditions_to_sample(args, config)
     mine = list(range(rank, len(conds), world))  # this process's sample indices
