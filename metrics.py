@@ -857,7 +857,7 @@ def parse_eval_args(argv):
     p.add_argument("--out", default="metrics_out", help="output folder: metrics.json, plots, RMD scores")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
+                   help=system.THREADS_HELP)
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="--vq: read a checkpoint that pickles more than tensors (a CompVis Lightning "
                         "model.ckpt); unpickling can run any code it holds: only for files you trust")

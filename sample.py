@@ -60,7 +60,7 @@ def parse_args(argv=None):
                    help="U-Net autocast dtype; auto = bf16 (and TF32) on CUDA, fp32 on the CPU; "
                         "guidance and the sampler's steps stay fp32")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
+                   help=system.THREADS_HELP)
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
     return p.parse_args(argv)
 

@@ -26,6 +26,9 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+THREADS_HELP = "CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)"
+
+
 def set_threads(requested=0):
     """torch's CPU threads: `requested` if > 0, else OMP_NUM_THREADS if set, else the cores shared
     among this node's torchrun processes. Prints a note when other work already fills the cores."""

@@ -103,7 +103,7 @@ def parse_args(argv=None):
     s.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     s.add_argument("--num-workers", type=int, default=2, help="data loader workers for image-folder datasets")
     s.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
+                   help=system.THREADS_HELP)
     return p.parse_args(argv)
 
 

@@ -676,7 +676,7 @@ def parse_args(argv=None):
         s.add_argument("--out", required=True, help="output directory")
         s.add_argument("--batch-size", type=int, default=64, help="images per chunk (encode) or per step (train)")
         s.add_argument("--threads", type=int, default=0,
-                       help="CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)")
+                       help=system.THREADS_HELP)
     e = sub.choices["encode"]
     e.add_argument("--weights", required=True, help="our checkpoint (vae.py train), a CompVis model.ckpt, "
                    "or a diffusers VQModel/AutoencoderKL directory")
