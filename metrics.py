@@ -451,17 +451,22 @@ class FeatureStats:
 
 
 def gather(x):
-    """Concatenate every rank's contiguous shard in rank order (= the original order)."""
-    if world()[1] == 1:
+    """Rank 0 gets every rank's contiguous shard concatenated in rank order (= the original order);
+    other ranks get None (the metrics on features are computed on rank 0 only)."""
+    rank, size = world()
+    if size == 1:
         return x
-    parts = [None] * world()[1]
-    dist.all_gather_object(parts, x)
-    return np.concatenate(parts)
+    parts = [None] * size if rank == 0 else None
+    dist.gather_object(x, parts, dst=0)
+    return np.concatenate(parts) if rank == 0 else None
 
 
 def extract(extractor, source, batch_size, desc):
-    """-> {"n", "mu", "sigma", ["mu_s", "sigma_s"], "features", ["logits_unbiased"]}; all ranks get it all."""
+    """-> {"n", "mu", "sigma", ["mu_s", "sigma_s"], "features", ["logits_unbiased"]}: the
+    statistics on every rank, the features and logits on rank 0 only (None elsewhere)."""
     rank, size = world()
+    if len(source) < size:  # an empty shard would skip the collectives below: a hang
+        raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} processes")
     lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
     stats, kept = {}, {"features": [], "logits_unbiased": []}
     for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
@@ -499,7 +504,10 @@ def reference_features(source, extractor, args, desc, needed):
         raise ValueError(f"'{source.path}' holds no images (arr_0)" + ("" if stored else " and no Inception statistics"))
     key = hashlib.sha1(f"{source.cache_id()}|{extractor.cache_id}".encode()).hexdigest()[:16]
     path = os.path.join(args.cache, f"{key}.npz") if args.cache else None
-    if path and os.path.exists(path):
+    hit = [bool(path) and os.path.exists(path)]
+    if world()[1] > 1:  # rank 0 decides: a hit on some ranks only would split the collectives
+        dist.broadcast_object_list(hit, src=0)
+    if hit[0]:
         if world()[0] == 0:
             print(f"{desc}: cached features {path} (--cache '' recomputes them)")
         with np.load(path) as f:

@@ -266,10 +266,10 @@ def main(argv=None):
                                                args, abar, autoencoder)
             images.append(batch)
             outside.append(out_of_range * len(idx))
-        images = gather(np.concatenate(images), mine, len(conds), world)
-        outside = gather(np.array([sum(outside)]), [rank], world, world).sum() / len(conds)
+        out = os.path.join(out_root, f"s{scale:g}")
+        images, outside = gather(out, images, mine, sum(outside), len(conds), rank, world)
         if rank == 0:
-            out = os.path.join(out_root, f"s{scale:g}")
+            outside /= len(conds)
             write_outputs(out, images, conds, scale, config, args, step)
             print(f"wrote {len(images)} samples to {out}")
             if range_warning(outside):
@@ -278,16 +278,32 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def gather(images, mine, n, world):
-    """Put every process's samples back in index order (rank 0 holds the result)."""
+def gather(out, batches, mine, outside, n, rank, world):
+    """Rank 0 gets every sample in index order and the summed out-of-range count; other ranks get
+    (None, None). Each rank writes its shard to OUT/shard-RANK.npz (one copy of the output in
+    rank 0's memory, never all of it on every rank), rank 0 merges after a barrier. A rank whose
+    shard is empty writes one too, so every rank reaches every barrier."""
+    images = np.concatenate(batches) if batches else np.zeros((0,), np.uint8)
     if world == 1:
-        return images
-    parts = [None] * world
-    dist.all_gather_object(parts, (mine, images))
-    full = np.empty((n, *images.shape[1:]), images.dtype)
-    for idx, imgs in parts:
-        full[idx] = imgs
-    return full
+        return images, outside
+    os.makedirs(out, exist_ok=True)
+    shard = os.path.join(out, f"shard-{rank}.npz")
+    np.savez(shard + ".tmp.npz", images=images, index=np.asarray(mine, np.int64), outside=outside)
+    os.replace(shard + ".tmp.npz", shard)
+    dist.barrier()
+    full, total = None, 0.0
+    if rank == 0:
+        for r in range(world):
+            path = os.path.join(out, f"shard-{r}.npz")
+            with np.load(path) as part:
+                if len(part["index"]):
+                    if full is None:
+                        full = np.empty((n, *part["images"].shape[1:]), np.uint8)
+                    full[part["index"]] = part["images"]
+                total += float(part["outside"])
+            os.remove(path)
+    dist.barrier()  # no rank starts the next scale (or exits) before the merge is done
+    return full, total
 
 
 if __name__ == "__main__":

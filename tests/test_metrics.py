@@ -297,3 +297,36 @@ def test_channel_first_arrays_are_refused(tmp_path):
         metrics.NpzSource(str(tmp_path / "nchw.npz"))
     np.savez(tmp_path / "nhwc.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
     assert len(metrics.NpzSource(str(tmp_path / "nhwc.npz"))) == 10
+
+
+def _metrics_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    metrics.main(argv)
+
+
+def test_two_processes_give_the_single_process_metrics(tmp_path):
+    """Uneven shards (61 and 41 images over 2 ranks), features gathered to rank 0 only, the
+    cache decided by rank 0: the same numbers as one process."""
+    import socket
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    cls = tmp_path / "cls.pt"
+    torch.save({"model": metrics.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28,
+                "channels": 1}, cls)
+    write_npz(tmp_path / "real.npz", 61, 0)
+    write_npz(tmp_path / "fake.npz", 41, 1)
+
+    def argv(out):
+        return ["--real", str(tmp_path / "real.npz"), "--fake", str(tmp_path / "fake.npz"),
+                "--features", f"classifier:{cls}", "--metrics", "fid,pr,mem", "--train", str(tmp_path / "real.npz"),
+                "--batch-size", "16", "--cache", str(tmp_path / out / "cache"), "--out", str(tmp_path / out)]
+    one = metrics.main(argv("one"))[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_metrics_worker, args=(2, port, argv("two"), "two"), nprocs=2, join=True)
+    two = json.load(open(tmp_path / "two" / "metrics.json"))["rows"][0]
+    for k in ("fid", "precision", "recall", "l2_5nn", "mem_ratio"):  # other batch boundaries and
+        assert two[k] == pytest.approx(one[k], rel=1e-6), k            # sum orders: rounding only

@@ -505,3 +505,27 @@ def test_gradient_accumulation_equals_more_processes(tmp_path):
     off = sum(((a[k] - b[k]).abs() > 1e-5).sum().item() for k in a)
     assert off <= 1e-4 * sum(v.numel() for v in a.values())  # rounding only, as the DDP test
     assert json.load(open(os.path.join(accum, "config.json")))["global_batch"] == 16
+
+
+def _sample_worker(rank, world, port, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sample.main(argv)
+
+
+@pytest.mark.parametrize("classes", ["0,1,2,3,4,5,6", "0,1"])  # 7 over 3 ranks; 2 (one rank empty)
+def test_sharded_sampling_equals_one_process(tmp_path, classes):
+    out = run(tmp_path, "m", "--steps", "1")
+    common = ["--ckpt", out, "--classes", classes, "--per-class", "1", "--steps", "3",
+              "--guidance", "1,2", "--threads", "1", "--no-images"]
+    sample.main([*common, "--out", str(tmp_path / "one")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sample_worker, args=(3, port, [*common, "--out", str(tmp_path / "three")]), nprocs=3, join=True)
+    for scale in ("s1", "s2"):
+        a, b = (np.load(tmp_path / d / scale / "samples.npz") for d in ("one", "three"))
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert sorted(os.listdir(tmp_path / "three" / scale)) == ["grid.png", "samples.npz"]  # shards gone
