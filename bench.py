@@ -405,7 +405,7 @@ def bench_sample(config, args, device, report):
         context = embedder(torch.randint(0, 1000, (B,), generator=gen).to(device))
         null_context = embedder(embedder.null_condition(B))
     x_T = torch.randn(B, config.in_channels, config.sample_size, config.sample_size, generator=gen).to(device)
-    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU, as sample.py: no sync per step
     samplers = {"ours": lambda m: our_ddim(m, x_T, context, null_context, args.guidance, args.sample_steps, abar),
                 "diffusers": lambda m: diffusers_ddim(m, x_T, context, null_context, args.guidance, args.sample_steps)}
     fp32, bf16 = Setup(bf16=False, tf32=False), Setup(bf16=True, tf32=True)

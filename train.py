@@ -7,7 +7,9 @@
 One file from laptop to GPU node: DDP (NCCL on CUDA, gloo on CPU), bf16 autocast on CUDA.
 Every random draw of a step (data order, t, noise, condition dropout, CEP, flips) is made for the
 whole global batch from a generator seeded by (seed, step), and each rank takes its slice: the
-result does not depend on the number of processes, and a resumed run continues exactly.
+result does not depend on the number of processes, and a resumed run continues exactly. Text
+models are the exception: BERT's dropout draws from the global RNG, seeded by (seed, step, rank),
+so a resume is exact but the result depends on the number of processes.
 """
 import argparse
 import contextlib
@@ -458,6 +460,8 @@ def main(argv=None):
         while step < args.steps:
             x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
             g = step_generator(args.seed, step, device)
+            if config["text"]:  # BERT's dropout draws from the global RNG: seeded per (step, rank)
+                torch.manual_seed(seed_of(args.seed, step, rank))
             conds = batch_conditions(args, conditions, prior, global_indices(step, G, len(conditions), args.seed),
                                      mine, g, device, config)
             if isinstance(data, vae.LatentCache):  # both horizontal flips are cached: pick one per sample
