@@ -36,6 +36,7 @@ import sys
 import time
 import unittest.mock
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -489,6 +490,82 @@ def bench_features(args, device, report):
 # ----------------------------------------------------------------------------- report
 
 
+# ----------------------------------------------------------------------------- --gpu-check
+
+def last_loss(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return json.loads(f.readlines()[-1])["loss"]
+
+
+def check_line(report, name, ok, detail):
+    """One line of the GPU check: printed and kept in the report."""
+    print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    report.setdefault("gpu_check", []).append({"check": name, "ok": bool(ok), "detail": detail})
+
+
+def sdpa_kernels(device, dims):
+    """The SDPA backends that accept one-head attention of these widths in bf16 (CUDA only)."""
+    found = {}
+    for dim, tokens in dims:
+        q = torch.randn(2, 1, tokens, dim, device=device, dtype=torch.bfloat16)
+        ok = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            with contextlib.suppress(RuntimeError), sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+                ok.append(backend.name.lower())
+        found[f"head {dim}, {tokens} tokens"] = ok
+    return found
+
+
+def gpu_check(device, report, out_dir, compile_=True):
+    """The paths only a GPU run takes, each against its fp32 / eager / uninterrupted twin: bf16
+    training, torch.compile, torchrun with NCCL stopped and resumed, bf16 sampling, SDPA kernels.
+    On the CPU the same checks run with gloo and CPU autocast (the kernel list is CUDA only)."""
+    import sample
+    import subprocess
+    import train
+    header("GPU check (tiny preset, 16x16 digits, 20 steps)", device)
+    base = ["--preset", "tiny", "--image-size", "16", "--batch-size", "32", "--log-every", "5",
+            "--num-workers", "0", "--threads", "0"]
+    runs = {name: os.path.join(out_dir, name) for name in ("fp32", "bf16", "compiled", "full", "part")}
+    train.main([*base, "--steps", "20", "--precision", "fp32", "--out", runs["fp32"]])
+    train.main([*base, "--steps", "20", "--precision", "bf16", "--out", runs["bf16"]])
+    a, b = last_loss(runs["fp32"]), last_loss(runs["bf16"])
+    check_line(report, "bf16 training", abs(b - a) <= 0.05 * a,
+               f"loss {b:.6f} vs fp32 {a:.6f} (rel diff {abs(b - a) / a:.1e})")
+    if compile_:
+        train.main([*base, "--steps", "20", "--precision", "fp32", "--compile", "--out", runs["compiled"]])
+        c = last_loss(runs["compiled"])
+        check_line(report, "torch.compile", abs(c - a) <= 1e-3 * a, f"loss {c:.6f} vs eager {a:.6f}")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", script, *base,
+                "--ckpt-every", "3", "--precision", "fp32"]
+    for name, steps, extra in (("full", 6, []), ("part", 3, []), ("part", 6, ["--resume"])):
+        subprocess.run([*launcher, "--steps", str(steps), "--out", runs[name], *extra], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full, part = (torch.load(os.path.join(runs[n], "ckpt.pt"), weights_only=True)["model"] for n in runs
+                  if n in ("full", "part"))
+    worst = max((full[k] - part[k]).abs().max().item() for k in full)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    check_line(report, f"torchrun ({backend}) stopped at step 3 and resumed", worst == 0.0,
+               f"max |weight difference| {worst:.1e} after 6 steps")
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        outs[precision] = os.path.join(out_dir, f"samples-{precision}")
+        sample.main(["--ckpt", runs["fp32"], "--per-class", "4", "--guidance", "2", "--no-images",
+                     "--precision", precision, "--out", outs[precision]])
+    x, y = (np.load(os.path.join(o, "s2", "samples.npz"))["arr_0"].astype(float) for o in outs.values())
+    check_line(report, "bf16 sampling", np.abs(x - y).mean() < 2.0,
+               f"mean |bf16 - fp32| {np.abs(x - y).mean():.2f} of 255 levels")
+    if device.type == "cuda":  # one-head U-Net widths at their maps (64x64 latents), VQ-f4's middle
+        kernels = sdpa_kernels(device, [(192, 1024), (384, 256), (576, 64), (960, 64), (512, 4096)])
+        report["sdpa_kernels"] = kernels
+        for shape, ok in kernels.items():
+            print(f"  SDPA {shape}: {', '.join(ok)}")
+    return all(c["ok"] for c in report["gpu_check"])
+
+
 def header(title, device):
     mfu = "MFU" if device.type == "cuda" else ""
     print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} {'mem GiB':>8} "
@@ -531,6 +608,9 @@ def main():
     parser.add_argument("--sample-repeats", type=int, help="timed sampling runs per line, after one "
                         "untimed run (default: 2 on CUDA, 1 on CPU)")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale s (Eq. 2; Table 1: 2.0)")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="first prove the GPU paths (bf16, compile, torchrun stop/resume, bf16 sampling, "
+                             "SDPA kernels; BENCHMARKS.md), then time as usual; under 10 minutes on one H100")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     for name, on_cuda, on_cpu in (("steps", 20, 3), ("warmup", 5, 1), ("sample_repeats", 2, 1)):
@@ -549,6 +629,12 @@ def main():
     report.update({name: package_version(name) for name in ("diffusers", "pytorch-fid")})
     print(f"bench: {report['device']}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size}"
           + (f", MFU against {args.peak_tflops:g} TFLOP/s bf16" if device.type == "cuda" else ""))
+    if args.gpu_check:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            passed = gpu_check(device, report, tmp, compile_=args.compile != "off")
+        if not passed:
+            print("GPU check FAILED: see the lines above; timing anyway")
     if args.only in (None, "train"):
         bench_train(config, args, device, report)
     if args.only in (None, "sample"):

@@ -39,3 +39,12 @@ def test_flops_match_issue_7():
 def test_rel_err_fails_on_zero_reference():
     assert not bench.rel_err(torch.ones(3), torch.zeros(3)) <= 1.0  # NaN: a check on zeros fails
     assert bench.rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == pytest.approx(0.2)
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    """The GPU command's checks, on the CPU (gloo, CPU autocast; compile is tested in test_train)."""
+    report = {}
+    assert bench.gpu_check(torch.device("cpu"), report, str(tmp_path), compile_=False)
+    names = [c["check"] for c in report["gpu_check"]]
+    assert names == ["bf16 training", "torchrun (gloo) stopped at step 3 and resumed", "bf16 sampling"]
+    assert "max |weight difference| 0.0e+00" in report["gpu_check"][1]["detail"]
