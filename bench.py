@@ -7,7 +7,7 @@
 What one line of the table times (median of --steps calls after --warmup untimed calls; on CUDA
 each call is bracketed by CUDA events, so a line is GPU time with the launch gaps included):
   train     one optimizer step on a batch of latents: diffusion.training_loss forward + backward +
-            AdamW step (lr 1e-4, PAPER.md Models), one class token of context. The reference
+            AdamW step (lr 1e-4, the paper's App. B.3), one class token of context. The reference
             line is our eager U-Net with bf16 autocast, TF32 and fused AdamW on CUDA (fp32 and
             foreach AdamW on CPU); every other line changes ONE thing (an ablation).
   sample    --sample-steps DDIM steps with classifier-free guidance (Eq. 2) from noise to latents:
@@ -601,7 +601,7 @@ def main():
     parser.add_argument("--out", default="runs/bench.json", help="JSON file for all figures")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="peak dense bf16 TFLOP/s of the GPU for MFU (default 989: H100 SXM datasheet; "
-                             "issue 7 quotes ~790 measured; H100 PCIe: 756, A100: 312)")
+                             "~790 is a measured figure; H100 PCIe: 756, A100: 312)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile lines (auto: on CUDA only; compiling takes minutes)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sampled batch")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 
 def ldm_linear_betas(num_steps=1000, beta_start=0.0015, beta_end=0.0195):
-    """LDM's "linear" schedule (diffusers: "scaled_linear"): linear in sqrt(beta). PAPER.md Models."""
+    """LDM's "linear" schedule (diffusers: "scaled_linear"): linear in sqrt(beta) (App. B.3)."""
     return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
 
 

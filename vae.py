@@ -1,7 +1,7 @@
 """LDM's f4 autoencoders (Rombach et al. 2022), their weights, a latent cache, and small AEs.
 
-The paper's LDM-4 models diffuse in the latent space of LDM's VQ-f4 autoencoder (PAPER.md,
-"Models"): 256x256x3 images -> 64x64x3 latents. Diffusion uses VQ's *pre-quantization* latents;
+The paper's LDM-4 models diffuse in the latent space of LDM's VQ-f4 autoencoder (App. B.3,
+Table 3): 256x256x3 images -> 64x64x3 latents. Diffusion uses VQ's *pre-quantization* latents;
 decoding quantizes first. Module names are LDM's own (ldm/modules/diffusionmodules/model.py), so a
 CompVis checkpoint loads key for key; diffusers weights go through `diffusers_key_map`.
 
@@ -44,7 +44,7 @@ class AutoencoderConfig:
 
 
 PRESETS = {
-    # LDM models/first_stage_models/vq-f4 and kl-f4 (PAPER.md: 55,322,782 params for VQ-f4)
+    # LDM models/first_stage_models/vq-f4 and kl-f4 (55,322,782 params for VQ-f4)
     "vq-f4": AutoencoderConfig("vq"),
     "kl-f4": AutoencoderConfig("kl"),
     # one-channel 32x32 data (Fashion-MNIST padded to 32, digits resized): 8x8 latents

@@ -31,7 +31,7 @@ def test_cpu_smoke(tmp_path, monkeypatch):
 
 
 def test_flops_match_issue_7():
-    # Issue 7 quotes ~40.3 TFLOP per ldm4-in1k training step at batch 64; counted on meta: 40.0.
+    # An earlier estimate quotes ~40.3 TFLOP per ldm4-in1k training step at batch 64; counted on meta: 40.0.
     flops = bench.step_flops("ours", unet.PRESETS["ldm4-in1k"], 64, None)
     assert 39.5e12 < flops < 40.5e12
 

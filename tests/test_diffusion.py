@@ -58,7 +58,7 @@ def test_schedule_closed_forms():
     assert betas[0].item() == pytest.approx(0.0015, rel=1e-12)
     assert betas[-1].item() == pytest.approx(0.0195, rel=1e-12)
     assert torch.allclose(betas.sqrt().diff(), betas.sqrt().diff()[0].expand(999))  # linear in sqrt
-    assert f"{ABAR[-1].item():.4g}" == "0.0001423"  # PAPER.md: final alpha-bar 1.423e-4
+    assert f"{ABAR[-1].item():.4g}" == "0.0001423"  # LDM's schedule: final alpha-bar 1.423e-4
     ref = DDPMScheduler(**{k: v for k, v in LDM_CONFIG.items() if k != "set_alpha_to_one"})
     assert rel_err(ABAR, ref.alphas_cumprod) < 2e-6  # diffusers computes it in float32
 

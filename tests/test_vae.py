@@ -63,7 +63,7 @@ def close(ours, ref):
 def test_f4_parameter_counts():
     with torch.device("meta"):
         counts = {p: sum(t.numel() for t in vae.Autoencoder(vae.PRESETS[p]).parameters()) for p in ("vq-f4", "kl-f4")}
-    assert counts == {"vq-f4": 55_322_782, "kl-f4": 55_312_063}  # PAPER.md; LDM's configs
+    assert counts == {"vq-f4": 55_322_782, "kl-f4": 55_312_063}  # LDM's configs
 
 
 @pytest.mark.parametrize("preset,size", [("tiny-vq", 16), ("tiny-kl", 16), ("vq-f4", 64), ("kl-f4", 64)])
