@@ -392,7 +392,7 @@ def diffusers_ddim(model, x_T, context, null_context, scale, steps):
 
 def our_ddim(model, x_T, context, null_context, scale, steps, abar):
     def eps_fn(x, t):
-        return diffusion.guided_eps(model, x, t, context, null_context, scale).float()
+        return diffusion.guided_eps(model, x, t, context, null_context, scale)  # fp32 already
     return diffusion.sample(eps_fn, x_T, "ddim", steps, abar)
 
 

@@ -225,8 +225,11 @@ def check_args(args):
     if not 0 <= args.ddim_eta <= 1:
         raise SystemExit(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
     if args.cads:
-        tau = args.cads_tau.split(",")
-        if len(tau) != 2 or not 0 <= float(tau[0]) < float(tau[1]) <= 1:
+        try:
+            tau = [float(v) for v in args.cads_tau.split(",")]
+        except ValueError:
+            tau = []
+        if len(tau) != 2 or not 0 <= tau[0] < tau[1] <= 1:
             raise SystemExit(f"--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got {args.cads_tau}")
         if args.cads_scale < 0 or not 0 <= args.cads_psi <= 1:
             raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")

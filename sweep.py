@@ -32,9 +32,17 @@ import math
 import multiprocessing
 import os
 import time
+import warnings
 import zipfile
 
 import numpy as np
+import torch
+
+import corrupt
+import metrics
+import sample
+import system
+import train
 
 SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the same budget
     "digits": dict(dataset="digits", data_root=None, image_size=None, train_per_class=30,
@@ -58,7 +66,6 @@ LOWER_IS_BETTER = {"fid": True, "nn_train": False, "mem_ratio": True}
 
 
 def parse_args(argv=None):
-    import system
     p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     p.add_argument("--setting", default="digits", choices=SETTINGS,
                    help="digits: 8x8 pixels, CPU-sized (default); fmnist: 32x32, GPU-sized")
@@ -79,10 +86,6 @@ def parse_args(argv=None):
 
 def reference(out, size):
     """Training subset, held-out images and the feature classifier, made once: reference.npz."""
-    import torch
-    import corrupt
-    import metrics
-    import train
     path = os.path.join(out, "reference.npz")
     if os.path.exists(path):
         return dict(np.load(path))
@@ -99,7 +102,7 @@ def reference(out, size):
         *(["--data-root", size["data_root"]] if size["data_root"] else []),
         *(["--image-size", str(size["image_size"])] if size["image_size"] else [])])
     ref = dict(train=nhwc(used.images), held=nhwc(held), test_accuracy=accuracy)
-    ref["held_features"] = features(clf_path, ref["held"])
+    ref["held_features"] = features(metrics.load_classifier(clf_path), ref["held"])
     ref["mem_threshold"] = np.quantile(nn_distance(ref["held"], ref["train"]), 0.05)
     np.savez(path + ".tmp.npz", **ref)
     os.replace(path + ".tmp.npz", path)
@@ -110,11 +113,8 @@ def nhwc(images):
     return images.permute(0, 2, 3, 1).numpy()
 
 
-def features(clf_path, images, batch=500):
+def features(clf, images, batch=500):
     """Penultimate-layer features of the domain classifier, float64 [N, 128]."""
-    import torch
-    import metrics
-    clf = metrics.load_classifier(clf_path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
         parts = [clf.embed(x[i:i + batch])["features"] for i in range(0, len(x), batch)]
@@ -123,7 +123,6 @@ def features(clf_path, images, batch=500):
 
 def nn_distance(images, train_images):
     """Per-pixel RMS distance of each image to its nearest training image (pixels in [0, 1])."""
-    import torch
     a = torch.from_numpy(images.reshape(len(images), -1)).double() / 255
     b = torch.from_numpy(train_images.reshape(len(train_images), -1)).double() / 255
     return (torch.cdist(a, b).min(1).values / math.sqrt(a.shape[1])).numpy()
@@ -131,15 +130,12 @@ def nn_distance(images, train_images):
 
 def evaluate(npz_path, ref, clf_path):
     """Every metric of one sample set against the held-out images and the training subset."""
-    import warnings
-    import torch
-    import metrics
     warnings.filterwarnings("ignore", message="Matrix is singular")  # dead ReLU features
     with np.load(npz_path) as f:
         images, labels = f["arr_0"], f["labels"]
-    feats = features(clf_path, images)
-    held = ref["held_features"]
     clf = metrics.load_classifier(clf_path)
+    feats = features(clf, images)
+    held = ref["held_features"]
     with torch.no_grad():
         x = metrics.to_model_input(torch.from_numpy(images).permute(0, 3, 1, 2), clf.channels)
         predicted = clf(x).argmax(1).numpy()
@@ -170,7 +166,6 @@ def train_flags(arm_flags, seed, size, run_dir):
 
 
 def checkpoint_step(run_dir):
-    import torch
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.exists(path):
         return None
@@ -198,10 +193,7 @@ def samples_done(out, size, cads):
 
 def run_job(job):
     """Train (or resume), sample every scale (and CADS for clean), evaluate: one (arm, seed)."""
-    import torch
     torch.set_num_threads(1)  # the evaluation; train and sample get --threads 1
-    import sample
-    import train
     arm, flags, seed, size, out, ref_path = job
     run_dir = os.path.join(out, f"{arm}-s{seed}")
     step = checkpoint_step(run_dir)

@@ -97,7 +97,8 @@ def parse_args(argv=None):
     s.add_argument("--out", default="runs/demo", help="run directory: config, log, manifest, checkpoint")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
     s.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, t, dropout, CEP)")
-    s.add_argument("--ckpt-every", type=int, default=1000, help="write the checkpoint every N steps and at the end; the previous one is kept as "
+    s.add_argument("--ckpt-every", type=int, default=1000,
+                   help="write the checkpoint every N steps and at the end; the previous one is kept as "
                         "ckpt.prev.pt, so saving needs room for three checkpoints")
     s.add_argument("--log-every", type=int, default=50, help="log a JSON line every N steps")
     s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")

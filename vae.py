@@ -637,14 +637,8 @@ def train(args):
 # ----------------------------------------------------------------------------- CLI
 def encode(args):
     import corrupt  # datasets (ImageNet folders, captions, Fashion-MNIST, digits)
-    distributed = "RANK" in os.environ  # launched by torchrun
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world, device = system.setup_distributed()  # torchrun sets RANK
     system.set_threads(args.threads)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dataset = corrupt.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
     model = load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle).to(device).eval()
     if dataset[0][0].shape[0] != model.config.in_channels:
@@ -657,7 +651,7 @@ def encode(args):
             "pad": args.pad}
     encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype), args.num_workers,
                    rank, world, device)
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

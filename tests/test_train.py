@@ -418,6 +418,7 @@ def test_class_grids_are_labelled_with_class_names(tmp_path):
     (["--guidance", "-1"], "--guidance scales must be >= 0"),
     (["--steps", "0"], "--steps and --batch-size must be >= 1"),
     (["--ddim-eta", "-0.5"], r"--ddim-eta must be in \[0, 1\]"),
+    (["--cads", "--cads-tau", "low,high"], "--cads-tau must be tau1,tau2"),
 ])
 def test_bad_sampling_flags_give_one_line_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
