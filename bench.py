@@ -13,8 +13,8 @@ each call is bracketed by CUDA events, so a line is GPU time with the launch gap
   sample    --sample-steps DDIM steps with classifier-free guidance (Eq. 2) from noise to latents:
             diffusion.sample + guided_eps against a diffusers DDIMScheduler loop over diffusers'
             UNet2DConditionModel holding the same weights (loaded through unet.diffusers_key_map).
-  features  FID Inception pool3 features of uint8 256x256 images: metrics.InceptionV3 against
-            pytorch-fid's InceptionV3 holding the same (random) weights, fp32 as metrics.py runs.
+  features  FID Inception pool3 features of uint8 256x256 images: features.InceptionV3 against
+            pytorch-fid's InceptionV3 holding the same (random) weights, fp32 as metrics.py extracts.
 Before timing, each compared pair is checked to compute the same function with the same random
 weights (relative error printed: max |a - b| / max |b|); every training line also prints how far
 its first loss is from the fp32 reference loss. FLOPs: FlopCounterMode on forward + backward,
@@ -42,7 +42,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion
-import metrics
+import features
+import system
 import unet
 import vae
 from cep import ClassEmbedder
@@ -132,25 +133,6 @@ def rel_err(a, b):
     return (a.float() - b.float()).abs().max().item() / scale if scale > 0 else float("nan")
 
 
-def randomise_(module, seed):
-    """Random values in every parameter and buffer (also LDM's zero-initialised convs), so that
-    the equivalence checks can fail; fan-in scaled so activations stay O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.state_dict().items():
-            if not p.is_floating_point():  # BatchNorm's num_batches_tracked
-                continue
-            if p.ndim > 1:
-                p.normal_(0, p[0].numel() ** -0.5, generator=gen)
-            elif name.endswith("running_var"):
-                p.uniform_(0.5, 1.5, generator=gen)
-            elif name.endswith(("bias", "running_mean")):
-                p.normal_(0, 0.1, generator=gen)
-            else:  # norm scales
-                p.normal_(1, 0.1, generator=gen)
-    return module
-
-
 # ----------------------------------------------------------------------------- the two U-Nets
 
 
@@ -169,7 +151,7 @@ def random_unet_state(config):
     """The random U-Net weights every line of a section starts from (CPU, our key names)."""
     with torch.device("meta"):
         model = unet.UNet(config)
-    return randomise_(model.to_empty(device="cpu"), seed=1).state_dict()
+    return system.randomise_(model.to_empty(device="cpu"), seed=1).state_dict()
 
 
 def build_unet(kind, config, state, device, setup=Setup()):
@@ -186,7 +168,7 @@ def build_unet(kind, config, state, device, setup=Setup()):
         with torch.device("meta"):
             net = UNet2DConditionModel(**unet.diffusers_config(config))
         net = net.to_empty(device=device)
-        net.load_state_dict({theirs: state[ours] for theirs, ours in unet.diffusers_key_map(config).items()})
+        net.load_state_dict({theirs: state[ours] for ours, theirs in unet.diffusers_key_map(config).items()})
         model = DiffusersEps(net)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -298,7 +280,7 @@ def bench_train(config, args, device, report):
     name = AUTOENCODER.get(args.preset)
     autoencoder = None
     if name:
-        autoencoder = randomise_(vae.Autoencoder(vae.PRESETS[name]), seed=2).to(device).eval()
+        autoencoder = system.randomise_(vae.Autoencoder(vae.PRESETS[name]), seed=2).to(device).eval()
     factor = 2 ** (len(autoencoder.config.ch_mult) - 1) if autoencoder else 4  # image / latent size
     batch = [torch.randn(B, C, S, S, generator=gen), torch.randint(0, 1000, (B,), generator=gen),
              torch.randn(B, C, S, S, generator=gen), torch.randn(B, 1, config.context_dim, generator=gen),
@@ -460,19 +442,19 @@ def bench_features(args, device, report):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), generator=gen,
                            dtype=torch.uint8).to(device)
-    ours = randomise_(metrics.InceptionV3(), seed=4).eval()
+    ours = system.randomise_(features.InceptionV3(), seed=4).eval()
     theirs = pytorch_fid_inception(ours.state_dict()).to(device)
     ours = ours.to(device)
-    networks = {"ours (metrics.InceptionV3)": lambda x: ours(x)["features"],
+    networks = {"ours (features.InceptionV3)": lambda x: ours(x)["features"],
                 # pytorch-fid's data loader hands the network floats in [0, 1]
                 "pytorch-fid InceptionV3": lambda x: theirs(x.float() / 255)[0].flatten(1)}
     setup = Setup(bf16=False, tf32=False)  # metrics.py extracts exact fp32 features
     with torch.no_grad(), running(setup, device):
         outputs = {label: net(images) for label, net in networks.items()}
-        err = rel_err(outputs["pytorch-fid InceptionV3"], outputs["ours (metrics.InceptionV3)"])
+        err = rel_err(outputs["pytorch-fid InceptionV3"], outputs["ours (features.InceptionV3)"])
         print(f"check: pytorch-fid vs ours, same weights: rel err {err:.1e}")
         if not err <= 1e-4:
-            raise SystemExit(f"metrics.InceptionV3 and pytorch-fid's disagree (rel err {err:.1e})")
+            raise SystemExit(f"features.InceptionV3 and pytorch-fid's disagree (rel err {err:.1e})")
         header(f"features (uint8 {IMAGE_SIZE}x{IMAGE_SIZE} -> 2048-d pool3, fp32, TF32 off)", device)
         rows, ref_seconds = [], None
         for label, net in networks.items():
@@ -525,17 +507,19 @@ def gpu_check(device, report, out_dir, compile_=True):
     import sample
     import subprocess
     import train
-    header("GPU check (tiny preset, 16x16 digits, 20 steps)", device)
-    base = ["--preset", "tiny", "--image-size", "16", "--batch-size", "32", "--log-every", "5",
+    cuda = device.type == "cuda"  # the CPU runs the same code paths at a smaller size
+    steps, batch, per_class = (20, 32, 4) if cuda else (10, 16, 2)
+    header(f"GPU check (tiny preset, 16x16 digits, {steps} steps)", device)
+    base = ["--preset", "tiny", "--image-size", "16", "--batch-size", str(batch), "--log-every", "5",
             "--num-workers", "0", "--threads", "0"]
     runs = {name: os.path.join(out_dir, name) for name in ("fp32", "bf16", "compiled", "full", "part")}
-    train.main([*base, "--steps", "20", "--precision", "fp32", "--out", runs["fp32"]])
-    train.main([*base, "--steps", "20", "--precision", "bf16", "--out", runs["bf16"]])
+    train.main([*base, "--steps", str(steps), "--precision", "fp32", "--out", runs["fp32"]])
+    train.main([*base, "--steps", str(steps), "--precision", "bf16", "--out", runs["bf16"]])
     a, b = last_loss(runs["fp32"]), last_loss(runs["bf16"])
     check_line(report, "bf16 training", abs(b - a) <= 0.05 * a,
                f"loss {b:.6f} vs fp32 {a:.6f} (rel diff {abs(b - a) / a:.1e})")
     if compile_:
-        train.main([*base, "--steps", "20", "--precision", "fp32", "--compile", "--out", runs["compiled"]])
+        train.main([*base, "--steps", str(steps), "--precision", "fp32", "--compile", "--out", runs["compiled"]])
         c = last_loss(runs["compiled"])
         check_line(report, "torch.compile", abs(c - a) <= 1e-3 * a, f"loss {c:.6f} vs eager {a:.6f}")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -547,18 +531,18 @@ def gpu_check(device, report, out_dir, compile_=True):
     full, part = (torch.load(os.path.join(runs[n], "ckpt.pt"), weights_only=True)["model"] for n in runs
                   if n in ("full", "part"))
     worst = max((full[k] - part[k]).abs().max().item() for k in full)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "nccl" if cuda else "gloo"
     check_line(report, f"torchrun ({backend}) stopped at step 3 and resumed", worst == 0.0,
                f"max |weight difference| {worst:.1e} after 6 steps")
     outs = {}
     for precision in ("fp32", "bf16"):
         outs[precision] = os.path.join(out_dir, f"samples-{precision}")
-        sample.main(["--ckpt", runs["fp32"], "--per-class", "4", "--guidance", "2", "--no-images",
+        sample.main(["--ckpt", runs["fp32"], "--per-class", str(per_class), "--guidance", "2", "--no-images",
                      "--precision", precision, "--out", outs[precision]])
     x, y = (np.load(os.path.join(o, "s2", "samples.npz"))["arr_0"].astype(float) for o in outs.values())
     check_line(report, "bf16 sampling", np.abs(x - y).mean() < 2.0,
                f"mean |bf16 - fp32| {np.abs(x - y).mean():.2f} of 255 levels")
-    if device.type == "cuda":  # one-head U-Net widths at their maps (64x64 latents), VQ-f4's middle
+    if cuda:  # one-head U-Net widths at their maps (64x64 latents), VQ-f4's middle
         kernels = sdpa_kernels(device, [(192, 1024), (384, 256), (576, 64), (960, 64), (512, 4096)])
         report["sdpa_kernels"] = kernels
         for shape, ok in kernels.items():
@@ -642,8 +626,7 @@ def main():
     if args.only in (None, "features"):
         bench_features(args, device, report)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    system.write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 

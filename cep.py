@@ -1,7 +1,8 @@
 """Conditions and condition embedding perturbation (CEP).
 
-The condition embedders c_theta(y) of the LDM-4 models (App. B.3) and CEP, the paper's method
-(Sec. 5.1, Eq. 8): during training the U-Net sees c_theta(y) + delta instead of c_theta(y),
+The condition embedders c_theta(y) of the LDM-4 models (App. B.3) and the perturbation delta of
+CEP, the paper's method (Sec. 5.1, Eq. 8): during training the U-Net sees c_theta(y) + delta
+instead of c_theta(y) (denoiser.py),
 
     loss = || eps - eps_theta(x_t, t, c_theta(y) + delta) ||^2,
 
@@ -9,7 +10,7 @@ with delta drawn afresh for every sample at every step, and never at sampling.
   CEP-U: delta ~ U(-gamma/sqrt(d), +gamma/sqrt(d)) elementwise
   CEP-G: delta ~ N(0, gamma/sqrt(d) I)
 d is the width of one condition token (the last dimension of the embedding).
-Condition dropout for classifier-free guidance is done in train.py.
+Condition dropout for classifier-free guidance is in denoiser.py.
 """
 import math
 import os
@@ -109,29 +110,3 @@ def cep_delta(kind, gamma, shape, generator=None, device=None, dtype=None):
     if kind == "gaussian":  # CEP-G: N(0, gamma/sqrt(d) I), gamma/sqrt(d) read as the std (our reading)
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * scale
     raise ValueError(f"unknown CEP kind {kind!r}: expected 'uniform' or 'gaussian'")
-
-
-class CEP(nn.Module):
-    """Adds delta to the condition embedding in training mode only; identity in eval mode
-    and for kind "none". The null embedding is perturbed like any other (our reading)."""
-
-    def __init__(self, kind="none", gamma=1.0):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown CEP kind {kind!r}: expected one of {KINDS}")
-        if gamma < 0:
-            raise ValueError(f"CEP gamma must be >= 0, got {gamma}")
-        self.kind = kind
-        self.gamma = gamma
-
-    def forward(self, emb, delta=None):
-        if not self.training or self.kind == "none":
-            return emb
-        if delta is None:
-            delta = cep_delta(self.kind, self.gamma, emb.shape, device=emb.device, dtype=emb.dtype)
-        if delta.shape != emb.shape:
-            raise ValueError(f"CEP delta shape {tuple(delta.shape)} != embedding shape {tuple(emb.shape)}")
-        return emb + delta
-
-    def extra_repr(self):
-        return f"kind={self.kind!r}, gamma={self.gamma}"

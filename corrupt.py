@@ -1,15 +1,6 @@
-"""Datasets and condition corruption (Sec. 3.1, 3.3 and App. B.1 of the paper).
+"""Condition corruption (Sec. 3.1, 3.3 and Table 7 of the paper) and its manifest.
 
-Datasets (load_dataset): every one returns (image float32 CHW in [-1, 1], condition) per index.
-    digits          scikit-learn's bundled 1,797 real 8x8 digits; needs no setup (the default).
-    fashion-mnist   the idx files of the Debian package dataset-fashion-mnist.
-    folder          an ImageNet-style class folder (torchvision ImageFolder), ADM center crop.
-    captions        a TSV of path<TAB>caption (the common CC3M export), ADM center crop.
-digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, W] so that
-train.py can index whole batches (to_float(ds.images[idx])). __getitem__ reads the condition from
-`.labels` / `.captions`, so assigning corrupted conditions there corrupts what the dataset returns.
-
-Corruption (Sec. 3.1, 3.3), a fixed property of the dataset decided once by a seed:
+A fixed property of the dataset, decided once by a seed:
     corrupt_labels      symmetric / asymmetric class-label flips, exactly round(eta * N) samples
     swap_captions       swap the captions of random pairs until a fraction eta has moved
     load_rewritten_captions / apply_rewritten_captions   LLM re-writing from a user-given file
@@ -23,271 +14,14 @@ corrupted at a small eta is corrupted the same way at every larger eta.
     python corrupt.py --dataset digits --eta 0.05 --seed 0 --out runs/digits
 """
 import argparse
-import gzip
 import math
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
-DATASETS = ("digits", "fashion-mnist", "folder", "captions")
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-DIGITS_TEST_FRACTION = 0.1  # digits has no official split: a fixed seeded 90/10 split
-DEFAULT_FILE_IMAGE_SIZE = 256  # the paper's ImageNet / CC3M resolution
-
-
-# ----------------------------------------------------------------------------- datasets
-
-def to_float(images):
-    """uint8 images (any shape) -> float32 in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-class InMemoryDataset(torch.utils.data.Dataset):
-    """Class-labelled images held as one uint8 tensor [N, C, H, W] (digits, Fashion-MNIST)."""
-
-    def __init__(self, images, labels, class_names):
-        self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.captions = None
-        self.paths = None
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        self.channels, self.image_size = images.shape[1], images.shape[2]
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return to_float(self.images[i]), int(self.labels[i])
-
-
-class FileDataset(torch.utils.data.Dataset):
-    """Images read from files on demand, with class labels (folder) or captions (TSV). Grayscale
-    folders stay one channel (see file_channels); transparent images are composited onto white."""
-
-    def __init__(self, paths, image_size, labels=None, class_names=None, captions=None):
-        self.paths = list(paths)
-        self.images = None  # loaded lazily, one file per __getitem__
-        self.image_size, self.channels = image_size, file_channels(self.paths)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.class_names = None if class_names is None else list(class_names)
-        self.num_classes = None if class_names is None else len(class_names)
-        self.captions = None if captions is None else list(captions)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        image = read_image(self.paths[i], self.image_size, self.channels)
-        condition = int(self.labels[i]) if self.labels is not None else self.captions[i]
-        return image, condition
-
-
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-def is_grayscale(im):
-    """A grayscale mode, or colour pixels whose channels are all equal (grey saved as RGB)."""
-    if im.mode in GRAY_MODES:
-        return True
-    rgb = np.asarray(im.convert("RGB"))
-    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
-
-
-def file_channels(paths, probe=100):
-    """1 when the first `probe` files (sorted) are all grayscale, else 3: three equal channels
-    would triple the work and leave the model a direction the data never uses. Warns once when
-    some have transparency (they are composited onto white, not stripped of their alpha)."""
-    gray, transparent = [], False
-    for path in sorted(paths)[:probe]:
-        try:
-            with Image.open(path) as im:
-                transparent |= im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-                gray.append(is_grayscale(im))
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"cannot read image file {path}: {e}") from e
-    if transparent:
-        print("note: some images have transparency; they are composited onto a white background")
-    return 1 if gray and all(gray) else 3
-
-
-def unreadable_images(paths):
-    """[(path, error)] of the files PIL cannot decode (every file is read: slow on large sets)."""
-    bad = []
-    for path in tqdm(paths, desc="check images", leave=False):
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except (OSError, ValueError) as e:
-            bad.append((path, str(e)))
-    return bad
-
-
-def center_crop_arr(pil_image, image_size):
-    """ADM's center crop (guided-diffusion, also DiT): box-halve, bicubic resize, crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                 resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[y:y + image_size, x:x + image_size]
-
-
-def read_image(path, image_size, channels=3):
-    """One image file -> float32 [channels, S, S] in [-1, 1]; transparent pixels are composited
-    onto white; an unreadable file names itself."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGBA")  # every mode, palettes with transparency included
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, im).convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise RuntimeError(f"cannot read image file {path}: {e}") from e
-    arr = center_crop_arr(im, image_size)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr  # [S, S, C]
-    return to_float(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
-
-
-def resize_uint8(images, size):
-    """Antialiased bilinear resize of uint8 [N, C, H, W] images (e.g. digits 8x8 -> 16x16)."""
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
-
-
-def load_digits_dataset(split="train"):
-    """scikit-learn's bundled digits: 1,797 real 8x8 images, values 0..16, 10 classes."""
-    from sklearn.datasets import load_digits
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"digits split must be train, test or all, not {split!r}")
-    digits = load_digits()
-    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
-    labels = digits.target.astype(np.int64)
-    if split != "all":
-        order = np.random.default_rng(0).permutation(len(labels))
-        n_test = round(DIGITS_TEST_FRACTION * len(labels))
-        keep = np.sort(order[:n_test] if split == "test" else order[n_test:])
-        images, labels = images[keep], labels[keep]
-    return InMemoryDataset(torch.from_numpy(images)[:, None], labels, [str(d) for d in range(10)])
-
-
-def read_idx(path):
-    """An idx file (MNIST format, optionally gzipped) -> numpy uint8 array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # a cut-short or damaged .gz
-        raise ValueError(f"cannot read {path}: {e}") from None
-    magic = int.from_bytes(data[0:4], "big")
-    if magic >> 8 != 0x08:  # 0x0000 08 ndim: unsigned byte data
-        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x})")
-    ndim = magic & 0xFF
-    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
-    if len(data) - 4 - 4 * ndim != math.prod(shape):
-        raise ValueError(f"{path} is truncated: {len(data) - 4 - 4 * ndim} of {math.prod(shape)} bytes")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(root=None, split="train", pad=False):
-    """Fashion-MNIST from its idx files: 60,000 train / 10,000 test 28x28 images, 10 classes.
-
-    pad=True zero-pads 28x28 -> 32x32 (background is 0) so an f4 autoencoder / a U-Net with
-    several 2x downsamplings gets a size divisible by a power of two.
-    """
-    root = root or FASHION_MNIST_ROOT
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"fashion-mnist split must be train or test, not {split!r}")
-    arrays = []
-    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        path = os.path.join(root, f"{prefix}-{kind}.gz")
-        if not os.path.exists(path) and os.path.exists(path[:-3]):
-            path = path[:-3]  # already gunzipped
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"Fashion-MNIST file {path} not found. Install the Debian package "
-                f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_ROOT}) or put "
-                f"the four *-ubyte.gz files of https://github.com/zalandoresearch/fashion-mnist "
-                f"into {root}")
-        arrays.append(read_idx(path))
-    images, labels = torch.from_numpy(arrays[0].copy())[:, None], arrays[1].astype(np.int64)
-    if len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST in {root}: {len(images)} images but {len(labels)} labels")
-    if pad:
-        images = F.pad(images, (2, 2, 2, 2))
-    return InMemoryDataset(images, labels, FASHION_MNIST_CLASSES)
-
-
-def load_image_folder(root, image_size):
-    """An ImageNet-style folder root/<class>/<image>; labels follow sorted class names."""
-    from torchvision.datasets import ImageFolder
-    if root is None or not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} not found (expected root/<class>/<image>, "
-                                f"e.g. the ImageNet train folder)")
-    folder = ImageFolder(root)
-    paths = [path for path, _ in folder.samples]
-    return FileDataset(paths, image_size, labels=folder.targets, class_names=folder.classes)
-
-
-def load_caption_tsv(path, image_size):
-    """A TSV of image_path<TAB>caption per line; paths are relative to the TSV's folder."""
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"caption file {path} not found (expected a TSV of "
-                                f"image_path<TAB>caption lines, e.g. a CC3M export)")
-    base = os.path.dirname(os.path.abspath(path))
-    paths, captions = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            if "\t" not in line:
-                raise ValueError(f"{path}:{line_number}: expected image_path<TAB>caption")
-            image_path, caption = line.split("\t", 1)
-            paths.append(os.path.join(base, image_path))
-            captions.append(caption)
-    if not paths:
-        raise ValueError(f"caption file {path} has no entries")
-    return FileDataset(paths, image_size, captions=captions)
-
-
-def load_dataset(name, root=None, split="train", image_size=None, pad=False):
-    """The datasets of this repo by name (see DATASETS).
-
-    root: fashion-mnist folder (default /usr/share/datasets/fashion-mnist), the class folder,
-        or the caption TSV file; unused for digits.
-    split: digits "train" (90 %), "test" (10 %) or "all"; fashion-mnist "train" or "test";
-        unused for folder / captions (point root at the split you want).
-    image_size: output size; None keeps digits 8 and Fashion-MNIST 28 (32 with pad) and uses 256
-        for file datasets. In-memory datasets are resized (antialiased bilinear) when it differs.
-    pad: fashion-mnist only, zero-pad 28 -> 32 (for f4 autoencoders / U-Net downsampling).
-    """
-    if pad and name != "fashion-mnist":
-        raise ValueError("pad applies to fashion-mnist only")
-    if name == "digits":
-        dataset = load_digits_dataset(split)
-    elif name == "fashion-mnist":
-        dataset = load_fashion_mnist(root, split, pad)
-    elif name == "folder":
-        return load_image_folder(root, image_size or DEFAULT_FILE_IMAGE_SIZE)
-    elif name == "captions":
-        return load_caption_tsv(root, image_size or DEFAULT_FILE_IMAGE_SIZE)
-    else:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if image_size is not None and image_size != dataset.image_size:
-        dataset = InMemoryDataset(resize_uint8(dataset.images, image_size), dataset.labels,
-                                  dataset.class_names)
-    return dataset
-
+import data
+import system
 
 # ----------------------------------------------------------------------------- corruption
 
@@ -467,7 +201,7 @@ def write_manifest(path, original, new, eta=None, seed=None, mode=None):
     """Write the changed samples as a TSV (index, original, new) with a '#' header line.
 
     Conditions are class labels (ints) or captions (strings; tab / newline / backslash escaped).
-    Written atomically: a temporary file in the same folder, then os.replace. Returns the
+    Written atomically (system.write_atomic). Returns the
     realised corruption rate (changed / N).
     """
     if len(original) != len(new):
@@ -483,10 +217,11 @@ def write_manifest(path, original, new, eta=None, seed=None, mode=None):
              f"changed={len(changed)} rate={rate:.6f}", "index\toriginal\tnew"]
     lines += [f"{i}\t{fmt(original[i])}\t{fmt(new[i])}" for i in changed]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    system.write_atomic(path, write)
     return rate
 
 
@@ -542,7 +277,7 @@ def parse_subset(text, class_names):
 def main():
     parser = argparse.ArgumentParser(description="Corrupt a dataset's conditions once and write "
                                                  "the manifest (Sec. 3.1, 3.3 of the paper).")
-    parser.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset name")
+    parser.add_argument("--dataset", default="digits", choices=data.DATASETS, help="dataset name")
     parser.add_argument("--root", default=None, help="dataset folder or caption TSV file")
     parser.add_argument("--split", default="train", help="digits: train/test/all; "
                                                          "fashion-mnist: train/test")
@@ -560,7 +295,7 @@ def main():
     parser.add_argument("--out", required=True, help="folder for corruption.tsv")
     args = parser.parse_args()
 
-    dataset = load_dataset(args.dataset, args.root, args.split)
+    dataset = data.load_dataset(args.dataset, args.root, args.split)
     text = dataset.captions is not None
     mode = args.mode or ("swap" if text else "symmetric")
     if text != (mode in ("swap", "rewrite")):

@@ -44,6 +44,7 @@ from scipy.spatial.distance import cdist
 
 from corrupt import corrupt_labels
 from diffusion import alphas_cumprod, ldm_linear_betas, sample, training_loss
+from unet import timestep_embedding
 
 ETAS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2)  # Sec. 3.1
 GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # Theorem checks (the paper's CEP uses gamma = 1)
@@ -153,14 +154,6 @@ def sample_gaussians(fits, z):
 
 
 # ----------------------------------------------------------------------------- diffusion check
-
-
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of the integer time t [B] -> [B, dim] (DDPM / LDM)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], 1)
 
 
 class MLPDenoiser(nn.Module):

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import data
+import denoiser
 import diffusion
 import system
-import train
 import vae
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses the seed (seed, i)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or raw weights")
     p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
-    p.add_argument("--unsafe-pickle", action="store_true", help=vae.UNSAFE_PICKLE_HELP)
+    p.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     p.add_argument("--text-encoder", default=None,
                    help="text models: the encoder directory, if it moved since training")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -63,27 +64,6 @@ def parse_args(argv=None):
                    help=system.THREADS_HELP)
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
     return p.parse_args(argv)
-
-
-def load_model(ckpt_path, weights, device, text_encoder=None):
-    """The Denoiser of a train.py checkpoint (tensors and plain data only: nothing runs on load)."""
-    path = os.path.join(ckpt_path, "ckpt.pt") if os.path.isdir(ckpt_path) else ckpt_path
-    if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint at {path} (train one with train.py)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = dict(ckpt["config"])
-    if config["text"]:
-        config["text_encoder"] = text_encoder or config["text_encoder"]
-        if not os.path.isdir(config["text_encoder"]):
-            raise SystemExit(f"the text encoder this model was trained with is not at "
-                             f"{config['text_encoder']}: pass --text-encoder DIR (the same model)")
-    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise SystemExit(f"{path}: the {weights} weights are not finite ({bad[0]}, ...): the run "
-                         f"diverged before this checkpoint; nothing to sample")
-    model = train.Denoiser(config)
-    model.load_state_dict(ckpt[weights])
-    return model.to(device).eval(), config, ckpt["step"]
 
 
 def conditions_to_sample(args, config):
@@ -110,7 +90,7 @@ def conditions_to_sample(args, config):
 
 def initial_noise(indices, seed, shape):
     """x_T and a generator per sample, both from the seed (seed, index)."""
-    gens = [torch.Generator().manual_seed(train.seed_of(seed, i)) for i in indices]
+    gens = [torch.Generator().manual_seed(system.seed_of(seed, i)) for i in indices]
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
@@ -132,13 +112,13 @@ def range_warning(outside):
 def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoencoder):
     device = next(model.parameters()).device
     c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
-    context = model.embedder(c)  # eval mode: no CEP at sampling (Sec. 5.1)
-    null_context = model.embedder(model.embedder.null_condition(len(conds)))
+    context = model.embedder(c)  # c_theta(y): no CEP delta at sampling (Sec. 5.1)
+    null_context = model.embedder(model.null_conditions(len(conds)))
     eps_fn = functools.partial(diffusion.guided_eps, model.unet, null_context=null_context,
                                scale=scale)  # Eq. 2
     if args.cads:  # the condition is re-noised at every step; the null condition stays clean
         tau1, tau2 = (float(v) for v in args.cads_tau.split(","))
-        cads_gens = [torch.Generator().manual_seed(train.seed_of(args.seed, i, 1)) for i in indices]
+        cads_gens = [torch.Generator().manual_seed(system.seed_of(args.seed, i, 1)) for i in indices]
 
         def conditioned(x, t):
             noise = torch.stack([torch.randn(context.shape[1:], generator=g) for g in cads_gens])
@@ -156,7 +136,7 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoenco
     if autoencoder is not None:
         x = autoencoder.decode(x)
     outside = (x.abs() > OUT_OF_RANGE).float().mean().item()  # data lies in [-1, 1]
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), outside
+    return data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy(), outside  # NHWC
 
 
 def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
@@ -188,11 +168,10 @@ def write_outputs(out, images, conds, scale, config, args, step):
     os.makedirs(out, exist_ok=True)
     key = "captions" if config["text"] else "labels"
     cads = f"tau={args.cads_tau},s={args.cads_scale},psi={args.cads_psi}" if args.cads else "off"
-    tmp = os.path.join(out, "samples.tmp.npz")  # atomic: a killed run leaves no truncated npz
-    np.savez(tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)),
-             seed=args.seed, guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads,
-             ckpt_step=step, weights=args.weights)
-    os.replace(tmp, os.path.join(out, "samples.npz"))
+    system.write_atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez(  # never truncated
+        tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)), seed=args.seed,
+        guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads, ckpt_step=step,
+        weights=args.weights))
     if config["text"]:  # up to 64 samples, row-major; their prompts in grid_prompts.txt
         save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
         with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
@@ -242,7 +221,10 @@ def main(argv=None):
     system.set_threads(args.threads)
     tf32 = args.precision == "auto" and device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    model, config, step = load_model(args.ckpt, args.weights, device, args.text_encoder)
+    try:
+        model, config, step = denoiser.load(args.ckpt, args.weights, device, args.text_encoder)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: {e}") from None
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
@@ -261,52 +243,26 @@ def main(argv=None):
     out_root = args.out or os.path.join(run_dir, "samples")
     shape = (config["channels"], config["size"], config["size"])
     for scale in [float(s) for s in args.guidance.split(",")]:
-        images, outside = [], []
+        images, outside = [], 0.0
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
             idx = mine[b:b + args.batch_size]
             noise, gens = initial_noise(idx, args.seed, shape)
             batch, out_of_range = sample_batch(model, [conds[i] for i in idx], idx, noise, gens, scale,
                                                args, abar, autoencoder)
             images.append(batch)
-            outside.append(out_of_range * len(idx))
+            outside += out_of_range * len(idx)
         out = os.path.join(out_root, f"s{scale:g}")
-        images, outside = gather(out, images, mine, sum(outside), len(conds), rank, world)
+        images = np.concatenate(images) if images else np.zeros((0,), np.uint8)  # a rank may get none
+        images = system.gather_rows(images, np.asarray(mine, np.int64))
+        outside = system.gather_rows(np.array([outside]))  # rank 0: every rank's count
         if rank == 0:
-            outside /= len(conds)
+            outside = outside.sum() / len(conds)
             write_outputs(out, images, conds, scale, config, args, step)
             print(f"wrote {len(images)} samples to {out}")
             if range_warning(outside):
                 print(range_warning(outside))
     if world > 1:
         dist.destroy_process_group()
-
-
-def gather(out, batches, mine, outside, n, rank, world):
-    """Rank 0 gets every sample in index order and the summed out-of-range count; other ranks get
-    (None, None). Each rank writes its shard to OUT/shard-RANK.npz (one copy of the output in
-    rank 0's memory, never all of it on every rank), rank 0 merges after a barrier. A rank whose
-    shard is empty writes one too, so every rank reaches every barrier."""
-    images = np.concatenate(batches) if batches else np.zeros((0,), np.uint8)
-    if world == 1:
-        return images, outside
-    os.makedirs(out, exist_ok=True)
-    shard = os.path.join(out, f"shard-{rank}.npz")
-    np.savez(shard + ".tmp.npz", images=images, index=np.asarray(mine, np.int64), outside=outside)
-    os.replace(shard + ".tmp.npz", shard)
-    dist.barrier()
-    full, total = None, 0.0
-    if rank == 0:
-        for r in range(world):
-            path = os.path.join(out, f"shard-{r}.npz")
-            with np.load(path) as part:
-                if len(part["index"]):
-                    if full is None:
-                        full = np.empty((n, *part["images"].shape[1:]), np.uint8)
-                    full[part["index"]] = part["images"]
-                total += float(part["outside"])
-            os.remove(path)
-    dist.barrier()  # no rank starts the next scale (or exits) before the merge is done
-    return full, total
 
 
 if __name__ == "__main__":

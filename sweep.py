@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures
 import csv
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -38,7 +37,8 @@ import zipfile
 import numpy as np
 import torch
 
-import corrupt
+import data
+import features
 import metrics
 import sample
 import system
@@ -89,23 +89,22 @@ def reference(out, size):
     path = os.path.join(out, "reference.npz")
     if os.path.exists(path):
         return dict(np.load(path))
-    full = corrupt.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
-    test = corrupt.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
-    used = train.first_per_class(full, size["train_per_class"])
+    full = data.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
+    test = data.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
+    used = data.first_per_class(full, size["train_per_class"])
     held_mask = np.ones(len(full), bool)  # held out: the test split and the unused training images
     for c in range(full.num_classes):
         held_mask[np.flatnonzero(full.labels == c)[:size["train_per_class"]]] = False
     held = torch.cat([full.images[torch.from_numpy(held_mask)], test.images])
     clf_path = os.path.join(out, "classifier.pt")
-    accuracy = metrics.train_classifier([
-        "--dataset", size["dataset"], "--epochs", str(size["classifier_epochs"]), "--out", clf_path,
+    accuracy = features.main([
+        "train-classifier", "--dataset", size["dataset"], "--epochs", str(size["classifier_epochs"]), "--out", clf_path,
         *(["--data-root", size["data_root"]] if size["data_root"] else []),
         *(["--image-size", str(size["image_size"])] if size["image_size"] else [])])
     ref = dict(train=nhwc(used.images), held=nhwc(held), test_accuracy=accuracy)
-    ref["held_features"] = features(metrics.load_classifier(clf_path), ref["held"])
+    ref["held_features"] = classifier_features(features.load_classifier(clf_path), ref["held"])
     ref["mem_threshold"] = np.quantile(nn_distance(ref["held"], ref["train"]), 0.05)
-    np.savez(path + ".tmp.npz", **ref)
-    os.replace(path + ".tmp.npz", path)
+    system.write_atomic(path, lambda tmp: np.savez(tmp, **ref))
     return ref
 
 
@@ -113,7 +112,7 @@ def nhwc(images):
     return images.permute(0, 2, 3, 1).numpy()
 
 
-def features(clf, images, batch=500):
+def classifier_features(clf, images, batch=500):
     """Penultimate-layer features of the domain classifier, float64 [N, 128]."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -133,11 +132,11 @@ def evaluate(npz_path, ref, clf_path):
     warnings.filterwarnings("ignore", message="Matrix is singular")  # dead ReLU features
     with np.load(npz_path) as f:
         images, labels = f["arr_0"], f["labels"]
-    clf = metrics.load_classifier(clf_path)
-    feats = features(clf, images)
+    clf = features.load_classifier(clf_path)
+    feats = classifier_features(clf, images)
     held = ref["held_features"]
     with torch.no_grad():
-        x = metrics.to_model_input(torch.from_numpy(images).permute(0, 3, 1, 2), clf.channels)
+        x = features.to_model_input(torch.from_numpy(images).permute(0, 3, 1, 2), clf.channels)
         predicted = clf(x).argmax(1).numpy()
     d = nn_distance(images, ref["train"])
     pr = metrics.precision_recall(held, feats, k=3)
@@ -401,11 +400,10 @@ def main(argv=None):
     args = parse_args(argv)
     size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump({**vars(args), **size, "arms": ARMS, "cads": CADS}, f, indent=1)
+    system.write_json(os.path.join(args.out, "sweep.json"), {**vars(args), **size, "arms": ARMS, "cads": CADS})
     t_start = time.time()
     ref = reference(args.out, size)
-    main_seeds, other_seeds = range(args.seeds), range(args.other_seeds)
+    other_seeds = range(args.other_seeds)
     early = ["cep-u", "cep-g", "clean", "eta5"]  # the CEP choice of the gamma sweep needs these
     first = jobs_for(args, size, early, other_seeds) \
         + jobs_for(args, size, [a for a in ARMS if a not in early], other_seeds) \

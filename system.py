@@ -1,4 +1,5 @@
-"""The machine a run uses: its processes (torchrun, DDP), its CPU threads, and the command line.
+"""What every script shares: its processes (torchrun, DDP) and their gathers, its CPU threads,
+its seeds, atomic file writes, random weights for equivalence checks, and the `--help` layout.
 
 torch's default is one thread per core: right on an idle machine, 15-80x slower on a busy one
 (threads that wait for a core spin instead of sleeping). Every script takes `--threads N`; the
@@ -6,18 +7,22 @@ default stays one per core (shared among a node's torchrun processes), so that a
 resume use the same count and agree bit for bit, and a busy machine is reported at the start.
 """
 import argparse
+import json
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 
-def setup_distributed():
-    """(rank, world size, device): torchrun sets RANK; NCCL on CUDA, gloo on the CPU."""
+def setup_distributed(device=None):
+    """(rank, world size, device): torchrun sets RANK; NCCL on CUDA, gloo on the CPU. `device`
+    overrides the default (cuda when available) of a single process."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
         local = int(os.environ["LOCAL_RANK"])
@@ -26,6 +31,82 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def rank_and_world():
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(rows, index=None):
+    """Rank 0 gets every rank's numpy rows in one array, other ranks None. Without `index` the
+    shards are contiguous and concatenate in rank order; with it (int [len(rows)]) row k of this
+    rank goes to position index[k]. A rank with no rows takes part too (every rank must call)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return rows if index is None else rows[np.argsort(index)]
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object((rows, index), parts, dst=0)
+    if rank != 0:
+        return None
+    full = np.concatenate([r for r, _ in parts if len(r)])
+    if index is None:
+        return full
+    out = np.empty_like(full)
+    out[np.concatenate([i for r, i in parts if len(r)])] = full
+    return out
+
+
+def seed_of(*keys):
+    """One integer seed from a tuple of integers (seed, step), (seed, sample index), ..."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def write_atomic(path, write, previous=None):
+    """write(tmp) fills a temporary file beside `path`, then it replaces `path` in one rename: a
+    killed run or a full disk never leaves a half-written file, and the old one stays intact on
+    failure. `previous`: keep the replaced file there (a fallback checkpoint)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # the extension stays: np.savez appends .npz otherwise
+    try:
+        write(tmp)
+        if previous and os.path.exists(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """A JSON file, written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, write)
+
+
+def randomise_(module, seed):
+    """Random values in every parameter and buffer (also LDM's zero-initialised convs), so that
+    the equivalence checks can fail; fan-in scaled so activations stay O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if not p.is_floating_point():  # BatchNorm's num_batches_tracked
+                continue
+            if p.ndim > 1:
+                p.normal_(0, p[0].numel() ** -0.5, generator=gen)
+            elif name.endswith("running_var"):
+                p.uniform_(0.5, 1.5, generator=gen)
+            elif name.endswith(("bias", "running_mean")):
+                p.normal_(0, 0.1, generator=gen)
+            else:  # norm scales
+                p.normal_(1, 0.1, generator=gen)
+    return module
+
+
+UNSAFE_PICKLE_HELP = ("read weights that pickle more than tensors (a CompVis Lightning model.ckpt); "
+                      "unpickling can run any code the file holds: only for files you trust")
 THREADS_HELP = "CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)"
 
 

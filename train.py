@@ -13,7 +13,6 @@ so a resume is exact but the result depends on the number of processes.
 """
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -23,7 +22,6 @@ import threading
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,6 +29,8 @@ from tqdm import tqdm
 
 import cep
 import corrupt
+import data
+import denoiser
 import diffusion
 import system
 import unet
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     d.add_argument("--image-size", type=int, default=None, help="resize images to this size (folder, captions: centre crop; digits, Fashion-MNIST: bilinear)")
     d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
     d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
-    d.add_argument("--unsafe-pickle", action="store_true", help=vae.UNSAFE_PICKLE_HELP)
+    d.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     d.add_argument("--check-images", action="store_true",
                    help="folder / captions: read every image before training and list the unreadable "
                         "ones (the first 100 are always read)")
@@ -110,71 +110,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- the model
-class Denoiser(torch.nn.Module):
-    """eps_theta(x_t, t, c_theta(y) + delta): condition embedder, CEP (training only), U-Net."""
-
-    def __init__(self, config):
-        super().__init__()
-        ucfg = unet_config(config)
-        if config["text"]:
-            self.embedder = cep.TextEmbedder(config["text_encoder"], ucfg.context_dim,
-                                             config.get("text_length", 77),
-                                             config.get("freeze_text_encoder", False))
-            self.context_shape = (self.embedder.max_length, ucfg.context_dim)  # [L, D] of one condition
-        else:
-            self.embedder = cep.ClassEmbedder(config["num_classes"], ucfg.context_dim)
-            self.context_shape = (1, ucfg.context_dim)
-        self.cep = cep.CEP(config["cep"], config["gamma"])
-        self.unet = unet.UNet(ucfg)
-
-    def forward(self, x_t, t, conditions, delta=None):
-        context = self.cep(self.embedder(conditions), delta)  # Eq. 8: c_theta(y) + delta
-        return self.unet(x_t, t, context)
-
-
-def choose_preset(name, size):
-    """The --preset, checked against the input size; by default the preset made for that size."""
-    made_for = [k for k, c in unet.PRESETS.items() if c.sample_size == size]
-    listing = ", ".join(f"{k} ({c.sample_size})" for k, c in unet.PRESETS.items())
-    if name is None:
-        if not made_for:
-            raise SystemExit(f"no U-Net preset is made for {size}x{size} inputs (presets: {listing}); "
-                             f"choose --image-size, or train on latents (--latents / --vae)")
-        return made_for[0]
-    if name not in unet.PRESETS:
-        raise SystemExit(f"unknown --preset {name!r}; presets: {listing}")
-    try:
-        dataclasses.replace(unet.PRESETS[name], sample_size=size)
-    except ValueError as e:
-        raise SystemExit(f"--preset {name} does not fit {size}x{size} inputs ({e}); presets made "
-                         f"for this size: {', '.join(made_for) or 'none'}") from None
-    return name
-
-
-def unet_config(config):
-    ucfg = dataclasses.replace(unet.PRESETS[config["preset"]], in_channels=config["channels"],
-                               out_channels=config["channels"], sample_size=config["size"])
-    if config["head_channels"] is not None:
-        ucfg = dataclasses.replace(ucfg, head_channels=config["head_channels"])
-    return ucfg
-
-
 # ----------------------------------------------------------------------------- the data
 def load_training_data(args):
     """Returns (images: an indexable of CHW tensors or a uint8 tensor, conditions, info dict)."""
     if args.latents:
-        cache = vae.LatentCache(args.latents)
+        cache = data.LatentCache(args.latents)
         conditions = cache.captions if cache.captions is not None else cache.labels
         info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
                     vae_sha256=cache.meta.get("weights_sha256"), vae_preset=cache.meta.get("preset"),
                     num_classes=cache.num_classes)
         return cache, conditions, info
-    ds = corrupt.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
+    ds = data.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
     if args.train_per_class is not None:
-        ds = first_per_class(ds, args.train_per_class)
+        ds = data.first_per_class(ds, args.train_per_class)
     if args.check_images and getattr(ds, "paths", None):
-        bad = corrupt.unreadable_images(ds.paths)
+        bad = data.unreadable_images(ds.paths)
         if bad:
             listing = "; ".join(f"{p} ({e})" for p, e in bad[:5])
             raise SystemExit(f"{len(bad)} unreadable images: {listing}" + (" ..." if len(bad) > 5 else ""))
@@ -183,16 +133,6 @@ def load_training_data(args):
                 num_classes=None if text else ds.num_classes,
                 class_names=None if text else ds.class_names)  # labels of the sample grids
     return ds, (ds.captions if text else ds.labels), info
-
-
-def first_per_class(ds, n):
-    """The first n images of every class, in dataset order (in-memory datasets only)."""
-    if not isinstance(ds, corrupt.InMemoryDataset):
-        raise SystemExit("--train-per-class applies to the in-memory datasets (digits, fashion-mnist)")
-    if n < 1 or np.bincount(ds.labels).min() < n:
-        raise SystemExit(f"--train-per-class must be in [1, {np.bincount(ds.labels).min()}], got {n}")
-    keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n] for c in range(ds.num_classes)]))
-    return corrupt.InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names)
 
 
 def corrupt_conditions(args, conditions, num_classes):
@@ -211,14 +151,9 @@ def corrupt_conditions(args, conditions, num_classes):
                                   mode=args.corruption, subset=subset)
 
 
-def seed_of(*keys):
-    """One integer seed from a tuple of integers (seed, step), (seed, epoch), ..."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(system.seed_of(seed, epoch)))
 
 
 def global_indices(step, global_batch, n, seed):
@@ -264,22 +199,16 @@ class ImagesOnly(torch.utils.data.Dataset):
 
 def step_generator(seed, step, device):
     """The generator of every random draw of one step (same on all ranks)."""
-    return torch.Generator(device).manual_seed(seed_of(seed, step))
+    return torch.Generator(device).manual_seed(system.seed_of(seed, step))
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, state):
-    """Atomic: write a temp file next to the target, then rename (a killed run loses nothing).
-    The previous checkpoint stays as ckpt.prev.pt, the fallback when the newest cannot be read."""
-    tmp = path + ".tmp"
+    """Atomic (a killed run loses nothing); the previous checkpoint stays as ckpt.prev.pt, the
+    fallback when the newest cannot be read."""
     try:
-        torch.save(state, tmp)
-        if os.path.exists(path):
-            os.replace(path, previous_checkpoint(path))
-        os.replace(tmp, path)
+        system.write_atomic(path, lambda tmp: torch.save(state, tmp), previous_checkpoint(path))
     except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError inside torch.save
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is "
                          f"intact (a save needs room for three checkpoints)") from e
 
@@ -323,29 +252,30 @@ def update_ema(ema, model, decay):
 
 
 # ----------------------------------------------------------------------------- training
-def build_config(args, data, conditions, info, autoencoder):
+def build_config(args, images, conditions, info, autoencoder):
     """All flags plus what the data decides: the diffusion space's channels and size."""
-    x = data[0][0][0] if isinstance(data, vae.LatentCache) else data[0][0]  # one image (or latent)
+    x = images[0][0][0] if isinstance(images, data.LatentCache) else images[0][0]  # one image (or latent)
     if autoencoder is not None:
         with torch.no_grad():
             x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
     return {**vars(args), **info, "text": isinstance(conditions, list), "channels": x.shape[0],
             "size": x.shape[-1], "num_examples": len(conditions),
-            "preset": choose_preset(args.preset, x.shape[-1])}
+            "preset": denoiser.choose_preset(args.preset, x.shape[-1])}
 
 
 def prepare_data(args, device):
     """Data, its (possibly corrupted) conditions, the run config and the frozen autoencoder."""
     try:  # the user's data and weights: one-line errors that name the file
-        data, clean, info = load_training_data(args)
-        autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle).to(device).eval() \
-            if args.vae else None
+        images, clean, info = load_training_data(args)
+        autoencoder = None
+        if args.vae:
+            autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle)
+            autoencoder = autoencoder.to(device).eval()
+            info["latent_scale"], info["vae_sha256"] = autoencoder.scale, vae.weights_hash(args.vae)
+        config = build_config(args, images, clean, info, autoencoder)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"train.py: {e}") from None
-    if autoencoder is not None:
-        info["latent_scale"], info["vae_sha256"] = autoencoder.scale, vae.weights_hash(args.vae)
-    config = build_config(args, data, clean, info, autoencoder)
-    return data, clean, corrupt_conditions(args, clean, config["num_classes"]), config, autoencoder
+    return images, clean, corrupt_conditions(args, clean, config["num_classes"]), config, autoencoder
 
 
 def build_model(args, config, device, ckpt_path):
@@ -353,8 +283,8 @@ def build_model(args, config, device, ckpt_path):
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     torch.manual_seed(args.seed)  # the initial weights
-    model = Denoiser(config).to(device)
-    ema = Denoiser(config).to(device).eval().requires_grad_(False)
+    model = denoiser.Denoiser(config).to(device)
+    ema = denoiser.Denoiser(config).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     if not args.resume:
@@ -431,7 +361,7 @@ def main(argv=None):
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None
-    data, clean, conditions, config, autoencoder = prepare_data(args, device)
+    images, clean, conditions, config, autoencoder = prepare_data(args, device)
     config["global_batch"] = args.batch_size * world * args.grad_accum  # a resume keeps it
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -452,7 +382,7 @@ def main(argv=None):
     B, accum = args.batch_size, args.grad_accum
     G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's share
     loader = iter(torch.utils.data.DataLoader(
-        ImagesOnly(data), num_workers=0 if isinstance(data, corrupt.InMemoryDataset) else args.num_workers,
+        ImagesOnly(images), num_workers=0 if isinstance(images, data.InMemoryDataset) else args.num_workers,
         batch_sampler=StepBatches(step, args.steps, B, world, rank, len(conditions), args.seed, accum),
         pin_memory=cuda))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -462,10 +392,10 @@ def main(argv=None):
             x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
             g = step_generator(args.seed, step, device)
             if config["text"]:  # BERT's dropout draws from the global RNG: seeded per (step, rank)
-                torch.manual_seed(seed_of(args.seed, step, rank))
-            conds = batch_conditions(args, conditions, prior, global_indices(step, G, len(conditions), args.seed),
-                                     mine, g, device, config)
-            if isinstance(data, vae.LatentCache):  # both horizontal flips are cached: pick one per sample
+                torch.manual_seed(system.seed_of(args.seed, step, rank))
+            idx = global_indices(step, G, len(conditions), args.seed)
+            conds = batch_conditions(args, model, conditions, prior, idx, mine, g, device)
+            if isinstance(images, data.LatentCache):  # both horizontal flips are cached: pick one per sample
                 flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
                 x0 = x0[torch.arange(len(x0), device=device), flip]
             if autoencoder is not None:
@@ -520,18 +450,16 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def batch_conditions(args, conditions, prior, idx, mine, g, device, config):
+def batch_conditions(args, model, conditions, prior, idx, mine, g, device):
     """This rank's (possibly corrupted) conditions, with condition dropout for guidance; class
     labels, the dropout mask and the resampled flips stay on the device (no host sync)."""
-    G = len(idx)
-    drop = torch.rand(G, generator=g, device=device) < args.cond_drop
-    if config["text"]:
-        return ["" if d else conditions[j] for d, j in zip(drop.tolist(), idx.tolist())][mine]
+    drop = torch.rand(len(idx), generator=g, device=device) < args.cond_drop
+    if isinstance(conditions, list):  # captions
+        return model.drop_conditions([conditions[j] for j in idx.tolist()], drop)[mine]
     labels = conditions[idx.to(device, non_blocking=True)]  # conditions: int64 [N] on the device
     if args.corruption == "resample" and args.eta > 0:  # Table 7: re-drawn every step
         labels = corrupt.resample_corruption(labels, args.eta, prior, g)
-    labels = torch.where(drop, config["num_classes"], labels)
-    return labels[mine]
+    return model.drop_conditions(labels, drop)[mine]
 
 
 def all_reduce_mean(x, world):
@@ -551,8 +479,8 @@ def log_line(out, step, global_batch, loss, rate, device, bar):
 
 def write_run_files(args, config, clean, corrupted, model):
     """The full config and the corruption manifest (which samples, which new condition)."""
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({**config, "parameters": sum(p.numel() for p in model.parameters())}, f, indent=2)
+    system.write_json(os.path.join(args.out, "config.json"),
+                      {**config, "parameters": sum(p.numel() for p in model.parameters())})
     mode = "swap" if config["text"] else args.corruption
     rate = corrupt.write_manifest(os.path.join(args.out, "corruption.tsv"), clean, corrupted,
                                   eta=args.eta, seed=args.corruption_seed, mode=mode)

@@ -309,8 +309,8 @@ def diffusers_config(c):
 
 
 def diffusers_key_map(config):
-    """{diffusers UNet2DConditionModel state-dict key: our key} for UNet(config), the inverse of
-    diffusers' LDM conversion (scripts/convert_ldm_original_checkpoint_to_diffusers.py)."""
+    """{our key: diffusers UNet2DConditionModel key} for every tensor of UNet(config), as diffusers'
+    LDM conversion names them (scripts/convert_ldm_original_checkpoint_to_diffusers.py)."""
     n, levels = config.num_res_blocks, len(config.channel_mult)
     blocks = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
               "time_embed.2": "time_embedding.linear_2", "middle_block.0": "mid_block.resnets.0",
@@ -343,7 +343,7 @@ def diffusers_key_map(config):
             for theirs, mine in _RESNET_NAMES.items():
                 if rest.startswith(mine + "."):
                     rest = theirs + rest[len(mine):]
-        key_map[f"{blocks[block]}.{rest}"] = key
+        key_map[key] = f"{blocks[block]}.{rest}"
     return key_map
 
 
@@ -351,9 +351,9 @@ def load_diffusers_state_dict(model, state_dict):
     """Load a diffusers UNet2DConditionModel state dict (e.g. unet/diffusion_pytorch_model.safetensors
     of a released pipeline) into our UNet; raises with the missing / unexpected keys on mismatch."""
     key_map = diffusers_key_map(model.config)
-    missing = sorted(set(key_map) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(key_map))
+    missing = sorted(set(key_map.values()) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(key_map.values()))
     if missing or unexpected:
         raise ValueError(f"diffusers U-Net weights do not fit {model.config}:\n"
                          f"missing ({len(missing)}): {missing}\nunexpected ({len(unexpected)}): {unexpected}")
-    model.load_state_dict({key_map[k]: v for k, v in state_dict.items()})
+    model.load_state_dict({ours: state_dict[theirs] for ours, theirs in key_map.items()})

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import system
 
 # ----------------------------------------------------------------------------- configs
@@ -286,10 +287,6 @@ def weights_hash(path):
     return digest.hexdigest()[:16]
 
 
-UNSAFE_PICKLE_HELP = ("read autoencoder weights that pickle more than tensors (a CompVis Lightning "
-                      "model.ckpt); unpickling can run any code the file holds: only for files you trust")
-
-
 def torch_load(path, unsafe_pickle=False):
     """Tensors and plain data only; a file that pickles more (a Lightning checkpoint) is read in
     full only when the user says so, since unpickling it can run any code it holds."""
@@ -425,111 +422,6 @@ def preset_config(preset, weights):
     return PRESETS[preset]
 
 
-# ----------------------------------------------------------------------------- the latent cache
-def cache_files(out):
-    return {k: os.path.join(out, f) for k, f in dict(meta="meta.json", latents="latents.npy", done="done.npy",
-                                                     labels="labels.npy", captions="captions.json").items()}
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def scale_images(dataset, n=1024):
-    """n images spread evenly over the dataset (folders are sorted by class) to measure the KL scale."""
-    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset)))])
-
-
-def create_cache(model, dataset, out, meta, batch_size, dtype):
-    """Rank 0: measure the scale, allocate latents [N, 2 flips, C, h, w] and the per-chunk done flags."""
-    files = cache_files(out)
-    os.makedirs(out, exist_ok=True)
-    if model.scale is None:
-        model.scale = measure_scale(model, scale_images(dataset))
-    with torch.no_grad():
-        z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
-    shape = (len(dataset), 2, *z.shape[1:])
-    np.lib.format.open_memmap(files["latents"], mode="w+", dtype=dtype, shape=shape).flush()
-    np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(math.ceil(len(dataset) / batch_size),)).flush()
-    if getattr(dataset, "captions", None) is not None:
-        write_json(files["captions"], list(dataset.captions))  # caption id = dataset index
-    else:
-        np.save(files["labels"], np.asarray(dataset.labels, dtype=np.int64))
-    write_json(files["meta"], {**meta, "scale": model.scale, "shape": list(shape), "dtype": np.dtype(dtype).name,
-                               "chunk": batch_size, "num_classes": getattr(dataset, "num_classes", None),
-                               "complete": False})
-
-
-@torch.no_grad()
-def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, num_workers=0,
-                   rank=0, world=1, device="cpu"):
-    """Encodes both horizontal flips of every image into out/latents.npy. Chunk k (images k*B..) is
-    done by rank k % world; done.npy[k] is set after the chunk is flushed, so a killed run restarts
-    at the first chunk not recorded (any world size). meta must name preset, weights and dataset."""
-    files = cache_files(out)
-    meta = json.loads(json.dumps(meta))  # as stored (tuples become lists)
-    if rank == 0:
-        if os.path.exists(files["meta"]):
-            old = json.load(open(files["meta"]))
-            if any(old.get(k) != v for k, v in meta.items()) or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
-                raise SystemExit(f"{out} holds a different cache ({ {k: old.get(k) for k in meta} }, chunk "
-                                 f"{old['chunk']}): choose another --out or use the same settings to resume")
-        else:
-            create_cache(model, dataset, out, meta, batch_size, dtype)
-    if world > 1:
-        dist.barrier()
-    meta = json.load(open(files["meta"]))
-    model.scale = meta["scale"]
-    latents = np.load(files["latents"], mmap_mode="r+")
-    done = np.load(files["done"], mmap_mode="r+")
-    mine = range(rank, len(done), world)
-    todo = [k for k in mine if not done[k]]
-    chunks = [list(range(k * batch_size, min((k + 1) * batch_size, len(dataset)))) for k in todo]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers)
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"encode (rank {rank})",
-               disable=rank != 0, dynamic_ncols=True)
-    for k, (x, _) in zip(todo, loader):
-        x = x.to(device)
-        z = torch.stack([model.encode(x), model.encode(x.flip(-1))], dim=1)
-        latents[k * batch_size:k * batch_size + len(x)] = z.cpu().numpy().astype(latents.dtype)
-        latents.flush()
-        done[k] = True
-        done.flush()
-        bar.update()
-    bar.close()
-    if world > 1:
-        dist.barrier()
-    if rank == 0 and done.all():
-        write_json(files["meta"], {**meta, "complete": True})
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """What `vae.py encode` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or caption).
-    .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale, .num_classes, .meta."""
-
-    def __init__(self, path):
-        files = cache_files(path)
-        if not os.path.exists(files["meta"]):
-            raise FileNotFoundError(f"no latent cache at {path}: write one with `python vae.py encode ... --out {path}`")
-        self.meta = json.load(open(files["meta"]))
-        if not self.meta["complete"]:
-            raise ValueError(f"latent cache {path} is incomplete: rerun the same `vae.py encode` command to resume it")
-        self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
-        self.latents = np.load(files["latents"], mmap_mode="r")
-        self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
-        self.captions = json.load(open(files["captions"])) if os.path.exists(files["captions"]) else None
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        z = torch.from_numpy(np.array(self.latents[i], dtype=np.float32))
-        return z, (self.captions[i] if self.captions is not None else int(self.labels[i]))
-
-
 # ----------------------------------------------------------------------------- training a small AE
 def training_loss(model, x, kl_weight=1e-6, beta=0.25):
     """LDM's first-stage losses without LPIPS and the discriminator (they need downloaded weights).
@@ -569,21 +461,15 @@ def save_recon_grid(model, images, path, upscale=3):
     torchvision.utils.save_image(grid, path)
 
 
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def train(args):
-    import corrupt  # datasets (Fashion-MNIST, digits, folders)
     torch.manual_seed(args.seed)
     system.set_threads(args.threads)
     if os.path.exists(os.path.join(args.out, "ckpt.pt")) and not args.resume:
         raise SystemExit(f"{args.out} already holds an autoencoder (latent runs may depend on it): "
                          f"pass --resume to continue it, or choose another --out")
     cfg = PRESETS[args.preset]
-    train_set = corrupt.load_dataset(args.dataset, args.data_root, "train", args.image_size, args.pad)
-    test_set = corrupt.load_dataset(args.dataset, args.data_root, "test", args.image_size, args.pad)
+    train_set = data.load_dataset(args.dataset, args.data_root, "train", args.image_size, args.pad)
+    test_set = data.load_dataset(args.dataset, args.data_root, "test", args.image_size, args.pad)
     model = Autoencoder(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's betas
     os.makedirs(args.out, exist_ok=True)
@@ -601,8 +487,9 @@ def train(args):
             model.quantize.embedding.weight.copy_(h[torch.randint(len(h), (cfg.n_embed,), generator=g)])
 
     def checkpoint():
-        save_atomic({"config": dataclasses.asdict(cfg), "preset": args.preset, "model": model.state_dict(),
-                     "scale": model.scale, "optimizer": opt.state_dict(), "step": step, "args": vars(args)}, ckpt_path)
+        state = {"config": dataclasses.asdict(cfg), "preset": args.preset, "model": model.state_dict(),
+                 "scale": model.scale, "optimizer": opt.state_dict(), "step": step, "args": vars(args)}
+        system.write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train vae", dynamic_ncols=True)
@@ -622,7 +509,7 @@ def train(args):
     bar.close()
     model.eval()
     if cfg.kind == "kl":
-        model.scale = measure_scale(model, scale_images(train_set))
+        model.scale = measure_scale(model, data.spread_images(train_set))
     n = min(args.eval_images, len(test_set))
     held_out = torch.stack([test_set[i][0] for i in range(n)])
     mse, psnr = reconstruction_error(model, held_out)
@@ -630,16 +517,15 @@ def train(args):
     checkpoint()
     report = {"held_out_images": n, "mse_01": mse, "psnr": psnr, "scale": model.scale,
               "train_seconds": time.time() - t0, "steps": step}
-    write_json(os.path.join(args.out, "report.json"), report)
+    system.write_json(os.path.join(args.out, "report.json"), report)
     print(json.dumps(report))
 
 
 # ----------------------------------------------------------------------------- CLI
 def encode(args):
-    import corrupt  # datasets (ImageNet folders, captions, Fashion-MNIST, digits)
     rank, world, device = system.setup_distributed()  # torchrun sets RANK
     system.set_threads(args.threads)
-    dataset = corrupt.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
+    dataset = data.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
     model = load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle).to(device).eval()
     if dataset[0][0].shape[0] != model.config.in_channels:
         raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the autoencoder "
@@ -649,7 +535,9 @@ def encode(args):
             "weights_sha256": weights_hash(args.weights),
             "dataset": args.dataset, "data_root": args.data_root, "split": args.split, "image_size": args.image_size,
             "pad": args.pad}
-    encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype), args.num_workers,
+    if model.scale is None and not os.path.exists(data.cache_files(args.out)["meta"]):
+        model.scale = measure_scale(model, data.spread_images(dataset))  # KL: LDM's scale_by_std
+    data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype), args.num_workers,
                    rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -661,9 +549,9 @@ def parse_args(argv=None):
     for name in ("encode", "train"):
         s = sub.add_parser(name, formatter_class=system.HelpFormatter,
                            help="cache latents of a dataset" if name == "encode" else "train a small autoencoder")
-        s.add_argument("--dataset", required=True, help="corrupt.load_dataset name: digits, fashion-mnist, folder, captions")
+        s.add_argument("--dataset", required=True, help="data.load_dataset name: digits, fashion-mnist, folder, captions")
         s.add_argument("--data-root", default=None, help="dataset location (see corrupt.py)")
-        s.add_argument("--image-size", type=int, default=None, help="resize images to this size (corrupt.load_dataset)")
+        s.add_argument("--image-size", type=int, default=None, help="resize images to this size (data.load_dataset)")
         s.add_argument("--pad", action="store_true", help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
         s.add_argument("--preset", required=name == "train", choices=sorted(PRESETS),
                        help="autoencoder architecture (encode: needed for CompVis/diffusers weights)")
@@ -675,7 +563,7 @@ def parse_args(argv=None):
     e.add_argument("--weights", required=True, help="our checkpoint (vae.py train), a CompVis model.ckpt, "
                    "or a diffusers VQModel/AutoencoderKL directory")
     e.add_argument("--split", default="train", help="dataset split to encode")
-    e.add_argument("--unsafe-pickle", action="store_true", help=UNSAFE_PICKLE_HELP)
+    e.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored latent dtype")
     e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading images")
     t = sub.choices["train"]

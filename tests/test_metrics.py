@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+import extract
+import features
 import metrics
 
 
@@ -16,7 +18,7 @@ def random_inception_state(seed=0):
     """Random weights at a sane scale (He init, non-trivial batch-norm statistics)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for k, v in metrics.InceptionV3().state_dict().items():
+    for k, v in features.InceptionV3().state_dict().items():
         if k.endswith("conv.weight"):
             sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
         elif k.endswith("running_var") or k.endswith("bn.weight"):
@@ -35,9 +37,9 @@ def test_inception_matches_pytorch_fid(tmp_path, monkeypatch):
     sd = random_inception_state()
     monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: sd)  # no download
     assert set(sd) == set(pfi.fid_inception_v3().state_dict())  # the .pth's keys load as they are
-    path = tmp_path / metrics.FID_WEIGHTS
+    path = tmp_path / features.FID_WEIGHTS
     torch.save(sd, path)
-    ours = metrics.load_inception(str(path))
+    ours = features.load_inception(str(path))
     ref = pfi.InceptionV3([3]).eval()
     x = torch.randint(0, 256, (2, 3, 40, 56), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     with torch.no_grad():
@@ -53,9 +55,9 @@ def test_inception_matches_pytorch_fid(tmp_path, monkeypatch):
 
 def test_missing_weights_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
-        metrics.load_inception(str(tmp_path / "nope.pth"))
+        features.load_inception(str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="CLIP"):
-        metrics.CLIP(str(tmp_path / "no_clip"))
+        features.CLIP(str(tmp_path / "no_clip"))
 
 
 def random_cov(d, rank, g):
@@ -79,7 +81,7 @@ def test_frechet_distance_matches_pytorch_fid_and_closed_form():
 
 def test_streaming_statistics_equal_numpy():
     x = np.random.RandomState(0).randn(103, 12) * 3 + 5
-    stats = metrics.FeatureStats(12, "cpu")
+    stats = extract.FeatureStats(12, "cpu")
     for i in range(0, 103, 25):
         stats.update(torch.from_numpy(x[i:i + 25]).float())
     mu, cov = stats.mean_cov()
@@ -177,7 +179,7 @@ def tiny_clip(path):
 
 def test_clip_score_equals_clip_model_embeddings(tmp_path):
     tiny_clip(str(tmp_path / "clip"))
-    clip = metrics.CLIP(str(tmp_path / "clip"))
+    clip = features.CLIP(str(tmp_path / "clip"))
     images = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     captions = ["a cat", "dog", "a red fire engine"]
     inputs = clip.processor(text=captions, images=list(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()),
@@ -186,7 +188,7 @@ def test_clip_score_equals_clip_model_embeddings(tmp_path):
         out = clip.model(**inputs)  # CLIPModel's own (normalised) embeddings
     cos = (out.image_embeds * out.text_embeds).sum(1).double()
     assert metrics.clip_score_sum(clip, images, captions) == pytest.approx((100 * cos.clamp_min(0)).sum().item(), rel=1e-5)
-    ext = metrics.Extractor(f"clip:{tmp_path / 'clip'}", torch.device("cpu"))
+    ext = features.Extractor(f"clip:{tmp_path / 'clip'}", torch.device("cpu"))
     assert ext.name == "clip:clip" and ext(images)["features"].shape == (3, 16)
 
 
@@ -201,7 +203,7 @@ def write_npz(path, n, seed, labels=True, size=28):
 def test_cli_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
     cls = tmp_path / "cls.pt"  # a randomly initialised domain classifier as the feature extractor
-    torch.save({"model": metrics.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28, "channels": 1}, cls)
+    torch.save({"model": features.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28, "channels": 1}, cls)
     real = str(tmp_path / "real.npz")
     write_npz(real, 80, 0)
     sweep = tmp_path / "run" / "samples"  # sample.py's layout: OUT/s{scale}/samples.npz
@@ -254,9 +256,9 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_train_classifier_on_digits(tmp_path):
-    acc = metrics.main(["train-classifier", "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path / "c.pt")])
+    acc = features.main(["train-classifier", "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path / "c.pt")])
     assert acc > 0.6
-    ext = metrics.Extractor(f"classifier:{tmp_path / 'c.pt'}", torch.device("cpu"))
+    ext = features.Extractor(f"classifier:{tmp_path / 'c.pt'}", torch.device("cpu"))
     assert ext(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))["features"].shape == (2, 128)
 
 
@@ -265,17 +267,17 @@ def test_npz_sources_and_statistics_files(tmp_path):
     arr = np.random.RandomState(0).randint(0, 256, (23, 5, 6, 3)).astype(np.uint8)
     for save in (np.savez, np.savez_compressed):
         save(tmp_path / "a.npz", arr_0=arr, labels=np.arange(23))
-        src = metrics.open_images(str(tmp_path / "a.npz"))
+        src = extract.open_images(str(tmp_path / "a.npz"))
         assert len(src) == 23 and (src.labels == np.arange(23)).all()
         np.testing.assert_array_equal(np.concatenate([src.read(0, 10), src.read(10, 23)]), arr)
         np.testing.assert_array_equal(src.read(4, 7), arr[4:7])  # a jump back re-seeks
     mu, sigma = np.zeros(2048), np.eye(2048)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)  # pytorch-fid's statistics file: used as it is
     inception = SimpleNamespace(kind="inception")
-    stats = metrics.reference_features(metrics.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["mu", "sigma"])
+    stats = extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["mu", "sigma"])
     assert stats["mu"] is not None and (stats["sigma"] == sigma).all()
     with pytest.raises(ValueError, match="no images"):
-        metrics.reference_features(metrics.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["features"])
+        extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["features"])
 
 
 def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
@@ -285,7 +287,7 @@ def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
         os.makedirs(tmp_path / "f" / str(c))
         for i in range(20):
             Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "f" / str(c) / f"{i}.png")
-    metrics.main(["train-classifier", "--dataset", "folder", "--data-root", str(tmp_path / "f"),
+    features.main(["train-classifier", "--dataset", "folder", "--data-root", str(tmp_path / "f"),
                   "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "c.pt")])
     out = capsys.readouterr().out
     assert "held-out 10 % (4 images)" in out and "(4 images)" in out.splitlines()[-1]
@@ -294,9 +296,9 @@ def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
 def test_channel_first_arrays_are_refused(tmp_path):
     np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((10, 1, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="looks channel-first"):
-        metrics.NpzSource(str(tmp_path / "nchw.npz"))
+        extract.NpzSource(str(tmp_path / "nchw.npz"))
     np.savez(tmp_path / "nhwc.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
-    assert len(metrics.NpzSource(str(tmp_path / "nhwc.npz"))) == 10
+    assert len(extract.NpzSource(str(tmp_path / "nhwc.npz"))) == 10
 
 
 def _metrics_worker(rank, world, port, argv, out):
@@ -313,7 +315,7 @@ def test_two_processes_give_the_single_process_metrics(tmp_path):
     import torch.multiprocessing as mp
     torch.manual_seed(0)
     cls = tmp_path / "cls.pt"
-    torch.save({"model": metrics.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28,
+    torch.save({"model": features.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28,
                 "channels": 1}, cls)
     write_npz(tmp_path / "real.npz", 61, 0)
     write_npz(tmp_path / "fake.npz", 41, 1)

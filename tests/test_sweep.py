@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 import sweep
+import train
 
 
 def test_sign_flip_p_value_enumerates_all_flips():
@@ -36,10 +37,18 @@ def test_paired_stats_interval_matches_scipy_and_mde_has_power_080():
     assert 0.75 < power < 0.85
 
 
-def test_smoke_experiment_runs_and_resumes(tmp_path):
+def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
+    """The whole experiment, tiny; a training killed at step 2 of 4 is resumed, and a second run
+    redoes nothing."""
     out = str(tmp_path / "sweep")
+    size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
+    killed = os.path.join(out, "clean-s0")
+    train.main(sweep.train_flags([], 0, {**size, "steps": 2}, killed))
+    assert sweep.checkpoint_step(killed) == 2
     argv = ["--out", out, "--smoke", "--workers", "1", "--seeds", "3", "--other-seeds", "2"]
     rows, summary = sweep.main(argv)
+    assert sweep.checkpoint_step(killed) == size["steps"]
+    assert "resuming at step 2" in capsys.readouterr().out  # not restarted
     seeds = {}
     for r in rows:
         seeds.setdefault(r["arm"], set()).add(r["seed"])
@@ -58,7 +67,6 @@ def test_smoke_experiment_runs_and_resumes(tmp_path):
     before = os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt"))
     npz = os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")
     sample_time = os.path.getmtime(npz)
-    size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
     samples = os.path.join(out, "clean-s0", "samples")
     assert sweep.samples_done(samples, size, cads=False)
     assert not sweep.samples_done(samples, {**size, "steps": size["steps"] + 1}, cads=False)
@@ -72,15 +80,3 @@ def test_smoke_experiment_runs_and_resumes(tmp_path):
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
     assert os.path.getmtime(npz) == sample_time
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
-
-
-def test_smoke_resumes_a_killed_training(tmp_path):
-    """A job whose checkpoint stopped short of the step count is resumed, not restarted."""
-    out = str(tmp_path / "sweep")
-    size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
-    run_dir = os.path.join(out, "clean-s0")
-    import train
-    train.main(sweep.train_flags([], 0, {**size, "steps": 2}, run_dir))  # "killed" at step 2 of 4
-    assert sweep.checkpoint_step(run_dir) == 2
-    sweep.main(["--out", out, "--smoke", "--workers", "1", "--seeds", "2", "--other-seeds", "1"])
-    assert sweep.checkpoint_step(run_dir) == size["steps"]

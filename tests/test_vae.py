@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import vae
 
 
 class TinyData:
-    """corrupt.load_dataset's interface: dataset[i] -> (CHW image in [-1, 1], condition)."""
+    """data.load_dataset's interface: dataset[i] -> (CHW image in [-1, 1], condition)."""
     def __init__(self, n=10, size=16, channels=3, captions=False, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, channels, size, size, generator=g) * 2 - 1
@@ -175,15 +176,15 @@ META = {"preset": "tiny-vq", "weights": "random", "dataset": "tiny"}
 def test_latent_cache_resume_flips_labels(tmp_path):
     model = randomized("tiny-vq")
     full = TinyData()
-    vae.encode_dataset(model, full, str(tmp_path / "a"), META, batch_size=4, dtype=np.float32)
+    data.encode_dataset(model, full, str(tmp_path / "a"), META, batch_size=4, dtype=np.float32)
     with pytest.raises(Killed):  # killed while reading chunk 1: chunk 0 is written and recorded
-        vae.encode_dataset(model, DiesAt(4), str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
+        data.encode_dataset(model, DiesAt(4), str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
     with pytest.raises(ValueError, match="incomplete"):
-        vae.LatentCache(str(tmp_path / "b"))
+        data.LatentCache(str(tmp_path / "b"))
     resumed = TinyData()
-    vae.encode_dataset(model, resumed, str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
+    data.encode_dataset(model, resumed, str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
     assert sorted(resumed.accessed) == list(range(4, 10))  # continued at chunk 1
-    a, b = vae.LatentCache(str(tmp_path / "a")), vae.LatentCache(str(tmp_path / "b"))
+    a, b = data.LatentCache(str(tmp_path / "a")), data.LatentCache(str(tmp_path / "b"))
     assert np.array_equal(a.latents, b.latents) and a.latents.shape == (10, 2, 3, 8, 8)
     with torch.no_grad():
         close(torch.from_numpy(np.array(b.latents[:, 0])), model.encode(full.images))
@@ -191,25 +192,29 @@ def test_latent_cache_resume_flips_labels(tmp_path):
     assert np.array_equal(b.labels, full.labels) and b[3][1] == full.labels[3] and b[3][0].shape == (2, 3, 8, 8)
     assert b.scale == 1.0 and b.num_classes == 3 and b.meta["preset"] == "tiny-vq" and b.meta["complete"]
     with pytest.raises(SystemExit, match="different cache"):
-        vae.encode_dataset(model, full, str(tmp_path / "b"), {**META, "weights": "other"}, batch_size=4)
+        data.encode_dataset(model, full, str(tmp_path / "b"), {**META, "weights": "other"}, batch_size=4)
 
 
 def test_latent_cache_kl_scale_and_captions(tmp_path):
     model = randomized("tiny-kl")
-    model.scale = None  # external KL weights: the scale is measured on the data
-    data = TinyData(n=6, captions=True)
-    vae.encode_dataset(model, data, str(tmp_path), {**META, "preset": "tiny-kl"}, batch_size=4)
-    cache = vae.LatentCache(str(tmp_path))
-    assert cache.latents.dtype == np.float16 and cache.captions == data.captions and cache.labels is None
+    model.scale = None  # external KL weights: the scale is measured on the data first (vae.py encode)
+    ds = TinyData(n=6, captions=True)
+    with pytest.raises(ValueError, match="scale is not set"):
+        data.encode_dataset(model, ds, str(tmp_path), {**META, "preset": "tiny-kl"}, batch_size=4)
+    model.scale = vae.measure_scale(model, data.spread_images(ds))
+    assert model.scale == pytest.approx(vae.measure_scale(model, ds.images))  # all 6 images
+    data.encode_dataset(model, ds, str(tmp_path), {**META, "preset": "tiny-kl"}, batch_size=4)
+    cache = data.LatentCache(str(tmp_path))
+    assert cache.latents.dtype == np.float16 and cache.captions == ds.captions and cache.labels is None
     assert cache[5][1] == "caption 5"
     assert abs(np.asarray(cache.latents[:, 0], dtype=np.float64).std() - 1.0) < 1e-2  # 1/std of all 6 images
-    assert cache.scale == pytest.approx(vae.measure_scale(model, data.images))
+    assert cache.scale == model.scale
 
 
-def fake_corrupt(monkeypatch, **kw):
-    module = types.ModuleType("corrupt")
-    module.load_dataset = lambda name, root=None, split="train", image_size=None, pad=False: TinyData(seed=int(split == "test"), **kw)
-    monkeypatch.setitem(sys.modules, "corrupt", module)
+def fake_datasets(monkeypatch, **kw):
+    """data.load_dataset returns TinyData (seeded by the split)."""
+    monkeypatch.setattr(data, "load_dataset", lambda name, root=None, split="train", image_size=None,
+                        pad=False: TinyData(seed=int(split == "test"), **kw))
 
 
 def test_training_lowers_loss():
@@ -229,7 +234,7 @@ def test_training_lowers_loss():
 
 
 def test_cli_train_then_encode(tmp_path, monkeypatch):
-    fake_corrupt(monkeypatch)
+    fake_datasets(monkeypatch)
     out = tmp_path / "ae"
     vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--batch-size", "4",
               "--out", str(out), "--eval-images", "6"])
@@ -239,7 +244,7 @@ def test_cli_train_then_encode(tmp_path, monkeypatch):
     assert model.scale == report["scale"] and model.config == vae.PRESETS["tiny-kl"]
     vae.main(["encode", "--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out", str(tmp_path / "cache"),
               "--batch-size", "4", "--num-workers", "0"])
-    cache = vae.LatentCache(str(tmp_path / "cache"))
+    cache = data.LatentCache(str(tmp_path / "cache"))
     assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds an autoencoder"):

@@ -1,0 +1,400 @@
+"""The datasets and the latent cache: every image a run trains on or is scored against.
+
+load_dataset(name) returns (image float32 CHW in [-1, 1], condition) per index:
+    digits          scikit-learn's bundled 1,797 real 8x8 digits; needs no setup (the default).
+    fashion-mnist   the idx files of the Debian package dataset-fashion-mnist.
+    folder          an ImageNet-style class folder (torchvision ImageFolder), ADM center crop.
+    captions        a TSV of path<TAB>caption (the common CC3M export), ADM center crop.
+digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, W] so that
+train.py can index whole batches. __getitem__ reads the condition from `.labels` / `.captions`.
+
+The latent cache (`python vae.py encode`) holds both horizontal flips of every image encoded by
+an f4 autoencoder, as LDM trains on latents (App. B.3): LatentCache reads it.
+"""
+import gzip
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import system
+
+DATASETS = ("digits", "fashion-mnist", "folder", "captions")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+DIGITS_TEST_FRACTION = 0.1  # digits has no official split: a fixed seeded 90/10 split
+DEFAULT_FILE_IMAGE_SIZE = 256  # the paper's ImageNet / CC3M resolution
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def to_float(images):
+    """uint8 images (any shape) -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """float images in [-1, 1] (any shape) -> uint8, clamped and rounded."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Class-labelled images held as one uint8 tensor [N, C, H, W] (digits, Fashion-MNIST)."""
+
+    def __init__(self, images, labels, class_names):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.captions = None
+        self.paths = None
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.channels, self.image_size = images.shape[1], images.shape[2]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return to_float(self.images[i]), int(self.labels[i])
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Images read from files on demand, with class labels (folder) or captions (TSV). Grayscale
+    folders stay one channel (see file_channels); transparent images are composited onto white."""
+
+    def __init__(self, paths, image_size, labels=None, class_names=None, captions=None):
+        self.paths = list(paths)
+        self.images = None  # loaded lazily, one file per __getitem__
+        self.image_size, self.channels = image_size, file_channels(self.paths)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.class_names = None if class_names is None else list(class_names)
+        self.num_classes = None if class_names is None else len(class_names)
+        self.captions = None if captions is None else list(captions)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = read_image(self.paths[i], self.image_size, self.channels)
+        condition = int(self.labels[i]) if self.labels is not None else self.captions[i]
+        return image, condition
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def is_grayscale(im):
+    """A grayscale mode, or colour pixels whose channels are all equal (grey saved as RGB)."""
+    if im.mode in GRAY_MODES:
+        return True
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def file_channels(paths, probe=100):
+    """1 when the first `probe` files (sorted) are all grayscale, else 3: three equal channels
+    would triple the work and leave the model a direction the data never uses. Warns once when
+    some have transparency (they are composited onto white, not stripped of their alpha)."""
+    gray, transparent = [], False
+    for path in sorted(paths)[:probe]:
+        try:
+            with Image.open(path) as im:
+                transparent |= im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+                gray.append(is_grayscale(im))
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot read image file {path}: {e}") from e
+    if transparent:
+        print("note: some images have transparency; they are composited onto a white background")
+    return 1 if gray and all(gray) else 3
+
+
+def unreadable_images(paths):
+    """[(path, error)] of the files PIL cannot decode (every file is read: slow on large sets)."""
+    bad = []
+    for path in tqdm(paths, desc="check images", leave=False):
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, ValueError) as e:
+            bad.append((path, str(e)))
+    return bad
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop (guided-diffusion, also DiT): box-halve, bicubic resize, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[y:y + image_size, x:x + image_size]
+
+
+def read_image(path, image_size, channels=3):
+    """One image file -> float32 [channels, S, S] in [-1, 1]; transparent pixels are composited
+    onto white; an unreadable file names itself."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGBA")  # every mode, palettes with transparency included
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im).convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise RuntimeError(f"cannot read image file {path}: {e}") from e
+    arr = center_crop_arr(im, image_size)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr  # [S, S, C]
+    return to_float(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+
+
+def resize_uint8(images, size):
+    """Antialiased bilinear resize of uint8 [N, C, H, W] images (e.g. digits 8x8 -> 16x16)."""
+    x = F.interpolate(to_float(images), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return to_uint8(x)
+
+
+def load_digits_dataset(split="train"):
+    """scikit-learn's bundled digits: 1,797 real 8x8 images, values 0..16, 10 classes."""
+    from sklearn.datasets import load_digits
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"digits split must be train, test or all, not {split!r}")
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    if split != "all":
+        order = np.random.default_rng(0).permutation(len(labels))
+        n_test = round(DIGITS_TEST_FRACTION * len(labels))
+        keep = np.sort(order[:n_test] if split == "test" else order[n_test:])
+        images, labels = images[keep], labels[keep]
+    return InMemoryDataset(torch.from_numpy(images)[:, None], labels, [str(d) for d in range(10)])
+
+
+def read_idx(path):
+    """An idx file (MNIST format, optionally gzipped) -> numpy uint8 array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # a cut-short or damaged .gz
+        raise ValueError(f"cannot read {path}: {e}") from None
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x0000 08 ndim: unsigned byte data
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x})")
+    ndim = magic & 0xFF
+    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    if len(data) - 4 - 4 * ndim != math.prod(shape):
+        raise ValueError(f"{path} is truncated: {len(data) - 4 - 4 * ndim} of {math.prod(shape)} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root=None, split="train", pad=False):
+    """Fashion-MNIST from its idx files: 60,000 train / 10,000 test 28x28 images, 10 classes.
+
+    pad=True zero-pads 28x28 -> 32x32 (background is 0) so an f4 autoencoder / a U-Net with
+    several 2x downsamplings gets a size divisible by a power of two.
+    """
+    root = root or FASHION_MNIST_ROOT
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"fashion-mnist split must be train or test, not {split!r}")
+    arrays = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        path = os.path.join(root, f"{prefix}-{kind}.gz")
+        if not os.path.exists(path) and os.path.exists(path[:-3]):
+            path = path[:-3]  # already gunzipped
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {path} not found. Install the Debian package "
+                f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_ROOT}) or put "
+                f"the four *-ubyte.gz files of https://github.com/zalandoresearch/fashion-mnist "
+                f"into {root}")
+        arrays.append(read_idx(path))
+    images, labels = torch.from_numpy(arrays[0].copy())[:, None], arrays[1].astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST in {root}: {len(images)} images but {len(labels)} labels")
+    if pad:
+        images = F.pad(images, (2, 2, 2, 2))
+    return InMemoryDataset(images, labels, FASHION_MNIST_CLASSES)
+
+
+def load_image_folder(root, image_size):
+    """An ImageNet-style folder root/<class>/<image>; labels follow sorted class names."""
+    from torchvision.datasets import ImageFolder
+    if root is None or not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root} not found (expected root/<class>/<image>, "
+                                f"e.g. the ImageNet train folder)")
+    folder = ImageFolder(root)
+    paths = [path for path, _ in folder.samples]
+    return FileDataset(paths, image_size, labels=folder.targets, class_names=folder.classes)
+
+
+def load_caption_tsv(path, image_size):
+    """A TSV of image_path<TAB>caption per line; paths are relative to the TSV's folder."""
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"caption file {path} not found (expected a TSV of "
+                                f"image_path<TAB>caption lines, e.g. a CC3M export)")
+    base = os.path.dirname(os.path.abspath(path))
+    paths, captions = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{line_number}: expected image_path<TAB>caption")
+            image_path, caption = line.split("\t", 1)
+            paths.append(os.path.join(base, image_path))
+            captions.append(caption)
+    if not paths:
+        raise ValueError(f"caption file {path} has no entries")
+    return FileDataset(paths, image_size, captions=captions)
+
+
+def load_dataset(name, root=None, split="train", image_size=None, pad=False):
+    """The datasets of this repo by name (see DATASETS).
+
+    root: fashion-mnist folder (default /usr/share/datasets/fashion-mnist), the class folder,
+        or the caption TSV file; unused for digits.
+    split: digits "train" (90 %), "test" (10 %) or "all"; fashion-mnist "train" or "test";
+        unused for folder / captions (point root at the split you want).
+    image_size: output size; None keeps digits 8 and Fashion-MNIST 28 (32 with pad) and uses 256
+        for file datasets. In-memory datasets are resized (antialiased bilinear) when it differs.
+    pad: fashion-mnist only, zero-pad 28 -> 32 (for f4 autoencoders / U-Net downsampling).
+    """
+    if pad and name != "fashion-mnist":
+        raise ValueError("pad applies to fashion-mnist only")
+    if name == "digits":
+        dataset = load_digits_dataset(split)
+    elif name == "fashion-mnist":
+        dataset = load_fashion_mnist(root, split, pad)
+    elif name == "folder":
+        return load_image_folder(root, image_size or DEFAULT_FILE_IMAGE_SIZE)
+    elif name == "captions":
+        return load_caption_tsv(root, image_size or DEFAULT_FILE_IMAGE_SIZE)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if image_size is not None and image_size != dataset.image_size:
+        dataset = InMemoryDataset(resize_uint8(dataset.images, image_size), dataset.labels,
+                                  dataset.class_names)
+    return dataset
+
+
+def first_per_class(ds, n):
+    """The first n images of every class, in dataset order (in-memory datasets only)."""
+    if not isinstance(ds, InMemoryDataset):
+        raise ValueError("--train-per-class applies to the in-memory datasets (digits, fashion-mnist)")
+    if n < 1 or np.bincount(ds.labels).min() < n:
+        raise ValueError(f"--train-per-class must be in [1, {np.bincount(ds.labels).min()}], got {n}")
+    keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n] for c in range(ds.num_classes)]))
+    return InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names)
+
+
+# ----------------------------------------------------------------------------- the latent cache
+def cache_files(out):
+    return {k: os.path.join(out, f) for k, f in dict(meta="meta.json", latents="latents.npy", done="done.npy",
+                                                     labels="labels.npy", captions="captions.json").items()}
+
+
+def spread_images(dataset, n=1024):
+    """n images spread evenly over the dataset (folders are sorted by class) to measure the KL scale."""
+    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset)))])
+
+
+def create_cache(model, dataset, out, meta, batch_size, dtype):
+    """Rank 0: allocate latents [N, 2 flips, C, h, w] and the per-chunk done flags; the meta
+    records the model's latent scale."""
+    if model.scale is None:
+        raise ValueError("the KL autoencoder's latent scale is not set (vae.measure_scale)")
+    files = cache_files(out)
+    os.makedirs(out, exist_ok=True)
+    with torch.no_grad():
+        z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
+    shape = (len(dataset), 2, *z.shape[1:])
+    np.lib.format.open_memmap(files["latents"], mode="w+", dtype=dtype, shape=shape).flush()
+    np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(math.ceil(len(dataset) / batch_size),)).flush()
+    if getattr(dataset, "captions", None) is not None:
+        system.write_json(files["captions"], list(dataset.captions))  # caption id = dataset index
+    else:
+        np.save(files["labels"], np.asarray(dataset.labels, dtype=np.int64))
+    system.write_json(files["meta"], {**meta, "scale": model.scale, "shape": list(shape), "dtype": np.dtype(dtype).name,
+                               "chunk": batch_size, "num_classes": getattr(dataset, "num_classes", None),
+                               "complete": False})
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, num_workers=0,
+                   rank=0, world=1, device="cpu"):
+    """Encodes both horizontal flips of every image into out/latents.npy. Chunk k (images k*B..) is
+    done by rank k % world; done.npy[k] is set after the chunk is flushed, so a killed run restarts
+    at the first chunk not recorded (any world size). meta must name preset, weights and dataset."""
+    files = cache_files(out)
+    meta = json.loads(json.dumps(meta))  # as stored (tuples become lists)
+    if rank == 0:
+        if os.path.exists(files["meta"]):
+            old = json.load(open(files["meta"]))
+            if any(old.get(k) != v for k, v in meta.items()) or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
+                raise SystemExit(f"{out} holds a different cache ({ {k: old.get(k) for k in meta} }, chunk "
+                                 f"{old['chunk']}): choose another --out or use the same settings to resume")
+        else:
+            create_cache(model, dataset, out, meta, batch_size, dtype)
+    if world > 1:
+        dist.barrier()
+    meta = json.load(open(files["meta"]))
+    model.scale = meta["scale"]
+    latents = np.load(files["latents"], mmap_mode="r+")
+    done = np.load(files["done"], mmap_mode="r+")
+    mine = range(rank, len(done), world)
+    todo = [k for k in mine if not done[k]]
+    chunks = [list(range(k * batch_size, min((k + 1) * batch_size, len(dataset)))) for k in todo]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"encode (rank {rank})",
+               disable=rank != 0, dynamic_ncols=True)
+    for k, (x, _) in zip(todo, loader):
+        x = x.to(device)
+        z = torch.stack([model.encode(x), model.encode(x.flip(-1))], dim=1)
+        latents[k * batch_size:k * batch_size + len(x)] = z.cpu().numpy().astype(latents.dtype)
+        latents.flush()
+        done[k] = True
+        done.flush()
+        bar.update()
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0 and done.all():
+        system.write_json(files["meta"], {**meta, "complete": True})
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """What `vae.py encode` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or caption).
+    .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale, .num_classes, .meta."""
+
+    def __init__(self, path):
+        files = cache_files(path)
+        if not os.path.exists(files["meta"]):
+            raise FileNotFoundError(f"no latent cache at {path}: write one with `python vae.py encode ... --out {path}`")
+        self.meta = json.load(open(files["meta"]))
+        if not self.meta["complete"]:
+            raise ValueError(f"latent cache {path} is incomplete: rerun the same `vae.py encode` command to resume it")
+        self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
+        self.latents = np.load(files["latents"], mmap_mode="r")
+        self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
+        self.captions = json.load(open(files["captions"])) if os.path.exists(files["captions"]) else None
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        z = torch.from_numpy(np.array(self.latents[i], dtype=np.float32))
+        return z, (self.captions[i] if self.captions is not None else int(self.labels[i]))
+
+

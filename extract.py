@@ -1,0 +1,245 @@
+"""Image sets to features: the sources metrics.py reads, sharded extraction, the feature cache.
+
+A source is an .npz (arr_0 uint8 NHWC, streamed from the zip: sample.py's output or an ADM
+reference batch; a pytorch-fid statistics file with mu / sigma), an image folder, or
+"dataset:NAME[:SPLIT]" (data.py). Under torchrun every process extracts a contiguous shard;
+statistics are summed in float64 on every rank, features are gathered on rank 0 only. Reference
+features are cached by (file, mtime, network), so a sweep extracts the real images once.
+"""
+import concurrent.futures
+import hashlib
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import system
+
+# --------------------------------------------------------------------------------------------
+# Image sources: .npz (streamed from the zip, no full load), folders, datasets of data.py
+# --------------------------------------------------------------------------------------------
+
+class NpzSource:
+    """arr_0 uint8 [N, H, W(, C)] read in slices; labels / captions / mu / sigma when present."""
+
+    def __init__(self, path):
+        self.path = path
+        with np.load(path, allow_pickle=False) as f:
+            self.extra = {k: f[k] for k in f.files if k != "arr_0"}
+        self.labels = self.extra.get("labels")
+        self.captions = self.extra.get("captions")
+        self.zip = zipfile.ZipFile(path)
+        self.length = 0
+        if "arr_0.npy" in self.zip.namelist():
+            with self.zip.open("arr_0.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                self.shape, fortran, dtype = read_header[version](fh)
+                self.offset = fh.tell()
+            if dtype != np.uint8 or fortran or len(self.shape) not in (3, 4):
+                raise ValueError(f"{path}: arr_0 must be a C-ordered uint8 array [N, H, W, C], got {dtype} {self.shape}")
+            if len(self.shape) == 4 and self.shape[-1] not in (1, 3) and self.shape[1] in (1, 3):
+                raise ValueError(f"{path}: arr_0 {self.shape} looks channel-first [N, C, H, W]; "
+                                 f"images must be channel-last [N, H, W, C] (np.transpose(x, (0, 2, 3, 1)))")
+            self.length = self.shape[0]
+            self.fh, self.pos = None, None
+
+    def __len__(self):
+        return self.length
+
+    def read(self, start, stop):
+        row = int(np.prod(self.shape[1:]))
+        if self.fh is None or self.pos != start:  # sequential reads stay cheap; a jump re-seeks
+            self.fh = self.zip.open("arr_0.npy")
+            self.fh.seek(self.offset + start * row)
+        data = self.fh.read((stop - start) * row)
+        self.pos = stop
+        x = np.frombuffer(data, np.uint8).reshape(stop - start, *self.shape[1:]).copy()
+        return x[..., None] if x.ndim == 3 else x
+
+    def cache_id(self):
+        st = os.stat(self.path)
+        return f"{os.path.abspath(self.path)}|{st.st_mtime_ns}|{st.st_size}"
+
+
+class FolderSource:
+    """Every image under a folder (sorted, recursive), decoded to RGB; all must have one size."""
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+    def __init__(self, path):
+        self.path = path
+        self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                            if f.lower().endswith(self.EXTENSIONS))
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(self.EXTENSIONS)}) under '{path}'")
+        self.labels = self.captions = None
+        self.extra = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(8)
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, start, stop):
+        images = list(self.pool.map(lambda f: np.asarray(Image.open(f).convert("RGB")), self.files[start:stop]))
+        if len({im.shape for im in images}) > 1:
+            raise ValueError(f"images under '{self.path}' differ in size; resize/crop them first (as ADM's reference batches)")
+        return np.stack(images)
+
+    def cache_id(self):
+        return f"{os.path.abspath(self.path)}|{os.stat(self.path).st_mtime_ns}|{len(self.files)}"
+
+
+class DatasetSource:
+    """"dataset:NAME[:SPLIT]" through data.load_dataset (e.g. the Fashion-MNIST test set)."""
+
+    def __init__(self, spec, root, image_size):
+        _, name, split = (spec.split(":") + ["test"])[:3]
+        self.id = f"{spec}|{root}|{image_size}"
+        self.path = spec
+        self.ds = data.load_dataset(name, root, split=split, image_size=image_size)
+        self.labels = getattr(self.ds, "labels", None)
+        self.captions = getattr(self.ds, "captions", None)
+        self.extra = {}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def read(self, start, stop):
+        images = getattr(self.ds, "images", None)
+        if torch.is_tensor(images) and images.dtype == torch.uint8:  # in-memory datasets: uint8 NCHW
+            return images[start:stop].permute(0, 2, 3, 1).numpy()
+        x = torch.stack([self.ds[i][0] for i in range(start, stop)])  # float [-1, 1] CHW
+        return data.to_uint8(x).permute(0, 2, 3, 1).numpy()
+
+    def cache_id(self):
+        return self.id
+
+
+def open_images(spec, data_root=None, image_size=None):
+    if spec.startswith("dataset:"):
+        return DatasetSource(spec, data_root, image_size)
+    if os.path.isdir(spec):
+        return FolderSource(spec)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"no such file or folder: '{spec}'")
+    if not spec.endswith(".npz"):
+        raise ValueError(f"'{spec}': expected an .npz, an image folder or dataset:NAME[:SPLIT]")
+    return NpzSource(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction: sharded over ranks, streaming float64 statistics, gathered features
+# --------------------------------------------------------------------------------------------
+
+class FeatureStats:
+    """Running sum and sum of outer products in float64; mean and covariance as np.cov (N - 1)."""
+
+    def __init__(self, dim, device):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, f):
+        f = f.double()
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def all_reduce(self):
+        if system.rank_and_world()[1] > 1:
+            n = torch.tensor([self.n], dtype=torch.float64, device=self.sum.device)
+            for t in (n, self.sum, self.outer):
+                dist.all_reduce(t)
+            self.n = int(n.item())
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), cov.cpu().numpy()
+
+
+def extract(extractor, source, batch_size, desc):
+    """-> {"n", "mu", "sigma", ["mu_s", "sigma_s"], "features", ["logits_unbiased"]}: the
+    statistics on every rank, the features and logits on rank 0 only (None elsewhere)."""
+    rank, size = system.rank_and_world()
+    if len(source) < size:  # an empty shard would skip the collectives below: a hang
+        raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} processes")
+    lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
+    stats, kept = {}, {"features": [], "logits_unbiased": []}
+    for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
+        images = torch.from_numpy(source.read(start, min(start + batch_size, hi))).permute(0, 3, 1, 2)
+        out = extractor(images)
+        for key in ("features", "spatial"):
+            if key in out:
+                if key not in stats:
+                    stats[key] = FeatureStats(out[key].shape[1], extractor.device)
+                stats[key].update(out[key])
+        for key in kept:
+            if key in out:
+                kept[key].append(out[key].float().cpu().numpy())
+    result = {}
+    for key, suffix in (("features", ""), ("spatial", "_s")):
+        if key in stats:
+            stats[key].all_reduce()
+            result["mu" + suffix], result["sigma" + suffix] = stats[key].mean_cov()
+            result["n"] = stats[key].n
+    for key, parts in kept.items():
+        if parts:
+            result[key] = system.gather_rows(np.concatenate(parts))  # rank 0
+    return result
+
+
+def reference_features(source, extractor, args, desc, needed):
+    """The `needed` statistics/features of a real/training set. Files with Inception
+    statistics (pytorch-fid's mu/sigma, ADM's mu/sigma/mu_s/sigma_s) give those, as pytorch-fid
+    and ADM use them; images are extracted once and cached under --cache (file, mtime, extractor)."""
+    rank, world = system.rank_and_world()
+    stored = {k: source.extra[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in source.extra}
+    stored = stored if extractor.kind == "inception" else {}
+    if set(needed) <= stored.keys():
+        return stored
+    if len(source) == 0:
+        raise ValueError(f"'{source.path}' holds no images (arr_0)" + ("" if stored else " and no Inception statistics"))
+    key = hashlib.sha1(f"{source.cache_id()}|{extractor.cache_id}".encode()).hexdigest()[:16]
+    path = os.path.join(args.cache, f"{key}.npz") if args.cache else None
+    hit = [bool(path) and os.path.exists(path)]
+    if world > 1:  # rank 0 decides: a hit on some ranks only would split the collectives
+        dist.broadcast_object_list(hit, src=0)
+    if hit[0]:
+        if rank == 0:
+            print(f"{desc}: cached features {path} (--cache '' recomputes them)")
+        with np.load(path) as f:
+            feats = {k: f[k] for k in f.files}
+    else:
+        feats = extract(extractor, source, args.batch_size, desc)
+        if path and rank == 0:
+            os.makedirs(args.cache, exist_ok=True)
+            system.write_atomic(path, lambda tmp: np.savez(tmp, **feats))  # parallel runs may share it
+    feats = {**feats, **stored}
+    missing = set(needed) - feats.keys()
+    if missing:
+        raise ValueError(f"'{source.path}' with {extractor.name} gives no {sorted(missing)}")
+    return feats
+
+
+@torch.no_grad()
+def distributed_pass(source, batch_size, fn, desc):
+    """Sum fn(uint8 batch, start, stop) -> (sum, count) over all images, sharded over ranks."""
+    rank, size = system.rank_and_world()
+    lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
+        stop = min(start + batch_size, hi)
+        total += torch.tensor(fn(torch.from_numpy(source.read(start, stop)).permute(0, 3, 1, 2), start, stop), dtype=torch.float64)
+    if size > 1:
+        total = total.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+

@@ -1,0 +1,8 @@
+"""pytest -n auto (pytest-xdist): one torch thread per worker process, so that the workers and
+the processes some tests start share the cores without oversubscribing them (system.py)."""
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by system.set_threads and by child processes
+    import torch
+    torch.set_num_threads(1)
