@@ -2,7 +2,7 @@
 
     python bench.py                                      # all three, ldm4-in1k, batch 64, one GPU
     python bench.py --only train --lines compile,diffusers --out runs/bench-train-compile.json
-    python bench.py --device cpu --preset tiny --batch-size 4                        # CPU smoke check
+    python bench.py --device cpu --preset tiny --batch-size 4              # CPU smoke check
 
 What one line of the table times (median of --steps calls after --warmup untimed calls; on CUDA
 each call is bracketed by CUDA events, so a line is GPU time with the launch gaps included):
@@ -14,7 +14,7 @@ each call is bracketed by CUDA events, so a line is GPU time with the launch gap
             diffusion.sample + guided_eps against a diffusers DDIMScheduler loop over diffusers'
             UNet2DConditionModel holding the same weights (loaded through unet.diffusers_key_map).
   features  FID Inception pool3 features of uint8 256x256 images: features.InceptionV3 against
-            pytorch-fid's InceptionV3 holding the same (random) weights, fp32 as metrics.py extracts.
+            pytorch-fid's InceptionV3 holding the same (random) weights, fp32 as metrics.py uses.
 Before timing, each compared pair is checked to compute the same function with the same random
 weights (relative error printed: max |a - b| / max |b|); every training line also prints how far
 its first loss is from the fp32 reference loss. FLOPs: FlopCounterMode on forward + backward,
@@ -50,8 +50,10 @@ from cep import ClassEmbedder
 
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH}
-AUTOENCODER = {"ldm4-in1k": "vq-f4", "ldm4-text": "vq-f4", "tiny": "tiny-vq"}  # "no latent cache" line
-IMAGE_SIZE = 256  # feature extraction input (ImageNet 256x256 samples); the Inception resizes to 299
+# "no latent cache" line
+AUTOENCODER = {"ldm4-in1k": "vq-f4", "ldm4-text": "vq-f4", "tiny": "tiny-vq"}
+# feature extraction input (ImageNet 256x256 samples); the Inception resizes to 299
+IMAGE_SIZE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +170,8 @@ def build_unet(kind, config, state, device, setup=Setup()):
         with torch.device("meta"):
             net = UNet2DConditionModel(**unet.diffusers_config(config))
         net = net.to_empty(device=device)
-        net.load_state_dict({theirs: state[ours] for ours, theirs in unet.diffusers_key_map(config).items()})
+        net.load_state_dict({theirs: state[ours]
+                             for ours, theirs in unet.diffusers_key_map(config).items()})
         model = DiffusersEps(net)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -211,11 +214,13 @@ def train_lines(ref, device, compile_, wide):
                   ("cudnn.benchmark on", "ours", r(ref, cudnn_benchmark=True))]
     lines += [("channels-last", "ours", r(ref, channels_last=True))]
     lines += [(f"SDPA {name} only", "ours", r(ref, sdpa=name)) for name in SDPA]
-    lines += [("AdamW foreach" if ref.fused_adamw else "AdamW fused", "ours", r(ref, fused_adamw=not ref.fused_adamw))]
+    lines += [("AdamW foreach" if ref.fused_adamw else "AdamW fused", "ours",
+               r(ref, fused_adamw=not ref.fused_adamw))]
     lines += [("no latent cache (encode each step)", "ours", r(ref, encode=True))]
     lines += [(f"{wide}-wide heads [DIFFERENT MODEL]", "ours", r(ref, head_channels=wide))]
     if compile_:
-        lines += [(f"{wide}-wide heads + compile [DIFFERENT MODEL]", "ours", r(ref, head_channels=wide, compile=True))]
+        lines += [(f"{wide}-wide heads + compile [DIFFERENT MODEL]", "ours",
+                   r(ref, head_channels=wide, compile=True))]
     return lines
 
 
@@ -226,14 +231,16 @@ def train_line(kind, setup, config, state, batch, abar, autoencoder, args, devic
     fused = {"fused": True} if setup.fused_adamw else {"foreach": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     if setup.channels_last:
-        x0, images = x0.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
+        x0 = x0.to(memory_format=torch.channels_last)
+        images = images.to(memory_format=torch.channels_last)
 
     def step():
         with running(setup, device):
             if setup.encode:
                 with torch.no_grad():
                     latents = autoencoder.encode(images).float()
-            loss = diffusion.training_loss(model, latents if setup.encode else x0, t, noise, context, abar)
+            loss = diffusion.training_loss(model, latents if setup.encode else x0, t, noise,
+                                           context, abar)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -246,7 +253,8 @@ def train_line(kind, setup, config, state, batch, abar, autoencoder, args, devic
 
 def check_train(config, state, batch, abar, device):
     """Ours vs diffusers with the same weights, fp32 (must agree) and in the reference setup.
-    Returns the fp32 reference loss of the whole batch that every line's first loss is compared to."""
+    Returns the fp32 reference loss of the whole batch that every line's first loss is compared
+    to."""
     x0, t, noise, context, _ = batch
     n = min(len(x0), 4)
     fp32, ref = Setup(bf16=False, tf32=False), reference_setup(device)
@@ -265,9 +273,11 @@ def check_train(config, state, batch, abar, device):
     err = rel_err(out["diffusers", "fp32"], out["ours", "fp32"])
     print(f"check: diffusers vs ours, fp32, same weights: rel err {err:.1e}")
     if not err <= 1e-3:
-        raise SystemExit(f"ours and diffusers' U-Nets disagree (rel err {err:.1e}): fix unet.py first")
+        raise SystemExit(f"ours and diffusers' U-Nets disagree (rel err {err:.1e}): fix unet.py "
+                         "first")
     if ref.bf16:
-        print(f"check: bf16 autocast vs fp32: ours rel err {rel_err(out['ours', 'ref'], out['ours', 'fp32']):.1e}, "
+        print(f"check: bf16 autocast vs fp32: ours rel err "
+              f"{rel_err(out['ours', 'ref'], out['ours', 'fp32']):.1e}, "
               f"diffusers rel err {rel_err(out['diffusers', 'ref'], out['ours', 'fp32']):.1e}")
     print(f"check: fp32 reference loss {ref_loss:.6f}")
     return ref_loss
@@ -280,10 +290,12 @@ def bench_train(config, args, device, report):
     name = AUTOENCODER.get(args.preset)
     autoencoder = None
     if name:
-        autoencoder = system.randomise_(vae.Autoencoder(vae.PRESETS[name]), seed=2).to(device).eval()
+        autoencoder = system.randomise_(vae.Autoencoder(vae.PRESETS[name]), seed=2)
+        autoencoder = autoencoder.to(device).eval()
     factor = 2 ** (len(autoencoder.config.ch_mult) - 1) if autoencoder else 4  # image / latent size
     batch = [torch.randn(B, C, S, S, generator=gen), torch.randint(0, 1000, (B,), generator=gen),
-             torch.randn(B, C, S, S, generator=gen), torch.randn(B, 1, config.context_dim, generator=gen),
+             torch.randn(B, C, S, S, generator=gen),
+             torch.randn(B, 1, config.context_dim, generator=gen),
              torch.rand(B, 3, S * factor, S * factor, generator=gen) * 2 - 1]
     batch = [x.to(device) for x in batch]
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
@@ -292,11 +304,14 @@ def bench_train(config, args, device, report):
     ref = reference_setup(device)
     widths = [config.model_channels * m for m in config.channel_mult]
     wide = 64 if all(w % 64 == 0 for w in widths) else 32
-    flops = {(kind, h): step_flops(kind, config, B, h) for kind in ("ours", "diffusers") for h in (None, wide)
+    flops = {(kind, h): step_flops(kind, config, B, h) for kind in ("ours", "diffusers")
+             for h in (None, wide)
              if kind == "ours" or h is None}
     print(f"FLOPs per training step (forward + backward, batch {B}): "
-          + ", ".join(f"{k}{f' ({h}-wide heads)' if h else ''} {f / 1e12:.3g} TFLOP" for (k, h), f in flops.items()))
-    report["train_flops_per_step"] = {f"{k}, head_channels {h or config.head_channels}": f for (k, h), f in flops.items()}
+          + ", ".join(f"{k}{f' ({h}-wide heads)' if h else ''} {f / 1e12:.3g} TFLOP"
+                      for (k, h), f in flops.items()))
+    report["train_flops_per_step"] = {f"{k}, head_channels {h or config.head_channels}": f
+                                      for (k, h), f in flops.items()}
     compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     header("train", device)
     rows, ref_seconds = [], None
@@ -306,18 +321,21 @@ def bench_train(config, args, device, report):
         free(device)
         row = {"name": label, "model": kind, "setup": dataclasses.asdict(setup)}
         try:
-            seconds, loss, memory = train_line(kind, setup, config, state, batch, abar, autoencoder, args, device)
+            seconds, loss, memory = train_line(kind, setup, config, state, batch, abar,
+                                               autoencoder, args, device)
         except (RuntimeError, NotImplementedError) as e:  # e.g. a kernel that does not fit, or OOM
             row["failed"] = str(e).strip().splitlines()[0][:200]
             print(f"  {label:<44} failed: {row['failed']}")
         else:
             ref_seconds = ref_seconds or seconds
             f = flops[kind, setup.head_channels]
-            row.update(images_per_s=B / seconds, ms_per_step=1e3 * seconds, tflops=f / seconds / 1e12,
+            row.update(images_per_s=B / seconds, ms_per_step=1e3 * seconds,
+                       tflops=f / seconds / 1e12,
                        mfu=f / seconds / 1e12 / args.peak_tflops if device.type == "cuda" else None,
                        peak_memory_gib=memory, speedup_vs_reference=ref_seconds / seconds,
                        first_loss=loss, loss_rel_err=abs(loss - ref_loss) / ref_loss)
-            note = f"loss rel err {row['loss_rel_err']:.1e}" + (" (different model)" if setup.head_channels else "")
+            note = f"loss rel err {row['loss_rel_err']:.1e}" + (" (different model)"
+                                                                if setup.head_channels else "")
             if setup.encode:  # a slow-down line: what the latent cache saves
                 row["loss_rel_err"], note = None, "latents from the autoencoder: loss not compared"
             print_row(row, note)
@@ -332,7 +350,8 @@ def bench_train(config, args, device, report):
 
 
 def selected(lines, patterns):
-    """The first (reference) line, and the others whose label contains one of the --lines patterns."""
+    """The first (reference) line, and the others whose label contains one of the --lines
+    patterns."""
     if not patterns:
         return lines
     keep = [p.strip().lower() for p in patterns.split(",")]
@@ -343,14 +362,16 @@ def anchor_ratios(rows):
     """Speed of our lines relative to the diffusers anchor lines (same run, same setup)."""
     speed = {r["name"]: r["images_per_s"] for r in rows if "images_per_s" in r}
     pairs = {"ours eager / diffusers eager": ("ours: reference", "diffusers (anchor)"),
-             "ours compiled / diffusers compiled": ("ours + torch.compile", "diffusers + torch.compile (anchor)")}
+             "ours compiled / diffusers compiled": ("ours + torch.compile",
+                                                    "diffusers + torch.compile (anchor)")}
     out = {k: speed[a] / speed[b] for k, (a, b) in pairs.items() if a in speed and b in speed}
     same_model = [r for r in rows if r["model"] == "ours" and r["setup"]["head_channels"] is None
                   and not r["setup"]["encode"] and r["name"] in speed]
     for anchor in ("diffusers (anchor)", "diffusers + torch.compile (anchor)"):
         if same_model and anchor in speed:
             best = max(same_model, key=lambda r: r["images_per_s"])
-            out[f"best one-head line ({best['name']}) / {anchor}"] = best["images_per_s"] / speed[anchor]
+            ratio = best["images_per_s"] / speed[anchor]
+            out[f"best one-head line ({best['name']}) / {anchor}"] = ratio
     return out
 
 
@@ -361,14 +382,17 @@ def diffusers_ddim(model, x_T, context, null_context, scale, steps):
     """The denoising loop of diffusers' pipelines with DDIMScheduler at LDM's settings."""
     from diffusers import DDIMScheduler
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
-                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False,
                               steps_offset=1)
     scheduler.set_timesteps(steps)
     x, cond = x_T, torch.cat([null_context, context])
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps_null, eps_c = model(torch.cat([x, x]), t.expand(2 * len(x)).to(x.device), cond).chunk(2)
-            x = scheduler.step((eps_null + scale * (eps_c - eps_null)).float(), t, x, eta=0.0).prev_sample
+            t_batch = t.expand(2 * len(x)).to(x.device)
+            eps_null, eps_c = model(torch.cat([x, x]), t_batch, cond).chunk(2)
+            x = scheduler.step((eps_null + scale
+                                * (eps_c - eps_null)).float(), t, x, eta=0.0).prev_sample
     return x
 
 
@@ -387,10 +411,14 @@ def bench_sample(config, args, device, report):
     with torch.no_grad():
         context = embedder(torch.randint(0, 1000, (B,), generator=gen).to(device))
         null_context = embedder(embedder.null_condition(B))
-    x_T = torch.randn(B, config.in_channels, config.sample_size, config.sample_size, generator=gen).to(device)
-    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU, as sample.py: no sync per step
-    samplers = {"ours": lambda m: our_ddim(m, x_T, context, null_context, args.guidance, args.sample_steps, abar),
-                "diffusers": lambda m: diffusers_ddim(m, x_T, context, null_context, args.guidance, args.sample_steps)}
+    shape = (B, config.in_channels, config.sample_size, config.sample_size)
+    x_T = torch.randn(shape, generator=gen).to(device)
+    # on the CPU, as sample.py: no sync per step
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
+    samplers = {"ours": lambda m: our_ddim(m, x_T, context, null_context, args.guidance,
+                                           args.sample_steps, abar),
+                "diffusers": lambda m: diffusers_ddim(m, x_T, context, null_context, args.guidance,
+                                                      args.sample_steps)}
     fp32, bf16 = Setup(bf16=False, tf32=False), Setup(bf16=True, tf32=True)
     lines = [(f"{k} fp32", k, fp32) for k in samplers]
     if device.type == "cuda":
@@ -398,7 +426,8 @@ def bench_sample(config, args, device, report):
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
         compiled = dataclasses.replace(bf16 if device.type == "cuda" else fp32, compile=True)
         lines += [(f"{k} + torch.compile", k, compiled) for k in samplers]
-    header(f"sample ({args.sample_steps} DDIM steps, guidance {args.guidance:g}, U-Net batch {2 * B})", device)
+    header(f"sample ({args.sample_steps} DDIM steps, guidance {args.guidance:g}, U-Net batch "
+           f"{2 * B})", device)
     rows, reference, ref_seconds = [], None, None
     for label, kind, setup in selected(lines, args.lines):
         free(device)
@@ -410,16 +439,20 @@ def bench_sample(config, args, device, report):
                 reference = out if reference is None else reference  # the first line: ours fp32
                 err = rel_err(out, reference)
                 if label == "diffusers fp32":
-                    print(f"check: diffusers DDIM loop vs ours, fp32, same weights: rel err {err:.1e}")
+                    print(f"check: diffusers DDIM loop vs ours, fp32, same weights: rel err "
+                          f"{err:.1e}")
                     if not err <= 1e-3:
-                        raise SystemExit(f"our DDIM sampler and diffusers' disagree (rel err {err:.1e})")
-                seconds = median_seconds(lambda: samplers[kind](model), 0, args.sample_repeats, device)
+                        raise SystemExit(f"our DDIM sampler and diffusers' disagree (rel err "
+                                         f"{err:.1e})")
+                seconds = median_seconds(lambda: samplers[kind](model), 0, args.sample_repeats,
+                                         device)
         except (RuntimeError, NotImplementedError) as e:
             row["failed"] = str(e).strip().splitlines()[0][:200]
             print(f"  {label:<44} failed: {row['failed']}")
         else:
             ref_seconds = ref_seconds or seconds
-            row.update(images_per_s=B / seconds, ms_per_batch=1e3 * seconds, peak_memory_gib=peak_memory_gib(device),
+            row.update(images_per_s=B / seconds, ms_per_batch=1e3 * seconds,
+                       peak_memory_gib=peak_memory_gib(device),
                        speedup_vs_reference=ref_seconds / seconds, rel_err_vs_ours_fp32=err)
             print_row(row, f"rel err vs ours fp32 {err:.1e}")
         rows.append(row)
@@ -432,9 +465,11 @@ def bench_sample(config, args, device, report):
 
 
 def pytorch_fid_inception(state):
-    """pytorch-fid's InceptionV3 (pool3 only) holding the weights `state` instead of its download."""
+    """pytorch-fid's InceptionV3 (pool3 only) holding the weights `state` instead of its
+    download."""
     import pytorch_fid.inception
-    with unittest.mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: state):
+    with unittest.mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url",
+                                    lambda *a, **k: state):
         return pytorch_fid.inception.InceptionV3([3]).eval()
 
 
@@ -455,14 +490,18 @@ def bench_features(args, device, report):
         print(f"check: pytorch-fid vs ours, same weights: rel err {err:.1e}")
         if not err <= 1e-4:
             raise SystemExit(f"features.InceptionV3 and pytorch-fid's disagree (rel err {err:.1e})")
-        header(f"features (uint8 {IMAGE_SIZE}x{IMAGE_SIZE} -> 2048-d pool3, fp32, TF32 off)", device)
+        header(f"features (uint8 {IMAGE_SIZE}x{IMAGE_SIZE} -> 2048-d pool3, fp32, TF32 off)",
+               device)
         rows, ref_seconds = [], None
         for label, net in networks.items():
             free(device)
-            seconds = median_seconds(lambda: net(images), args.warmup - 1, args.steps, device)  # 1: the check
+            # 1: the check
+            seconds = median_seconds(lambda: net(images), args.warmup - 1, args.steps, device)
             ref_seconds = ref_seconds or seconds
-            row = {"name": label, "images_per_s": args.batch_size / seconds, "ms_per_batch": 1e3 * seconds,
-                   "peak_memory_gib": peak_memory_gib(device), "speedup_vs_reference": ref_seconds / seconds}
+            row = {"name": label, "images_per_s": args.batch_size / seconds,
+                   "ms_per_batch": 1e3 * seconds,
+                   "peak_memory_gib": peak_memory_gib(device),
+                   "speedup_vs_reference": ref_seconds / seconds}
             print_row(row, "")
             rows.append(row)
     report["features"] = rows
@@ -510,25 +549,30 @@ def gpu_check(device, report, out_dir, compile_=True):
     cuda = device.type == "cuda"  # the CPU runs the same code paths at a smaller size
     steps, batch, per_class = (20, 32, 4) if cuda else (10, 16, 2)
     header(f"GPU check (tiny preset, 16x16 digits, {steps} steps)", device)
-    base = ["--preset", "tiny", "--image-size", "16", "--batch-size", str(batch), "--log-every", "5",
+    base = ["--preset", "tiny", "--image-size", "16", "--batch-size", str(batch), "--log-every",
+            "5",
             "--num-workers", "0", "--threads", "0"]
-    runs = {name: os.path.join(out_dir, name) for name in ("fp32", "bf16", "compiled", "full", "part")}
+    runs = {name: os.path.join(out_dir, name) for name in ("fp32", "bf16", "compiled", "full",
+                                                           "part")}
     train.main([*base, "--steps", str(steps), "--precision", "fp32", "--out", runs["fp32"]])
     train.main([*base, "--steps", str(steps), "--precision", "bf16", "--out", runs["bf16"]])
     a, b = last_loss(runs["fp32"]), last_loss(runs["bf16"])
     check_line(report, "bf16 training", abs(b - a) <= 0.05 * a,
                f"loss {b:.6f} vs fp32 {a:.6f} (rel diff {abs(b - a) / a:.1e})")
     if compile_:
-        train.main([*base, "--steps", str(steps), "--precision", "fp32", "--compile", "--out", runs["compiled"]])
+        train.main([*base, "--steps", str(steps), "--precision", "fp32", "--compile", "--out",
+                    runs["compiled"]])
         c = last_loss(runs["compiled"])
-        check_line(report, "torch.compile", abs(c - a) <= 1e-3 * a, f"loss {c:.6f} vs eager {a:.6f}")
+        check_line(report, "torch.compile", abs(c - a) <= 1e-3 * a,
+                   f"loss {c:.6f} vs eager {a:.6f}")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", script, *base,
                 "--ckpt-every", "3", "--precision", "fp32"]
     for name, steps, extra in (("full", 6, []), ("part", 3, []), ("part", 6, ["--resume"])):
         subprocess.run([*launcher, "--steps", str(steps), "--out", runs[name], *extra], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    full, part = (torch.load(os.path.join(runs[n], "ckpt.pt"), weights_only=True)["model"] for n in runs
+    full, part = (torch.load(os.path.join(runs[n], "ckpt.pt"), weights_only=True)["model"]
+                  for n in runs
                   if n in ("full", "part"))
     worst = max((full[k] - part[k]).abs().max().item() for k in full)
     backend = "nccl" if cuda else "gloo"
@@ -537,9 +581,11 @@ def gpu_check(device, report, out_dir, compile_=True):
     outs = {}
     for precision in ("fp32", "bf16"):
         outs[precision] = os.path.join(out_dir, f"samples-{precision}")
-        sample.main(["--ckpt", runs["fp32"], "--per-class", str(per_class), "--guidance", "2", "--no-images",
+        sample.main(["--ckpt", runs["fp32"], "--per-class", str(per_class), "--guidance", "2",
+                     "--no-images",
                      "--precision", precision, "--out", outs[precision]])
-    x, y = (np.load(os.path.join(o, "s2", "samples.npz"))["arr_0"].astype(float) for o in outs.values())
+    x, y = (np.load(os.path.join(o, "s2", "samples.npz"))["arr_0"].astype(float)
+            for o in outs.values())
     check_line(report, "bf16 sampling", np.abs(x - y).mean() < 2.0,
                f"mean |bf16 - fp32| {np.abs(x - y).mean():.2f} of 255 levels")
     if cuda:  # one-head U-Net widths at their maps (64x64 latents), VQ-f4's middle
@@ -552,7 +598,8 @@ def gpu_check(device, report, out_dir, compile_=True):
 
 def header(title, device):
     mfu = "MFU" if device.type == "cuda" else ""
-    print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} {'mem GiB':>8} "
+    print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} "
+          f"{'mem GiB':>8} "
           f"{'x ref':>6}  check")
 
 
@@ -561,9 +608,10 @@ def print_row(row, note):
         value = row.get(key)
         return f"{value:{width}{spec}}" if value is not None else " " * (width - 1) + "-"
     ms = row.get("ms_per_step", row.get("ms_per_batch"))
+    mfu = fmt('mfu', '.1%', 6) if 'mfu' in row and row['mfu'] is not None else ''
     print(f"  {row['name']:<44} {row['images_per_s']:9.1f} {ms:9.1f} {fmt('tflops', '.3g', 8)} "
-          f"{fmt('mfu', '.1%', 6) if 'mfu' in row and row['mfu'] is not None else '':>6} "
-          f"{fmt('peak_memory_gib', '.1f', 8)} {row['speedup_vs_reference']:5.2f}x  {note}", flush=True)
+          f"{mfu:>6} {fmt('peak_memory_gib', '.1f', 8)} {row['speedup_vs_reference']:5.2f}x  "
+          f"{note}", flush=True)
 
 
 def main():
@@ -574,27 +622,36 @@ def main():
     parser.add_argument("--preset", default="ldm4-in1k", choices=sorted(unet.PRESETS),
                         help="U-Net preset of unet.py (default: the paper's ldm4-in1k)")
     parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per training step / sampled batch / feature batch (paper: 64 per GPU)")
-    parser.add_argument("--steps", type=int, help="timed iterations per line, the median is reported "
+                        help="images per training step / sampled batch / feature batch (paper: 64 "
+                             "per GPU)")
+    parser.add_argument("--steps", type=int,
+                        help="timed iterations per line, the median is reported "
                         "(default: 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed iterations before timing, >= 1; the first also "
+    parser.add_argument("--warmup", type=int,
+                        help="untimed iterations before timing, >= 1; the first also "
                         "compiles (default: 5 on CUDA, 1 on CPU)")
-    parser.add_argument("--only", choices=["train", "sample", "features"], help="run one section only")
-    parser.add_argument("--lines", help="comma-separated substrings: run only the lines whose label contains "
+    parser.add_argument("--only", choices=["train", "sample", "features"],
+                        help="run one section only")
+    parser.add_argument("--lines",
+                        help="comma-separated substrings: run only the lines whose label contains "
                         "one (plus the reference line), e.g. 'compile' or 'diffusers,SDPA'")
     parser.add_argument("--out", default="runs/bench.json", help="JSON file for all figures")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="peak dense bf16 TFLOP/s of the GPU for MFU (default 989: H100 SXM datasheet; "
+                        help="peak dense bf16 TFLOP/s of the GPU for MFU (default 989: H100 SXM "
+                             "datasheet; "
                              "~790 is a measured figure; H100 PCIe: 756, A100: 312)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile lines (auto: on CUDA only; compiling takes minutes)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sampled batch")
-    parser.add_argument("--sample-repeats", type=int, help="timed sampling runs per line, after one "
+    parser.add_argument("--sample-repeats", type=int,
+                        help="timed sampling runs per line, after one "
                         "untimed run (default: 2 on CUDA, 1 on CPU)")
-    parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale s (Eq. 2; Table 1: 2.0)")
+    parser.add_argument("--guidance", type=float, default=2.0,
+                        help="guidance scale s (Eq. 2; Table 1: 2.0)")
     parser.add_argument("--gpu-check", action="store_true",
-                        help="first prove the GPU paths (bf16, compile, torchrun stop/resume, bf16 sampling, "
-                             "SDPA kernels; BENCHMARKS.md), then time as usual; under 10 minutes on one H100")
+                        help="first prove the GPU paths (bf16, compile, torchrun stop/resume, bf16 "
+                             "sampling, SDPA kernels; BENCHMARKS.md), then time as usual; under "
+                             "10 minutes on one H100")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     for name, on_cuda, on_cpu in (("steps", 20, 3), ("warmup", 5, 1), ("sample_repeats", 2, 1)):
@@ -611,7 +668,8 @@ def main():
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
               "torch": torch.__version__, "python": platform.python_version(), "args": vars(args)}
     report.update({name: package_version(name) for name in ("diffusers", "pytorch-fid")})
-    print(f"bench: {report['device']}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size}"
+    print(f"bench: {report['device']}, torch {torch.__version__}, preset {args.preset}, batch "
+          f"{args.batch_size}"
           + (f", MFU against {args.peak_tflops:g} TFLOP/s bf16" if device.type == "cuda" else ""))
     if args.gpu_check:
         import tempfile

@@ -37,7 +37,8 @@ class ClassEmbedder(nn.Module):
 
     def null_condition(self, batch):
         """A batch of null labels, int64 [batch]."""
-        return torch.full((batch,), self.null_label, dtype=torch.long, device=self.embedding.weight.device)
+        return torch.full((batch,), self.null_label, dtype=torch.long,
+                          device=self.embedding.weight.device)
 
     def forward(self, labels):
         # labels: int64 [B] -> [B, 1, dim]
@@ -60,7 +61,8 @@ class TextEmbedder(nn.Module):
         self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
         self.encoder.train()  # from_pretrained returns eval mode; the encoder is trained too
         if getattr(self.encoder, "pooler", None) is not None:
-            self.encoder.pooler = None  # unused (we take the token states); DDP rejects unused parameters
+            # unused (we take the token states); DDP rejects unused parameters
+            self.encoder.pooler = None
         self.max_length, self.freeze = max_length, freeze
         if freeze:  # small caption sets on a CPU: a fixed encoder (the paper trains it)
             self.encoder.requires_grad_(False).eval()
@@ -107,6 +109,7 @@ def cep_delta(kind, gamma, shape, generator=None, device=None, dtype=None):
     if kind == "uniform":  # CEP-U: U(-gamma/sqrt(d), +gamma/sqrt(d))
         u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
         return (2 * u - 1) * scale
-    if kind == "gaussian":  # CEP-G: N(0, gamma/sqrt(d) I), gamma/sqrt(d) read as the std (our reading)
+    # CEP-G: N(0, gamma/sqrt(d) I), gamma/sqrt(d) read as the std (our reading)
+    if kind == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * scale
     raise ValueError(f"unknown CEP kind {kind!r}: expected 'uniform' or 'gaussian'")

@@ -141,7 +141,8 @@ def swap_captions(captions, eta, seed):
 
 
 def load_rewritten_captions(path, num_captions=None):
-    """LLM re-writing (Sec. 3.3): a user-given TSV of index<TAB>rewritten caption -> {index: caption}.
+    """LLM re-writing (Sec. 3.3): a user-given TSV of index<TAB>rewritten caption -> {index:
+    caption}.
 
     The paper had GPT-4 rewrite captions; that needs a language model, so here the rewritten
     captions come from a file. Blank lines and lines starting with '#' are skipped.

@@ -193,7 +193,8 @@ def read_idx(path):
     ndim = magic & 0xFF
     shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
     if len(data) - 4 - 4 * ndim != math.prod(shape):
-        raise ValueError(f"{path} is truncated: {len(data) - 4 - 4 * ndim} of {math.prod(shape)} bytes")
+        raise ValueError(f"{path} is truncated: {len(data) - 4 - 4 * ndim} of {math.prod(shape)} "
+                         "bytes")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -292,22 +293,29 @@ def load_dataset(name, root=None, split="train", image_size=None, pad=False):
 def first_per_class(ds, n):
     """The first n images of every class, in dataset order (in-memory datasets only)."""
     if not isinstance(ds, InMemoryDataset):
-        raise ValueError("--train-per-class applies to the in-memory datasets (digits, fashion-mnist)")
+        raise ValueError("--train-per-class applies to the in-memory datasets (digits, "
+                         "fashion-mnist)")
     if n < 1 or np.bincount(ds.labels).min() < n:
-        raise ValueError(f"--train-per-class must be in [1, {np.bincount(ds.labels).min()}], got {n}")
-    keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n] for c in range(ds.num_classes)]))
+        raise ValueError(f"--train-per-class must be in [1, {np.bincount(ds.labels).min()}], got "
+                         f"{n}")
+    keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n]
+                                   for c in range(ds.num_classes)]))
     return InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names)
 
 
 # ----------------------------------------------------------------------------- the latent cache
 def cache_files(out):
-    return {k: os.path.join(out, f) for k, f in dict(meta="meta.json", latents="latents.npy", done="done.npy",
-                                                     labels="labels.npy", captions="captions.json").items()}
+    return {k: os.path.join(out, f) for k, f in dict(meta="meta.json", latents="latents.npy",
+                                                     done="done.npy",
+                                                     labels="labels.npy",
+                                                     captions="captions.json").items()}
 
 
 def spread_images(dataset, n=1024):
-    """n images spread evenly over the dataset (folders are sorted by class) to measure the KL scale."""
-    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset)))])
+    """n images spread evenly over the dataset (folders are sorted by class) to measure the KL
+    scale."""
+    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1,
+                                                                min(n, len(dataset)))])
 
 
 def create_cache(model, dataset, out, meta, batch_size, dtype):
@@ -321,13 +329,17 @@ def create_cache(model, dataset, out, meta, batch_size, dtype):
         z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
     shape = (len(dataset), 2, *z.shape[1:])
     np.lib.format.open_memmap(files["latents"], mode="w+", dtype=dtype, shape=shape).flush()
-    np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(math.ceil(len(dataset) / batch_size),)).flush()
+    chunks = math.ceil(len(dataset) / batch_size)
+    np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(chunks,)).flush()
     if getattr(dataset, "captions", None) is not None:
         system.write_json(files["captions"], list(dataset.captions))  # caption id = dataset index
     else:
         np.save(files["labels"], np.asarray(dataset.labels, dtype=np.int64))
-    system.write_json(files["meta"], {**meta, "scale": model.scale, "shape": list(shape), "dtype": np.dtype(dtype).name,
-                               "chunk": batch_size, "num_classes": getattr(dataset, "num_classes", None),
+    system.write_json(files["meta"],
+                      {**meta, "scale": model.scale, "shape": list(shape),
+                       "dtype": np.dtype(dtype).name,
+                               "chunk": batch_size,
+                               "num_classes": getattr(dataset, "num_classes", None),
                                "complete": False})
 
 
@@ -342,9 +354,11 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
     if rank == 0:
         if os.path.exists(files["meta"]):
             old = json.load(open(files["meta"]))
-            if any(old.get(k) != v for k, v in meta.items()) or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
-                raise SystemExit(f"{out} holds a different cache ({ {k: old.get(k) for k in meta} }, chunk "
-                                 f"{old['chunk']}): choose another --out or use the same settings to resume")
+            same = all(old.get(k) == v for k, v in meta.items())
+            if not same or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
+                raise SystemExit(f"{out} holds a different cache "
+                                 f"({ {k: old.get(k) for k in meta} }, chunk {old['chunk']}): "
+                                 f"choose another --out or use the same settings to resume")
         else:
             create_cache(model, dataset, out, meta, batch_size, dtype)
     if world > 1:
@@ -375,20 +389,25 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """What `vae.py encode` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or caption).
-    .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale, .num_classes, .meta."""
+    """What `vae.py encode` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or
+    caption); .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale,
+    .num_classes, .meta."""
 
     def __init__(self, path):
         files = cache_files(path)
         if not os.path.exists(files["meta"]):
-            raise FileNotFoundError(f"no latent cache at {path}: write one with `python vae.py encode ... --out {path}`")
+            raise FileNotFoundError(f"no latent cache at {path}: write one with `python vae.py "
+                                    f"encode ... --out {path}`")
         self.meta = json.load(open(files["meta"]))
         if not self.meta["complete"]:
-            raise ValueError(f"latent cache {path} is incomplete: rerun the same `vae.py encode` command to resume it")
+            raise ValueError(f"latent cache {path} is incomplete: rerun the same `vae.py encode` "
+                             "command to resume it")
         self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
         self.latents = np.load(files["latents"], mmap_mode="r")
         self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
-        self.captions = json.load(open(files["captions"])) if os.path.exists(files["captions"]) else None
+        self.captions = None
+        if os.path.exists(files["captions"]):
+            self.captions = json.load(open(files["captions"]))
 
     def __len__(self):
         return len(self.latents)

@@ -53,7 +53,8 @@ class Denoiser(torch.nn.Module):
             self.embedder = cep.TextEmbedder(config["text_encoder"], ucfg.context_dim,
                                              config.get("text_length", 77),
                                              config.get("freeze_text_encoder", False))
-            self.context_shape = (self.embedder.max_length, ucfg.context_dim)  # [L, D] per condition
+            # [L, D] per condition
+            self.context_shape = (self.embedder.max_length, ucfg.context_dim)
         else:
             self.embedder = cep.ClassEmbedder(config["num_classes"], ucfg.context_dim)
             self.context_shape = (1, ucfg.context_dim)
@@ -92,8 +93,10 @@ def load(path, weights="ema", device="cpu", text_encoder=None):
         config["text_encoder"] = text_encoder or config["text_encoder"]
         if not os.path.isdir(config["text_encoder"]):
             raise FileNotFoundError(f"the text encoder this model was trained with is not at "
-                                    f"{config['text_encoder']}: pass --text-encoder DIR (the same model)")
-    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                                    f"{config['text_encoder']}: pass --text-encoder DIR (the "
+                                    f"same model)")
+    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point()
+           and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: the {weights} weights are not finite ({bad[0]}, ...): the run "
                          f"diverged before this checkpoint; nothing to sample")

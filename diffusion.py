@@ -61,8 +61,10 @@ def guided_eps(model, x, t, context, null_context, scale):
     if scale == 1:
         return model(x, t, context).float()
     if null_context.shape != context.shape:
-        raise ValueError(f"null_context {tuple(null_context.shape)} must match context {tuple(context.shape)}")
-    eps_c, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null_context])).chunk(2)
+        raise ValueError(f"null_context {tuple(null_context.shape)} must match context "
+                         f"{tuple(context.shape)}")
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null_context]))
+    eps_c, eps_null = both.chunk(2)
     eps_c, eps_null = eps_c.float(), eps_null.float()  # combined in fp32, also under bf16 autocast
     return eps_null + scale * (eps_c - eps_null)
 
@@ -206,7 +208,8 @@ def _randn_per_sample(x, generators):
 
 
 @torch.no_grad()
-def sample(eps_fn, x_T, sampler, num_steps, alphas_cumprod, eta=0.0, generators=None, progress=False):
+def sample(eps_fn, x_T, sampler, num_steps, alphas_cumprod, eta=0.0, generators=None,
+           progress=False):
     """Run the reverse process from x_T ~ N(0, I) with eps_fn(x, t[B]) -> eps (guidance applied).
 
     sampler: "dpm" (DPM-Solver++ 2M, the paper's default with 50 steps), "ddim" (eta >= 0) or
@@ -215,14 +218,16 @@ def sample(eps_fn, x_T, sampler, num_steps, alphas_cumprod, eta=0.0, generators=
     """
     T = len(alphas_cumprod)
     if generators is not None and len(generators) != len(x_T):
-        raise ValueError(f"need one generator per sample: {len(generators)} for a batch of {len(x_T)}")
+        raise ValueError(f"need one generator per sample: {len(generators)} for a batch of "
+                         f"{len(x_T)}")
     if sampler == "dpm":
         timesteps = dpm_solver_timesteps(num_steps, T)
     elif sampler == "ddim":
         timesteps = ddim_timesteps(num_steps, T)
     elif sampler == "ddpm":
         if num_steps != T:
-            raise ValueError(f"ddpm runs all {T} steps (got num_steps={num_steps}); use 'ddim' or 'dpm' for fewer")
+            raise ValueError(f"ddpm runs all {T} steps (got num_steps={num_steps}); use 'ddim' or "
+                             "'dpm' for fewer")
         timesteps = torch.arange(T - 1, -1, -1)
     else:
         raise ValueError(f"unknown sampler {sampler!r}: choose 'dpm', 'ddim' or 'ddpm'")

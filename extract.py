@@ -38,14 +38,17 @@ class NpzSource:
         if "arr_0.npy" in self.zip.namelist():
             with self.zip.open("arr_0.npy") as fh:
                 version = np.lib.format.read_magic(fh)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}
                 self.shape, fortran, dtype = read_header[version](fh)
                 self.offset = fh.tell()
             if dtype != np.uint8 or fortran or len(self.shape) not in (3, 4):
-                raise ValueError(f"{path}: arr_0 must be a C-ordered uint8 array [N, H, W, C], got {dtype} {self.shape}")
+                raise ValueError(f"{path}: arr_0 must be a C-ordered uint8 array [N, H, W, C], got "
+                                 f"{dtype} {self.shape}")
             if len(self.shape) == 4 and self.shape[-1] not in (1, 3) and self.shape[1] in (1, 3):
                 raise ValueError(f"{path}: arr_0 {self.shape} looks channel-first [N, C, H, W]; "
-                                 f"images must be channel-last [N, H, W, C] (np.transpose(x, (0, 2, 3, 1)))")
+                                 f"images must be channel-last [N, H, W, C] "
+                                 f"(np.transpose(x, (0, 2, 3, 1)))")
             self.length = self.shape[0]
             self.fh, self.pos = None, None
 
@@ -86,9 +89,11 @@ class FolderSource:
         return len(self.files)
 
     def read(self, start, stop):
-        images = list(self.pool.map(lambda f: np.asarray(Image.open(f).convert("RGB")), self.files[start:stop]))
+        images = list(self.pool.map(lambda f: np.asarray(Image.open(f).convert("RGB")),
+                                    self.files[start:stop]))
         if len({im.shape for im in images}) > 1:
-            raise ValueError(f"images under '{self.path}' differ in size; resize/crop them first (as ADM's reference batches)")
+            raise ValueError(f"images under '{self.path}' differ in size; resize/crop them first "
+                             "(as ADM's reference batches)")
         return np.stack(images)
 
     def cache_id(self):
@@ -112,7 +117,8 @@ class DatasetSource:
 
     def read(self, start, stop):
         images = getattr(self.ds, "images", None)
-        if torch.is_tensor(images) and images.dtype == torch.uint8:  # in-memory datasets: uint8 NCHW
+        # in-memory datasets: uint8 NCHW
+        if torch.is_tensor(images) and images.dtype == torch.uint8:
             return images[start:stop].permute(0, 2, 3, 1).numpy()
         x = torch.stack([self.ds[i][0] for i in range(start, stop)])  # float [-1, 1] CHW
         return data.to_uint8(x).permute(0, 2, 3, 1).numpy()
@@ -169,11 +175,13 @@ def extract(extractor, source, batch_size, desc):
     statistics on every rank, the features and logits on rank 0 only (None elsewhere)."""
     rank, size = system.rank_and_world()
     if len(source) < size:  # an empty shard would skip the collectives below: a hang
-        raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} processes")
+        raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} "
+                         "processes")
     lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
     stats, kept = {}, {"features": [], "logits_unbiased": []}
     for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
-        images = torch.from_numpy(source.read(start, min(start + batch_size, hi))).permute(0, 3, 1, 2)
+        images = torch.from_numpy(source.read(start, min(start + batch_size, hi))).permute(0, 3, 1,
+                                                                                           2)
         out = extractor(images)
         for key in ("features", "spatial"):
             if key in out:
@@ -198,14 +206,16 @@ def extract(extractor, source, batch_size, desc):
 def reference_features(source, extractor, args, desc, needed):
     """The `needed` statistics/features of a real/training set. Files with Inception
     statistics (pytorch-fid's mu/sigma, ADM's mu/sigma/mu_s/sigma_s) give those, as pytorch-fid
-    and ADM use them; images are extracted once and cached under --cache (file, mtime, extractor)."""
+    and ADM use them; images are extracted once and cached under --cache (file, mtime,
+    extractor)."""
     rank, world = system.rank_and_world()
     stored = {k: source.extra[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in source.extra}
     stored = stored if extractor.kind == "inception" else {}
     if set(needed) <= stored.keys():
         return stored
     if len(source) == 0:
-        raise ValueError(f"'{source.path}' holds no images (arr_0)" + ("" if stored else " and no Inception statistics"))
+        raise ValueError(f"'{source.path}' holds no images (arr_0)"
+                         + ("" if stored else " and no Inception statistics"))
     key = hashlib.sha1(f"{source.cache_id()}|{extractor.cache_id}".encode()).hexdigest()[:16]
     path = os.path.join(args.cache, f"{key}.npz") if args.cache else None
     hit = [bool(path) and os.path.exists(path)]
@@ -220,7 +230,8 @@ def reference_features(source, extractor, args, desc, needed):
         feats = extract(extractor, source, args.batch_size, desc)
         if path and rank == 0:
             os.makedirs(args.cache, exist_ok=True)
-            system.write_atomic(path, lambda tmp: np.savez(tmp, **feats))  # parallel runs may share it
+            # parallel runs may share it
+            system.write_atomic(path, lambda tmp: np.savez(tmp, **feats))
     feats = {**feats, **stored}
     missing = set(needed) - feats.keys()
     if missing:
@@ -236,7 +247,8 @@ def distributed_pass(source, batch_size, fn, desc):
     total = torch.zeros(2, dtype=torch.float64)
     for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
         stop = min(start + batch_size, hi)
-        total += torch.tensor(fn(torch.from_numpy(source.read(start, stop)).permute(0, 3, 1, 2), start, stop), dtype=torch.float64)
+        images = torch.from_numpy(source.read(start, stop)).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        total += torch.tensor(fn(images, start, stop), dtype=torch.float64)
     if size > 1:
         total = total.to("cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(total)

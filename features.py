@@ -25,7 +25,8 @@ import system
 import vae
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   + FID_WEIGHTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +95,8 @@ class InceptionC(nn.Module):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
             d = conv(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(tf_avg_pool(x))], 1)
 
@@ -136,7 +138,10 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.pool == "max" else tf_avg_pool(x)
+        if self.pool == "max":
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            pooled = tf_avg_pool(x)
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
 
 
@@ -174,19 +179,23 @@ class InceptionV3(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
-        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
-        # sFID (ADM's evaluator): TF "mixed_6/conv" = Mixed_6d.branch1x1, first 7 channels, NHWC order
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))
+        # sFID (ADM's evaluator): TF "mixed_6/conv" = Mixed_6d.branch1x1, first 7 channels, NHWC
+        # order
         spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
         pool3 = x.mean(dim=(2, 3))
         return {"features": pool3, "logits": self.fc(pool3),
-                "logits_unbiased": pool3 @ self.fc.weight.T,  # IS input of torch-fidelity / the original TF code
+                # IS input of torch-fidelity / the original TF code
+                "logits_unbiased": pool3 @ self.fc.weight.T,
                 "spatial": spatial}
 
 
 def load_inception(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights not found at '{path}'. Download {FID_WEIGHTS} "
+        raise FileNotFoundError(f"FID Inception weights not found at '{path}'. Download "
+                                f"{FID_WEIGHTS} "
                                 f"(the pytorch-fid release asset) from {FID_WEIGHTS_URL}")
     model = InceptionV3()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -206,7 +215,8 @@ def to_model_input(images, channels):
 
 
 class Classifier(nn.Module):
-    """Small CNN for small grayscale datasets; its penultimate layer (128-d) is the feature space."""
+    """Small CNN for small grayscale datasets; its penultimate layer (128-d) is the feature
+    space."""
 
     def __init__(self, num_classes=10, image_size=28, channels=1):
         super().__init__()
@@ -223,7 +233,8 @@ class Classifier(nn.Module):
     def embed(self, images):  # uint8 images of any size and channel count
         x = to_model_input(images, self.channels)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
         return {"features": self.body(x)}
 
 
@@ -243,23 +254,29 @@ class CLIP(nn.Module):
     def __init__(self, path):
         super().__init__()
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"CLIP directory not found at '{path}'. Save one with transformers, e.g. "
-                                    "CLIPModel/CLIPProcessor.from_pretrained('openai/clip-vit-base-patch16')"
-                                    ".save_pretrained(DIR) (the paper: CLIP ViT-B/16)")
+            raise FileNotFoundError(
+                f"CLIP directory not found at '{path}'. Save one with transformers, e.g. "
+                "CLIPModel/CLIPProcessor.from_pretrained('openai/clip-vit-base-patch16')"
+                ".save_pretrained(DIR) (the paper: CLIP ViT-B/16)")
         from transformers import CLIPModel, CLIPProcessor
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True)
+        self.model.eval().requires_grad_(False)
         self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
 
     def embed_images(self, images):  # uint8 [B, C, H, W] -> [B, D] (not normalised)
         rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        pixels = self.processor(images=list(rgb.permute(0, 2, 3, 1).cpu().numpy()), return_tensors="pt")["pixel_values"]
+        nhwc = list(rgb.permute(0, 2, 3, 1).cpu().numpy())
+        pixels = self.processor(images=nhwc, return_tensors="pt")["pixel_values"]
         dev = self.model.visual_projection.weight.device
-        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels.to(dev)).pooler_output)
+        pooled = self.model.vision_model(pixel_values=pixels.to(dev)).pooler_output
+        return self.model.visual_projection(pooled)
 
     def embed_texts(self, texts):
-        tok = self.processor(text=list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        tok = self.processor(text=list(texts), padding=True, truncation=True, max_length=77,
+                             return_tensors="pt")
         dev = self.model.text_projection.weight.device
-        out = self.model.text_model(input_ids=tok["input_ids"].to(dev), attention_mask=tok["attention_mask"].to(dev))
+        out = self.model.text_model(input_ids=tok["input_ids"].to(dev),
+                                    attention_mask=tok["attention_mask"].to(dev))
         return self.model.text_projection(out.pooler_output)
 
     def embed(self, images):
@@ -267,7 +284,8 @@ class CLIP(nn.Module):
 
 
 class Extractor:
-    """A feature network with the name every report carries; __call__(uint8 NCHW) -> dict of [B, D]."""
+    """A feature network with the name every report carries; __call__(uint8 NCHW) -> dict of [B,
+    D]."""
 
     def __init__(self, spec, device):
         kind, _, path = spec.partition(":")
@@ -275,7 +293,8 @@ class Extractor:
                    "classifier": lambda: (load_classifier(path), "embed"),
                    "clip": lambda: (CLIP(path), "embed")}
         if kind not in loaders or not path:
-            raise ValueError(f"--features must be inception:PATH, clip:DIR or classifier:PATH, got '{spec}'")
+            raise ValueError(f"--features must be inception:PATH, clip:DIR or classifier:PATH, got "
+                             f"'{spec}'")
         self.kind, self.device = kind, device
         self.net, method = loaders[kind]()
         self.net.to(device)
@@ -290,9 +309,11 @@ class Extractor:
 
 def load_vq(path, preset, device, unsafe_pickle=False):
     """The VQ autoencoder of vae.py and its codebook [K, C] (for the sample entropy)."""
-    model = vae.load_autoencoder(path, preset, unsafe_pickle=unsafe_pickle).to(device).eval().requires_grad_(False)
+    model = vae.load_autoencoder(path, preset, unsafe_pickle=unsafe_pickle)
+    model = model.to(device).eval().requires_grad_(False)
     if model.config.kind != "vq":
-        raise ValueError(f"'{path}' is a {model.config.kind} autoencoder; the sample entropy needs a VQ codebook")
+        raise ValueError(f"'{path}' is a {model.config.kind} autoencoder; the sample entropy needs "
+                         "a VQ codebook")
     return model, model.quantize.embedding.weight
 
 
@@ -309,7 +330,8 @@ def vq_latents(vq, images):
 def train_classifier(args):
     """Train the CNN on the dataset's train split and report its accuracy on the test split."""
     torch.manual_seed(args.seed)
-    train = data.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
+    train = data.load_dataset(args.dataset, args.data_root, split="train",
+                              image_size=args.image_size)
     if args.dataset in ("folder", "captions"):  # no splits: hold out a seeded 10 % to test on
         order = np.random.default_rng(args.seed).permutation(len(train))
         held = max(1, len(train) // 10)
@@ -318,7 +340,8 @@ def train_classifier(args):
         train.num_classes = train.dataset.num_classes
         print(f"{args.dataset} has no test split: testing on a held-out 10 % ({held} images)")
     else:
-        test = data.load_dataset(args.dataset, args.data_root, split="test", image_size=args.image_size)
+        test = data.load_dataset(args.dataset, args.data_root, split="test",
+                                 image_size=args.image_size)
     x0 = train[0][0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Classifier(train.num_classes, x0.shape[-1], x0.shape[0]).to(device)
@@ -337,7 +360,8 @@ def train_classifier(args):
         for x, y in torch.utils.data.DataLoader(test, batch_size=500):
             correct += (model(x.to(device)).argmax(1).cpu() == torch.as_tensor(y)).sum().item()
     accuracy = correct / len(test)
-    state = {"model": model.cpu().state_dict(), "num_classes": train.num_classes, "dataset": args.dataset,
+    state = {"model": model.cpu().state_dict(), "num_classes": train.num_classes,
+             "dataset": args.dataset,
              "image_size": x0.shape[-1], "channels": x0.shape[0], "test_accuracy": accuracy}
     system.write_atomic(args.out, lambda tmp: torch.save(state, tmp))
     print(f"test accuracy {accuracy:.4f} ({len(test)} images); wrote {args.out}")
@@ -353,11 +377,14 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", formatter_class=system.HelpFormatter,
                        help="train the small CNN whose penultimate layer is 'classifier:PATH'")
-    t.add_argument("--dataset", default="fashion-mnist", help="data.load_dataset name (fashion-mnist, digits, ...)")
+    t.add_argument("--dataset", default="fashion-mnist",
+                   help="data.load_dataset name (fashion-mnist, digits, ...)")
     t.add_argument("--data-root", default=data.FASHION_MNIST_ROOT, help="dataset location")
-    t.add_argument("--image-size", type=int, default=None, help="as train.py's --image-size (default: native size)")
+    t.add_argument("--image-size", type=int, default=None,
+                   help="as train.py's --image-size (default: native size)")
     t.add_argument("--epochs", type=int, default=3, help="passes over the training split")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (smoke runs)")
     t.add_argument("--batch-size", type=int, default=128, help="batch size")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")

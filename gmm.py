@@ -53,10 +53,10 @@ GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # Theorem checks (the paper's CEP use
 
 
 def make_means(num_classes, dim, radius, seed):
-    """Random class means, centred (sum_y w_y mu_y = 0) and scaled to root-mean-square norm `radius`.
+    """Random class means, centred (sum_y w_y mu_y = 0), scaled to root-mean-square norm `radius`.
 
-    Lemma 4 shrinks means towards the origin; centring makes the origin the mixture mean (our reading).
-    """
+    Lemma 4 shrinks means towards the origin; centring makes the origin the mixture mean (our
+    reading)."""
     if dim < 1 or num_classes < 2:
         raise ValueError("need dim >= 1 and at least 2 classes")
     mu = np.random.default_rng(seed).standard_normal((num_classes, dim))
@@ -90,7 +90,8 @@ def gaussian_entropy(cov):
 def gaussian_w2sq(m1, S1, m2, S2):
     """W2^2(N(m1,S1), N(m2,S2)) = ||m1-m2||^2 + tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2) (exact)."""
     r = psd_sqrt(S2)
-    return float(((m1 - m2) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2 * np.trace(psd_sqrt(r @ S1 @ r)))
+    return float(((m1 - m2) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2
+                 * np.trace(psd_sqrt(r @ S1 @ r)))
 
 
 def empirical_gaussian(x):
@@ -106,8 +107,8 @@ def lemma4(mean, cov, gamma):
 
 
 def gamma_for_eta(eta, num_classes):
-    """Embedding-noise strength whose Lemma 4 mean shrinkage 1/(1+g^2) equals the shrinkage of a class
-    mean under symmetric flips of ratio eta (uniform classes, centred means):
+    """Embedding-noise strength whose Lemma 4 mean shrinkage 1/(1+g^2) equals the shrinkage of a
+    class mean under symmetric flips of ratio eta (uniform classes, centred means):
     E[mean of class k's corrupted set] = (1 - eta K/(K-1)) mu_k  (our reading)."""
     e = eta * num_classes / (num_classes - 1)
     if e >= 1:
@@ -116,7 +117,8 @@ def gamma_for_eta(eta, num_classes):
 
 
 def entropy_gain_first_order(mean, cov, gamma):
-    """Theorem 1 to first order in a = g^2/(1+g^2): 0.5 a ||mu_hat||^2 tr(Sigma^-1) = Theta(g^2 d)."""
+    """Theorem 1 to first order in a = g^2/(1+g^2): 0.5 a ||mu_hat||^2 tr(Sigma^-1) = Theta(g^2
+    d)."""
     a = gamma ** 2 / (1 + gamma ** 2)
     return 0.5 * a * (mean @ mean) * np.trace(np.linalg.inv(cov))
 
@@ -177,16 +179,19 @@ class MLPDenoiser(nn.Module):
 
 
 def train_diffusion(x, labels, num_classes, args, gamma=0.0):
-    """Train an MLPDenoiser with diffusion.py's loss on (x, labels); same init and draws for every eta.
-    gamma > 0: the condition embedding is c(y) + gamma xi, xi ~ N(0, I) drawn afresh per sample and
-    step from its own generator (so every other draw is unchanged): embedding noise in training."""
+    """Train an MLPDenoiser with diffusion.py's loss on (x, labels); same init and draws for every
+    eta. gamma > 0: the condition embedding is c(y) + gamma xi, xi ~ N(0, I) drawn afresh per
+    sample and step from its own generator (so every other draw is unchanged): embedding noise in
+    training."""
     torch.manual_seed(args.seed)
     model = MLPDenoiser(x.shape[1], num_classes, args.width)
     abar = alphas_cumprod(ldm_linear_betas())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / args.steps)  # linear decay to 0
+    # linear decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / args.steps)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(labels)
-    g, g_cep = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 7)
+    g, g_cep = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed
+                                                                                       + 7)
     for _ in range(args.steps):
         i = torch.randint(len(x), (args.batch,), generator=g)
         t = torch.randint(len(abar), (args.batch,), generator=g)
@@ -217,7 +222,8 @@ def sample_diffusion(model, num_classes, per_class, dim, seed):
 
 
 def eta_sweep(args, log=print):
-    """One training set, every eta: H, W2c, W2ot of label / embed closed forms and the diffusion model."""
+    """One training set, every eta: H, W2c, W2ot of label / embed closed forms and the diffusion
+    model."""
     K, d = args.classes, args.dim
     means = make_means(K, d, args.radius, args.seed)
     rng = np.random.default_rng(args.seed + 1)
@@ -235,15 +241,20 @@ def eta_sweep(args, log=print):
         row = {"eta": eta, "gamma": gamma, "realised": float((noisy != labels).mean())}
         for name, fits in (("label", label_fits), ("embed", embed_fits)):
             row[name + "_H"], row[name + "_W2c"] = class_metrics(fits, means)
-            row[name + "_W2ot"] = debiased_ot_w2sq(sample_gaussians(fits, z[0]), sample_gaussians(fits, z[1]), *true)
+            row[name + "_W2ot"] = debiased_ot_w2sq(sample_gaussians(fits, z[0]),
+                                                   sample_gaussians(fits, z[1]), *true)
         if args.steps > 0:
-            gen = sample_diffusion(train_diffusion(x, noisy, K, args), K, args.gen_per_class, d, args.seed)
+            gen = sample_diffusion(train_diffusion(x, noisy, K, args), K, args.gen_per_class, d,
+                                   args.seed)
             row["dm_H"], row["dm_W2c"] = class_metrics([empirical_gaussian(g) for g in gen], means)
-            row["dm_W2ot"] = debiased_ot_w2sq(gen[:, :m].reshape(-1, d), gen[:, m:2 * m].reshape(-1, d), *true)
+            row["dm_W2ot"] = debiased_ot_w2sq(gen[:, :m].reshape(-1, d),
+                                              gen[:, m:2 * m].reshape(-1, d), *true)
             cep = train_diffusion(x, labels, K, args, gamma) if eta > 0 else None  # clean labels
             gen = sample_diffusion(cep, K, args.gen_per_class, d, args.seed) if cep else gen
-            row["cep_H"], row["cep_W2c"] = class_metrics([empirical_gaussian(g) for g in gen], means)
-            row["cep_W2ot"] = debiased_ot_w2sq(gen[:, :m].reshape(-1, d), gen[:, m:2 * m].reshape(-1, d), *true)
+            row["cep_H"], row["cep_W2c"] = class_metrics([empirical_gaussian(g) for g in gen],
+                                                         means)
+            row["cep_W2ot"] = debiased_ot_w2sq(gen[:, :m].reshape(-1, d),
+                                               gen[:, m:2 * m].reshape(-1, d), *true)
         rows.append(row)
         log(format_row(row))
     return rows
@@ -254,7 +265,8 @@ def theorem_checks(args):
 
     gain  = H(corrupted) - H(clean), exact, also over g^2 d; first = its first-order formula.
     dW2   = W2^2(P_k, Q_clean) - W2^2(P_k, Q_corrupted) (exact per draw; the mean over draws is a
-            Monte-Carlo estimate of Theorem 2's expectation, with its standard error), over g^2 d / n.
+            Monte-Carlo estimate of Theorem 2's expectation, with its standard error), over
+            g^2 d / n.
     """
     K, d, n = args.classes, args.dim, args.n
     means = make_means(K, d, args.radius, args.seed)
@@ -274,7 +286,8 @@ def theorem_checks(args):
     for j, g in enumerate(GAMMAS):
         rows.append({"gamma": g, "gain": gain[:, j].mean(), "first": first[:, j].mean(),
                      "gain_over_g2d": gain[:, j].mean() / (g * g * d),
-                     "dW2": dw2[:, j].mean(), "dW2_se": dw2[:, j].std(ddof=1) / math.sqrt(args.trials),
+                     "dW2": dw2[:, j].mean(),
+                     "dW2_se": dw2[:, j].std(ddof=1) / math.sqrt(args.trials),
                      "dW2_over_g2d_n": dw2[:, j].mean() / (g * g * d / n)})
     return rows
 
@@ -286,20 +299,24 @@ HEADER = ("  eta  real. gamma | label: H      W2c    W2ot  | embed: H      W2c  
 
 
 def format_row(r):
-    dm = (f"| {r['dm_H']:9.3f} {r['dm_W2c']:6.3f} {r['dm_W2ot']:6.3f} "
-          f"| {r['cep_H']:9.3f} {r['cep_W2c']:6.3f} {r['cep_W2ot']:6.3f}" if "dm_H" in r else "|   (skipped)")
+    dm = "|   (skipped)"
+    if "dm_H" in r:
+        dm = (f"| {r['dm_H']:9.3f} {r['dm_W2c']:6.3f} {r['dm_W2ot']:6.3f} "
+              f"| {r['cep_H']:9.3f} {r['cep_W2c']:6.3f} {r['cep_W2ot']:6.3f}")
     return (f"{100 * r['eta']:5.1f}% {100 * r['realised']:4.1f}% {r['gamma']:5.3f} "
             f"| {r['label_H']:9.3f} {r['label_W2c']:6.3f} {r['label_W2ot']:6.3f} "
             f"| {r['embed_H']:9.3f} {r['embed_W2c']:6.3f} {r['embed_W2ot']:6.3f} {dm}")
 
 
 def verdicts(rows):
-    """One line per method and metric: does the paper's direction appear, and where is the minimum."""
+    """One line per method and metric: does the paper's direction appear, and where is the
+    minimum."""
     lines = []
     for key, name in (("label", "label corruption, closed form"),
                       ("embed", "embedding corruption (Lemma 4), closed form"),
                       ("dm", "diffusion model on corrupted labels, estimate"),
-                      ("cep", "diffusion model with embedding noise (CEP) on clean labels, estimate")):
+                      ("cep",
+                       "diffusion model with embedding noise (CEP) on clean labels, estimate")):
         if key + "_H" not in rows[0]:
             continue
         H = [r[key + "_H"] for r in rows]
@@ -309,7 +326,8 @@ def verdicts(rows):
             W = [r[f"{key}_{w}"] for r in rows]
             best = rows[int(np.argmin(W))]["eta"]
             down = all(r[f"{key}_{w}"] < W[0] for r in slight)
-            lines.append(f"- {name}: entropy above clean at every slight eta (<= 7.5 %): {'yes' if up else 'NO'}; "
+            lines.append(f"- {name}: entropy above clean at every slight eta (<= 7.5 %): "
+                         f"{'yes' if up else 'NO'}; "
                          f"{w} below clean at every slight eta: {'yes' if down else 'NO'}; "
                          f"lowest {w} at eta = {100 * best:g} %.")
     return lines
@@ -323,33 +341,39 @@ def write_results(path, args, rows, thm, seconds):
         f"Settings: {args.classes} classes, d = {args.dim}, n = {args.n} samples per class, "
         f"rms ||mu_y|| = {args.radius}, "
         f"seed {args.seed}; diffusion: {args.steps} steps, batch {args.batch}, width {args.width}, "
-        f"{args.gen_per_class} samples per class (DPM-Solver++ 50 steps); OT on {args.ot_samples} samples. "
+        f"{args.gen_per_class} samples per class (DPM-Solver++ 50 steps); "
+        f"OT on {args.ot_samples} samples. "
         f"Run time {seconds:.0f} s.", "",
         f"True class entropy 0.5 d log(2 pi e) = {true_H:.3f}.", "",
-        "H: class-averaged entropy; W2c: class-averaged W2^2 to N(mu_k, I) (Gaussian closed form; an upper bound of "
-        "the mixture W2^2); W2ot: mixture-to-mixture W2^2, debiased exact OT on samples "
-        "(OT(gen, true) - (OT(gen, gen') + OT(true, true')) / 2, an estimate). "
-        "label/embed columns are exact closed forms (W2ot excepted); diffusion columns are estimates from a "
-        "Gaussian fit of the samples. gamma = gamma_for_eta(eta) applies only to the embed and CEP "
-        "columns (CEP: the diffusion model trained on the clean labels with c(y) + gamma xi).", "",
-        "| eta | realised | gamma | label H | label W2c | label W2ot | embed H | embed W2c | embed W2ot "
-        "| diffusion H | diffusion W2c | diffusion W2ot | CEP H | CEP W2c | CEP W2ot |",
+        "H: class-averaged entropy; W2c: class-averaged W2^2 to N(mu_k, I) (Gaussian closed form; "
+        "an upper bound of the mixture W2^2); W2ot: mixture-to-mixture W2^2, debiased exact OT on "
+        "samples (OT(gen, true) - (OT(gen, gen') + OT(true, true')) / 2, an estimate). "
+        "label/embed columns are exact closed forms (W2ot excepted); diffusion columns are "
+        "estimates from a Gaussian fit of the samples. gamma = gamma_for_eta(eta) applies only to "
+        "the embed and CEP columns (CEP: the diffusion model trained on the clean labels with "
+        "c(y) + gamma xi).", "",
+        "| eta | realised | gamma | label H | label W2c | label W2ot | embed H | embed W2c "
+        "| embed W2ot | diffusion H | diffusion W2c | diffusion W2ot "
+        "| CEP H | CEP W2c | CEP W2ot |",
         "|" + "---|" * 15]
     for r in rows:
-        dm = [r.get(k, float("nan")) for k in ("dm_H", "dm_W2c", "dm_W2ot", "cep_H", "cep_W2c", "cep_W2ot")]
+        dm = [r.get(k, float("nan")) for k in ("dm_H", "dm_W2c", "dm_W2ot", "cep_H", "cep_W2c",
+                                               "cep_W2ot")]
         lines.append(f"| {100 * r['eta']:g} % | {100 * r['realised']:.1f} % | {r['gamma']:.3f} | "
                      f"{r['label_H']:.3f} | {r['label_W2c']:.3f} | {r['label_W2ot']:.3f} | "
                      f"{r['embed_H']:.3f} | {r['embed_W2c']:.3f} | {r['embed_W2ot']:.3f} | "
                      + " | ".join(f"{v:.3f}" for v in dm) + " |")
     lines += ["", "## Findings (generated)", ""] + verdicts(rows)
     lines += ["", f"## Theorems 1 and 2 on Lemma 4 (gamma sweep, {args.trials} training sets)", "",
-              "gain = H(corrupted) - H(clean) (exact), first = 0.5 g^2/(1+g^2) ||mu_hat||^2 tr(Sigma^-1); "
-              "dW2 = W2^2(P, Q_clean) - W2^2(P, Q_corrupted) (exact per draw, averaged: Monte-Carlo estimate "
-              f"of the expectation). Theorem 2 covers gamma = O(1/sqrt(n)) = O({1 / math.sqrt(args.n):.3f}).", "",
+              "gain = H(corrupted) - H(clean) (exact), first = 0.5 g^2/(1+g^2) ||mu_hat||^2 "
+              "tr(Sigma^-1); dW2 = W2^2(P, Q_clean) - W2^2(P, Q_corrupted) (exact per draw, "
+              "averaged: Monte-Carlo estimate of the expectation). Theorem 2 covers gamma = "
+              f"O(1/sqrt(n)) = O({1 / math.sqrt(args.n):.3f}).", "",
               "| gamma | gain | first order | gain / (g^2 d) | dW2 (+- s.e.) | dW2 / (g^2 d / n) |",
               "|---|---|---|---|---|---|"]
     for t in thm:
-        lines.append(f"| {t['gamma']:g} | {t['gain']:.4f} | {t['first']:.4f} | {t['gain_over_g2d']:.3f} | "
+        lines.append(f"| {t['gamma']:g} | {t['gain']:.4f} | {t['first']:.4f} | "
+                     f"{t['gain_over_g2d']:.3f} | "
                      f"{t['dW2']:+.5f} +- {t['dW2_se']:.5f} | {t['dW2_over_g2d_n']:+.3f} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -368,7 +392,8 @@ def plot(path, args, rows):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (metric, title) in zip(axes, (("H", "entropy of generations (higher = more diverse)"),
                                           ("W2c", "class-matched W2$^2$ to truth (lower = better)"),
-                                          ("W2ot", "mixture W2$^2$ to truth, debiased OT estimate"))):
+                                          ("W2ot",
+                                           "mixture W2$^2$ to truth, debiased OT estimate"))):
         for key, label, style in methods:
             if key + "_H" in rows[0]:
                 ax.plot(eta, [r[f"{key}_{metric}"] for r in rows], style, label=label)
@@ -378,21 +403,26 @@ def plot(path, args, rows):
     true_H = 0.5 * args.dim * math.log(2 * math.pi * math.e)
     axes[0].axhline(true_H, color="k", lw=0.8, ls=":", label="true class entropy")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Gaussian mixture, {args.classes} classes, d={args.dim}, n={args.n} per class, seed {args.seed}")
+    fig.suptitle(f"Gaussian mixture, {args.classes} classes, d={args.dim}, n={args.n} per class, "
+                 f"seed {args.seed}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sec. 4 / App. A: does slight condition corruption raise the entropy and "
-                                            "lower the W2 distance of a conditional model of a Gaussian mixture?")
-    p.add_argument("--classes", type=int, default=10, help="number of mixture components / classes K")
+    p = argparse.ArgumentParser(description="Sec. 4 / App. A: does slight condition corruption "
+                                            "raise the entropy and lower the W2 distance of a "
+                                            "conditional model of a Gaussian mixture?")
+    p.add_argument("--classes", type=int, default=10,
+                   help="number of mixture components / classes K")
     p.add_argument("--dim", type=int, default=16, help="data dimension d")
-    p.add_argument("--n", type=int, default=50, help="training samples per class n_k (must exceed d)")
+    p.add_argument("--n", type=int, default=50,
+                   help="training samples per class n_k (must exceed d)")
     p.add_argument("--radius", type=float, default=2.0,
                    help="root-mean-square norm of the class means mu_y (means are centred)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the means, training set, corruption and model")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the means, training set, corruption and model")
     p.add_argument("--etas", type=str, default=",".join(f"{e:g}" for e in ETAS),
                    help="comma-separated corruption ratios (fractions)")
     p.add_argument("--steps", type=int, default=2000,
@@ -400,19 +430,27 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=256, help="diffusion training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (linear decay to 0)")
     p.add_argument("--width", type=int, default=128, help="hidden width of the MLP denoiser")
-    p.add_argument("--gen-per-class", type=int, default=1000, help="diffusion samples generated per class")
-    p.add_argument("--ot-samples", type=int, default=1000, help="sample-set size of the OT W2 estimate")
-    p.add_argument("--trials", type=int, default=50, help="training sets averaged in the theorem checks")
-    p.add_argument("--out", type=str, default="assets/gmm", help="output folder for gmm.png and results.md")
-    p.add_argument("--quick", action="store_true", help="tiny settings for tests (few steps, few samples)")
+    p.add_argument("--gen-per-class", type=int, default=1000,
+                   help="diffusion samples generated per class")
+    p.add_argument("--ot-samples", type=int, default=1000,
+                   help="sample-set size of the OT W2 estimate")
+    p.add_argument("--trials", type=int, default=50,
+                   help="training sets averaged in the theorem checks")
+    p.add_argument("--out", type=str, default="assets/gmm",
+                   help="output folder for gmm.png and results.md")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings for tests (few steps, few samples)")
     args = p.parse_args(argv)
     args.etas = [float(e) for e in args.etas.split(",")]
     if args.quick:
-        args.steps, args.gen_per_class, args.ot_samples, args.trials = min(args.steps, 50), 100, 200, 5
+        args.steps, args.gen_per_class = min(args.steps, 50), 100
+        args.ot_samples, args.trials = 200, 5
     if args.n <= args.dim:
-        p.error(f"--n ({args.n}) must exceed --dim ({args.dim}) so every class covariance is invertible")
+        p.error(f"--n ({args.n}) must exceed --dim ({args.dim}) so every class covariance is "
+                "invertible")
     if args.ot_samples < args.classes or args.gen_per_class * args.classes < 2 * args.ot_samples:
-        p.error("--ot-samples must be at least --classes and at most --gen-per-class * --classes / 2")
+        p.error("--ot-samples must be at least --classes and at most --gen-per-class * --classes / "
+                "2")
     return args
 
 
@@ -426,9 +464,11 @@ def main(argv=None):
     thm = theorem_checks(args)
     print(f"true class entropy: {0.5 * args.dim * math.log(2 * math.pi * math.e):.3f}")
     print("\n".join(verdicts(rows)))
-    print("\nTheorems 1-2 on Lemma 4:  gamma   gain   first-order  gain/(g^2 d)   dW2 (+- s.e.)   dW2/(g^2 d/n)")
+    print("\nTheorems 1-2 on Lemma 4:  gamma   gain   first-order  gain/(g^2 d)   dW2 (+- s.e.)   "
+          "dW2/(g^2 d/n)")
     for t in thm:
-        print(f"{'':26}{t['gamma']:5g} {t['gain']:8.4f} {t['first']:9.4f} {t['gain_over_g2d']:10.3f}   "
+        print(f"{'':26}{t['gamma']:5g} {t['gain']:8.4f} {t['first']:9.4f} "
+              f"{t['gain_over_g2d']:10.3f}   "
               f"{t['dW2']:+.5f} +- {t['dW2_se']:.5f} {t['dW2_over_g2d_n']:+9.3f}")
     os.makedirs(args.out, exist_ok=True)
     seconds = time.time() - t0

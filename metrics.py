@@ -38,9 +38,11 @@ import system
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), exactly as pytorch-fid computes it."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape} (different feature extractors?)")
+        raise ValueError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape} (different "
+                         "feature extractors?)")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # singular product: offset the diagonals
@@ -65,7 +67,8 @@ def inception_score(logits, splits=10, seed=2020):
     p, log_p = logits.softmax(1), logits.log_softmax(1)
     scores = []
     for i in range(splits):
-        part, log_part = p[i * n // splits:(i + 1) * n // splits], log_p[i * n // splits:(i + 1) * n // splits]
+        part, log_part = p[i * n // splits:(i + 1) * n // splits], log_p[i * n // splits:(i + 1)
+                                                                         * n // splits]
         kl = (part * (log_part - part.mean(0, keepdim=True).log())).sum(1)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -151,7 +154,8 @@ def vector_entropies(latents, codebook, tau=1.0):
     cb = codebook.to(x.device).double()
     out = []
     for i, j in row_blocks(len(x), len(cb)):
-        d2 = ((x[i:j] * x[i:j]).sum(1, keepdim=True) + (cb * cb).sum(1)[None] - 2 * x[i:j] @ cb.T).clamp_min(0)
+        d2 = ((x[i:j] * x[i:j]).sum(1, keepdim=True) + (cb * cb).sum(1)[None] - 2 * x[i:j]
+              @ cb.T).clamp_min(0)
         log_p = torch.log_softmax(-d2 / tau, dim=1)
         out.append(-(log_p.exp() * log_p).sum(1))
     return torch.cat(out)
@@ -175,8 +179,10 @@ def memorization(fake, train, k=5, threshold=0.12, device="cpu"):
 
 @torch.no_grad()
 def clip_score_sum(clip, images, captions):
-    """sum over the batch of 100 * max(cos(E_image, E_text), 0) (torchmetrics' CLIPScore formula)."""
-    cos = F.cosine_similarity(clip.embed_images(images).double(), clip.embed_texts(captions).double(), dim=1)
+    """sum over the batch of 100 * max(cos(E_image, E_text), 0) (torchmetrics' CLIPScore
+    formula)."""
+    cos = F.cosine_similarity(clip.embed_images(images).double(),
+                              clip.embed_texts(captions).double(), dim=1)
     return (100 * cos.clamp_min(0)).sum().item()
 
 
@@ -190,11 +196,14 @@ METRICS = ("fid", "sfid", "is", "pr", "rmd", "entropy", "mem", "clip")
 def run_label(path):
     """runs/clean/samples -> "clean"; other paths -> their name without extension."""
     base = os.path.basename(path)
-    return os.path.basename(os.path.dirname(path)) if base == "samples" else os.path.splitext(base)[0]
+    if base == "samples":
+        return os.path.basename(os.path.dirname(path))
+    return os.path.splitext(base)[0]
 
 
 def fake_runs(specs):
-    """--fake [LABEL=]PATH -> [(label, scale or None, path)]; a sample.py folder gives one per scale."""
+    """--fake [LABEL=]PATH -> [(label, scale or None, path)]; a sample.py folder gives one per
+    scale."""
     rows = []
     for spec in specs:
         label, _, path = spec.rpartition("=")
@@ -203,9 +212,11 @@ def fake_runs(specs):
         sweep = sorted(glob.glob(os.path.join(path, "s*", "samples.npz")),
                        key=lambda p: float(os.path.basename(os.path.dirname(p))[1:]))
         if os.path.basename(path) == "samples.npz" and scale_dir:  # OUT/s{scale}/samples.npz
-            rows.append((label or run_label(os.path.dirname(os.path.dirname(path))), float(scale_dir[1]), path))
+            rows.append((label or run_label(os.path.dirname(os.path.dirname(path))),
+                         float(scale_dir[1]), path))
         elif os.path.isdir(path) and sweep:
-            rows += [(label or run_label(path), float(os.path.basename(os.path.dirname(p))[1:]), p) for p in sweep]
+            rows += [(label or run_label(path), float(os.path.basename(os.path.dirname(p))[1:]), p)
+                     for p in sweep]
         else:
             rows.append((label or run_label(path), None, path))
     return rows
@@ -219,7 +230,8 @@ def evaluate(source, extractor, real, train, metrics, args, extras, desc):
         if "fid" in metrics:
             row["fid"] = frechet_distance(feats["mu"], feats["sigma"], real["mu"], real["sigma"])
         if "sfid" in metrics:
-            row["sfid"] = frechet_distance(feats["mu_s"], feats["sigma_s"], real["mu_s"], real["sigma_s"])
+            row["sfid"] = frechet_distance(feats["mu_s"], feats["sigma_s"], real["mu_s"],
+                                           real["sigma_s"])
         if "is" in metrics:
             row["is"], row["is_std"] = inception_score(feats["logits_unbiased"], args.is_splits)
         if "pr" in metrics:
@@ -229,18 +241,22 @@ def evaluate(source, extractor, real, train, metrics, args, extras, desc):
             row["rmd_top1"] = top_fraction_mean(scores, 0.01)
             extras.setdefault("rmd_scores", []).append(scores)
         if "mem" in metrics:
-            row.update(memorization(feats["features"], train["features"], 5, args.mem_threshold, device))
+            row.update(memorization(feats["features"], train["features"], 5, args.mem_threshold,
+                                    device))
     if "entropy" in metrics:
         vq, codebook = extras["vq"]
 
         def entropy_sum(x, start, stop):
             h = vector_entropies(features.vq_latents(vq, x.to(device)), codebook, args.tau)
             return h.sum().item(), h.numel()
-        row["entropy"] = extract.distributed_pass(source, args.batch_size, entropy_sum, desc + " entropy")
+        row["entropy"] = extract.distributed_pass(source, args.batch_size, entropy_sum,
+                                                  desc + " entropy")
     if "clip" in metrics:
         clip = extras["clip"]
-        row["clip_score"] = extract.distributed_pass(source, args.batch_size, lambda x, start, stop: (
-            clip_score_sum(clip, x, [str(c) for c in source.captions[start:stop]]), stop - start), desc + " clip")
+        row["clip_score"] = extract.distributed_pass(source, args.batch_size,
+                                                     lambda x, start, stop: (
+            clip_score_sum(clip, x, [str(c) for c in source.captions[start:stop]]), stop - start),
+            desc + " clip")
     return row
 
 
@@ -249,7 +265,8 @@ def check_request(metrics, extractor, sources, args):
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
     if {"is", "sfid"} & set(metrics) and extractor.kind != "inception":
-        raise ValueError("IS and sFID need --features inception:PATH (its logits / mixed_6 features)")
+        raise ValueError("IS and sFID need --features inception:PATH (its logits / mixed_6 "
+                         "features)")
     for label, _, src in sources:
         if "rmd" in metrics and src.labels is None:
             raise ValueError(f"RMD needs the conditioning labels: '{src.path}' has no 'labels'")
@@ -269,8 +286,10 @@ def check_request(metrics, extractor, sources, args):
         raise ValueError("clip needs --clip DIR (a local CLIP model directory)")
 
 
-COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("precision", "prec"), ("recall", "recall"),
-           ("density", "density"), ("coverage", "cover"), ("rmd_top1", "RMD1%"), ("entropy", "entropy"),
+COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("precision", "prec"),
+           ("recall", "recall"),
+           ("density", "density"), ("coverage", "cover"), ("rmd_top1", "RMD1%"),
+           ("entropy", "entropy"),
            ("l2_5nn", "L2-5NN"), ("mem_ratio", "mem"), ("clip_score", "CLIP")]
 
 
@@ -280,7 +299,8 @@ def print_table(rows, extractor_name):
     print(f"{'run':<16}{'scale':>7}{'n':>7}" + "".join(f"{h:>9}" for _, h in cols))
     for r in rows:
         scale = "-" if r["scale"] is None else f"{r['scale']:g}"
-        print(f"{r['run'][:16]:<16}{scale:>7}{r['n']:>7}" + "".join(f"{r[k]:>9.4g}" if k in r else f"{'':>9}" for k, _ in cols))
+        print(f"{r['run'][:16]:<16}{scale:>7}{r['n']:>7}"
+              + "".join(f"{r[k]:>9.4g}" if k in r else f"{'':>9}" for k, _ in cols))
 
 
 def plot_sweeps(rows, out, extractor_name):
@@ -295,19 +315,22 @@ def plot_sweeps(rows, out, extractor_name):
     # FID against IS (class models) or CLIP score (text models); against the scale when neither
     x_key = next((k for k in ("is", "clip_score") if any(k in r for r in rows)), "scale")
     x_label = {"is": "IS", "clip_score": "CLIP score", "scale": "guidance scale"}[x_key]
-    for name, (xk, yk, xlabel, ylabel) in {"fid_vs_" + x_key: (x_key, "fid", x_label, "FID"),
-                                           "precision_recall": ("recall", "precision", "recall", "precision")}.items():
+    plots = {"fid_vs_" + x_key: (x_key, "fid", x_label, "FID"),
+             "precision_recall": ("recall", "precision", "recall", "precision")}
+    for name, (xk, yk, xlabel, ylabel) in plots.items():
         missing = sorted({r["run"] for r in rows if r.get(xk) is None or r.get(yk) is None})
         if missing:
-            print(f"note: no {name}.png: {', '.join(missing)} give no {xlabel if xk == 'scale' else xk} "
-                  f"or {yk} (a guidance scale comes from a sample.py folder OUT/s{{scale}}/samples.npz)")
+            print(f"note: no {name}.png: {', '.join(missing)} give no "
+                  f"{xlabel if xk == 'scale' else xk} or {yk} (a guidance scale comes from a "
+                  f"sample.py folder OUT/s{{scale}}/samples.npz)")
             continue
         fig, ax = plt.subplots(figsize=(5, 4))
         for run, rs in runs.items():
             ax.plot([r[xk] for r in rs], [r[yk] for r in rs], "o-", label=run)
             for r in rs:
                 if r["scale"] is not None:
-                    ax.annotate(f"{r['scale']:g}", (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(f"{r['scale']:g}", (r[xk], r[yk]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} vs {xlabel} ({extractor_name})", fontsize=9)
@@ -319,35 +342,53 @@ def plot_sweeps(rows, out, extractor_name):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
-    p.add_argument("--real", required=True, help="reference set: .npz (arr_0 and/or mu, sigma), image folder or dataset:NAME[:SPLIT] (split default: test)")
-    p.add_argument("--fake", required=True, action="append", help="[LABEL=]PATH of samples: .npz, image folder, or a "
-                   "sample.py folder OUT with OUT/s{scale}/samples.npz (one row per scale); repeat to overlay runs")
-    p.add_argument("--features", required=True, help="inception:PATH (pytorch-fid's .pth), clip:DIR or classifier:PATH")
-    p.add_argument("--metrics", default="fid,pr", help=f"comma-separated subset of {','.join(METRICS)} (pr = precision, recall, density, coverage)")
-    p.add_argument("--train", default=None, help="training images for 'mem' (distance to the 5 nearest, memorization ratio)")
+    p.add_argument("--real", required=True,
+                   help="reference set: .npz (arr_0 and/or mu, sigma), image folder or "
+                        "dataset:NAME[:SPLIT] (split default: test)")
+    p.add_argument("--fake", required=True, action="append",
+                   help="[LABEL=]PATH of samples: .npz, image folder, or a sample.py folder OUT "
+                        "with OUT/s{scale}/samples.npz (one row per scale); repeat to overlay runs")
+    p.add_argument("--features", required=True,
+                   help="inception:PATH (pytorch-fid's .pth), clip:DIR or classifier:PATH")
+    p.add_argument("--metrics", default="fid,pr",
+                   help=f"comma-separated subset of {','.join(METRICS)} (pr = precision, recall, "
+                        "density, coverage)")
+    p.add_argument("--train", default=None,
+                   help="training images for 'mem' (distance to the 5 nearest, memorization ratio)")
     p.add_argument("--vq", default=None, help="VQ autoencoder checkpoint (vae.py) for 'entropy'")
-    p.add_argument("--vq-preset", default=None, help="vae.py preset (e.g. vq-f4) when --vq is CompVis/diffusers weights")
-    p.add_argument("--clip", default=None, help="local CLIP model directory for 'clip' (paper: CLIP ViT-B/16)")
-    p.add_argument("--tau", type=float, default=1.0, help="sample-entropy temperature (Eq. 41; the paper gives none)")
-    p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (paper: 3)")
+    p.add_argument("--vq-preset", default=None,
+                   help="vae.py preset (e.g. vq-f4) when --vq is CompVis/diffusers weights")
+    p.add_argument("--clip", default=None,
+                   help="local CLIP model directory for 'clip' (paper: CLIP ViT-B/16)")
+    p.add_argument("--tau", type=float, default=1.0,
+                   help="sample-entropy temperature (Eq. 41; the paper gives none)")
+    p.add_argument("--k", type=int, default=3,
+                   help="nearest neighbours for precision/recall (paper: 3)")
     p.add_argument("--is-splits", type=int, default=10, help="IS splits (paper: 10)")
-    p.add_argument("--mem-threshold", type=float, default=0.12, help="memorization: nearest training image closer than this")
-    p.add_argument("--data-root", default=None, help="root for dataset:NAME sources (e.g. the Fashion-MNIST idx dir)")
-    p.add_argument("--image-size", type=int, default=None, help="image size for dataset:NAME sources (as train.py's --image-size)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass per process")
+    p.add_argument("--mem-threshold", type=float, default=0.12,
+                   help="memorization: nearest training image closer than this")
+    p.add_argument("--data-root", default=None,
+                   help="root for dataset:NAME sources (e.g. the Fashion-MNIST idx dir)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image size for dataset:NAME sources (as train.py's --image-size)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per forward pass per process")
     p.add_argument("--cache", default="runs/metrics-cache",
                    help="directory of cached reference features ('' = no cache)")
-    p.add_argument("--out", default="metrics_out", help="output folder: metrics.json, plots, RMD scores")
+    p.add_argument("--out", default="metrics_out",
+                   help="output folder: metrics.json, plots, RMD scores")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0,
                    help=system.THREADS_HELP)
-    p.add_argument("--unsafe-pickle", action="store_true", help="--vq: " + system.UNSAFE_PICKLE_HELP)
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="--vq: " + system.UNSAFE_PICKLE_HELP)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 features
+    # exact fp32 features
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rank, _, device = system.setup_distributed(args.device)
     system.set_threads(args.threads)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -367,20 +408,27 @@ def main(argv=None):
     needed = {"fid": ["mu", "sigma"], "sfid": ["mu_s", "sigma_s"], "pr": ["features"]}
     needed = [key for m in metrics for key in needed.get(m, [])]
     if needed:
-        real = extract.reference_features(extract.open_images(args.real, args.data_root, args.image_size), extractor, args, "real", needed)
+        source = extract.open_images(args.real, args.data_root, args.image_size)
+        real = extract.reference_features(source, extractor, args, "real", needed)
     if "mem" in metrics:
-        train = extract.reference_features(extract.open_images(args.train, args.data_root, args.image_size), extractor, args, "train", ["features"])
+        source = extract.open_images(args.train, args.data_root, args.image_size)
+        train = extract.reference_features(source, extractor, args, "train", ["features"])
     rows = []
     for label, scale, source in runs:
         t0 = time.time()
-        row = evaluate(source, extractor, real, train, metrics, args, extras, label if scale is None else f"{label} s={scale:g}")
-        rows.append({"run": label, "scale": scale, "path": source.path, **row, "seconds": round(time.time() - t0, 1)})
+        row = evaluate(source, extractor, real, train, metrics, args, extras,
+                       label if scale is None else f"{label} s={scale:g}")
+        rows.append({"run": label, "scale": scale, "path": source.path, **row,
+                     "seconds": round(time.time() - t0, 1)})
     if rank == 0:
         print_table(rows, extractor.name)
         os.makedirs(args.out, exist_ok=True)
-        report = {"features": extractor.name, "real": args.real, "train": args.train, "metrics": metrics,
-                  "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau, "mem_threshold": args.mem_threshold,
-                              "mem_features": "L2-normalised", "clip_score": "100 * max(cos, 0), mean over samples",
+        report = {"features": extractor.name, "real": args.real, "train": args.train,
+                  "metrics": metrics,
+                  "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau,
+                              "mem_threshold": args.mem_threshold,
+                              "mem_features": "L2-normalised",
+                              "clip_score": "100 * max(cos, 0), mean over samples",
                               "rmd": "mean of the top 1 % scores"},
                   "rows": rows}
         system.write_json(os.path.join(args.out, "metrics.json"), report)

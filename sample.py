@@ -30,30 +30,44 @@ import vae
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (uses RUN/ckpt.pt)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint file or run directory (uses RUN/ckpt.pt)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
-    p.add_argument("--guidance", default="2.0", help="comma-separated guidance scales, one output folder each (1 = no guidance)")
-    p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"], help="DPM-Solver++ 2M (paper), DDIM or DDPM")
+    p.add_argument("--guidance", default="2.0",
+                   help="comma-separated guidance scales, one output folder each (1 = no guidance)")
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
+                   help="DPM-Solver++ 2M (paper), DDIM or DDPM")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
     p.add_argument("--ddim-eta", type=float, default=0.0,
-                   help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of train.py)")
+                   help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of "
+                        "train.py)")
     p.add_argument("--clip-denoised", action="store_true",
-                   help="clip every step's x0 prediction to [-1, 1] (pixel-space models, as DDPM / ADM "
+                   help="clip every step's x0 prediction to [-1, 1] (pixel-space models, as DDPM / "
+                        "ADM "
                         "sample; bounds the samples of an undertrained model, does not fix them)")
     p.add_argument("--cads", action="store_true",
-                   help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the condition "
+                   help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the "
+                        "condition "
                         "embedding, strong at high noise levels and gone at the end")
     p.add_argument("--cads-tau", default="0.6,0.9",
                    help="CADS tau1,tau2: clean condition below tau1, pure noise above tau2 (t/T)")
     p.add_argument("--cads-scale", type=float, default=0.25, help="CADS noise scale s")
-    p.add_argument("--cads-psi", type=float, default=1.0, help="CADS rescaling mix psi (1 = rescaled)")
-    p.add_argument("--per-class", type=int, default=None, help="class models: N samples of every class (paper: 50 per class)")
-    p.add_argument("--classes", default=None, help="class models: comma-separated classes to sample (default: all)")
+    p.add_argument("--cads-psi", type=float, default=1.0,
+                   help="CADS rescaling mix psi (1 = rescaled)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="class models: N samples of every class (paper: 50 per class)")
+    p.add_argument("--classes", default=None,
+                   help="class models: comma-separated classes to sample (default: all)")
     p.add_argument("--prompts", default=None, help="text models: a file with one prompt per line")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass per process")
-    p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses the seed (seed, i)")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or raw weights")
-    p.add_argument("--vae", default=None, help="autoencoder checkpoint for latent models (default: the one in the run config)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per forward pass per process")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; sample i uses the seed (seed, i)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="EMA weights (default) or raw weights")
+    p.add_argument("--vae", default=None,
+                   help="autoencoder checkpoint for latent models (default: the one in the run "
+                        "config)")
     p.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     p.add_argument("--text-encoder", default=None,
                    help="text models: the encoder directory, if it moved since training")
@@ -62,7 +76,8 @@ def parse_args(argv=None):
                         "guidance and the sampler's steps stay fp32")
     p.add_argument("--threads", type=int, default=0,
                    help=system.THREADS_HELP)
-    p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (the .npz and grid are always written)")
+    p.add_argument("--no-images", action="store_true",
+                   help="skip the per-image PNGs (the .npz and grid are always written)")
     return p.parse_args(argv)
 
 
@@ -102,9 +117,10 @@ def range_warning(outside):
     not ready: say so (the images are clamped, so they would look like saturated noise). Trained
     pixel models overshoot saturated backgrounds a little (digits: 0.25 % of values beyond 3)."""
     if outside > 0.01:
-        return (f"warning: {100 * outside:.1f} % of the sample values lie outside [-{OUT_OF_RANGE}, "
-                f"{OUT_OF_RANGE}] (the data lies in [-1, 1]): the model is not ready. Train longer "
-                f"(README, 'Your own data'); --clip-denoised bounds the samples but does not fix them.")
+        return (f"warning: {100 * outside:.1f} % of the sample values lie outside "
+                f"[-{OUT_OF_RANGE}, {OUT_OF_RANGE}] (the data lies in [-1, 1]): the model is not "
+                f"ready. Train longer (README, 'Your own data'); --clip-denoised bounds the "
+                f"samples but does not fix them.")
     return None
 
 
@@ -118,12 +134,14 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoenco
                                scale=scale)  # Eq. 2
     if args.cads:  # the condition is re-noised at every step; the null condition stays clean
         tau1, tau2 = (float(v) for v in args.cads_tau.split(","))
-        cads_gens = [torch.Generator().manual_seed(system.seed_of(args.seed, i, 1)) for i in indices]
+        cads_gens = [torch.Generator().manual_seed(system.seed_of(args.seed, i, 1))
+                     for i in indices]
 
         def conditioned(x, t):
             noise = torch.stack([torch.randn(context.shape[1:], generator=g) for g in cads_gens])
             return eps_fn(x, t, context=diffusion.cads_context(
-                context, t, noise.to(device), len(abar), tau1, tau2, args.cads_scale, args.cads_psi))
+                context, t, noise.to(device), len(abar), tau1, tau2, args.cads_scale,
+                args.cads_psi))
     else:
         conditioned = functools.partial(eps_fn, context=context)
     if args.clip_denoised:
@@ -149,7 +167,8 @@ def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
     grid = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, c), 128, np.uint8)
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
-        grid[gap + r * (h + gap):gap + r * (h + gap) + h, gap + q * (w + gap):gap + q * (w + gap) + w] = img
+        grid[gap + r * (h + gap):gap + r * (h + gap) + h, gap + q * (w + gap):gap + q
+             * (w + gap) + w] = img
     picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
     if row_labels:
         draw = ImageDraw.Draw(picture)
@@ -188,7 +207,8 @@ def write_outputs(out, images, conds, scale, config, args, step):
     if not args.no_images:
         os.makedirs(os.path.join(out, "images"), exist_ok=True)
         for i, img in enumerate(images):
-            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(os.path.join(out, "images", f"{i:06d}.png"))
+            picture = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+            picture.save(os.path.join(out, "images", f"{i:06d}.png"))
 
 
 def check_args(args):
@@ -198,7 +218,8 @@ def check_args(args):
     try:
         scales = [float(s) for s in args.guidance.split(",")]
     except ValueError:
-        raise SystemExit(f"--guidance must be comma-separated numbers, got {args.guidance!r}") from None
+        raise SystemExit(f"--guidance must be comma-separated numbers, got "
+                         f"{args.guidance!r}") from None
     if any(s < 0 for s in scales):
         raise SystemExit(f"--guidance scales must be >= 0, got {args.guidance}")
     if not 0 <= args.ddim_eta <= 1:
@@ -209,7 +230,8 @@ def check_args(args):
         except ValueError:
             tau = []
         if len(tau) != 2 or not 0 <= tau[0] < tau[1] <= 1:
-            raise SystemExit(f"--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got {args.cads_tau}")
+            raise SystemExit(f"--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got "
+                             f"{args.cads_tau}")
         if args.cads_scale < 0 or not 0 <= args.cads_psi <= 1:
             raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")
 
@@ -229,14 +251,20 @@ def main(argv=None):
     if config["space"] == "latent" and not vae_path:
         raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
     try:
-        autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"), config.get("latent_scale"),
-                                           args.unsafe_pickle).to(device).eval() if vae_path else None
+        autoencoder = None
+        if vae_path:
+            autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"),
+                                               config.get("latent_scale"), args.unsafe_pickle)
+            autoencoder = autoencoder.to(device).eval()
     except (FileNotFoundError, ValueError) as e:  # a missing or foreign autoencoder: one line
         raise SystemExit(f"sample.py: {e}") from None
     if vae_path and config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
-        raise SystemExit(f"{vae_path} holds other weights than the autoencoder this model's latents "
-                         f"came from (sha256 {config['vae_sha256']}): pass --vae with those weights")
-    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())  # on the CPU: step sizes are Python floats
+        raise SystemExit(f"{vae_path} holds other weights than the autoencoder this model's "
+                         "latents "
+                         f"came from (sha256 {config['vae_sha256']}): pass --vae with those "
+                         f"weights")
+    # on the CPU: step sizes are Python floats
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
     conds = conditions_to_sample(args, config)
     mine = list(range(rank, len(conds), world))  # this process's sample indices
     run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
@@ -247,12 +275,14 @@ def main(argv=None):
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
             idx = mine[b:b + args.batch_size]
             noise, gens = initial_noise(idx, args.seed, shape)
-            batch, out_of_range = sample_batch(model, [conds[i] for i in idx], idx, noise, gens, scale,
+            batch, out_of_range = sample_batch(model, [conds[i] for i in idx], idx, noise, gens,
+                                               scale,
                                                args, abar, autoencoder)
             images.append(batch)
             outside += out_of_range * len(idx)
         out = os.path.join(out_root, f"s{scale:g}")
-        images = np.concatenate(images) if images else np.zeros((0,), np.uint8)  # a rank may get none
+        # a rank may get none
+        images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
         images = system.gather_rows(images, np.asarray(mine, np.int64))
         outside = system.gather_rows(np.array([outside]))  # rank 0: every rank's count
         if rank == 0:

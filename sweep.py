@@ -98,7 +98,8 @@ def reference(out, size):
     held = torch.cat([full.images[torch.from_numpy(held_mask)], test.images])
     clf_path = os.path.join(out, "classifier.pt")
     accuracy = features.main([
-        "train-classifier", "--dataset", size["dataset"], "--epochs", str(size["classifier_epochs"]), "--out", clf_path,
+        "train-classifier", "--dataset", size["dataset"], "--epochs",
+        str(size["classifier_epochs"]), "--out", clf_path,
         *(["--data-root", size["data_root"]] if size["data_root"] else []),
         *(["--image-size", str(size["image_size"])] if size["image_size"] else [])])
     ref = dict(train=nhwc(used.images), held=nhwc(held), test_accuracy=accuracy)
@@ -400,7 +401,8 @@ def main(argv=None):
     args = parse_args(argv)
     size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
     os.makedirs(args.out, exist_ok=True)
-    system.write_json(os.path.join(args.out, "sweep.json"), {**vars(args), **size, "arms": ARMS, "cads": CADS})
+    system.write_json(os.path.join(args.out, "sweep.json"),
+                      {**vars(args), **size, "arms": ARMS, "cads": CADS})
     t_start = time.time()
     ref = reference(args.out, size)
     other_seeds = range(args.other_seeds)

@@ -105,7 +105,8 @@ def randomise_(module, seed):
     return module
 
 
-UNSAFE_PICKLE_HELP = ("read weights that pickle more than tensors (a CompVis Lightning model.ckpt); "
+UNSAFE_PICKLE_HELP = ("read weights that pickle more than tensors (a CompVis Lightning "
+                      "model.ckpt); "
                       "unpickling can run any code the file holds: only for files you trust")
 THREADS_HELP = "CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)"
 

