@@ -47,9 +47,12 @@ class ClassEmbedder(nn.Module):
 
 class TextEmbedder(nn.Module):
     """Captions -> token states of a pre-trained, fully trainable BERT-family encoder (the paper:
-    bert-base-uncased, 77 tokens, App. B.3), loaded from a local directory only."""
+    bert-base-uncased, 77 tokens, App. B.3), loaded from a local directory only. The released
+    CC3M models (released.py) keep their tokenizer in another folder and call BERT with the
+    token ids only (attention_mask=False: the padding tokens are attended too)."""
 
-    def __init__(self, path, context_dim, max_length=77, freeze=False):
+    def __init__(self, path, context_dim, max_length=77, freeze=False, tokenizer=None,
+                 attention_mask=True):
         super().__init__()
         if not os.path.isfile(os.path.join(str(path), "config.json")):
             raise FileNotFoundError(
@@ -57,13 +60,13 @@ class TextEmbedder(nn.Module):
                 f"Face hub (config.json, vocab.txt, model.safetensors) into that directory "
                 f"(or pass another local BERT-family model directory)")
         from transformers import AutoModel, AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
         self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
         self.encoder.train()  # from_pretrained returns eval mode; the encoder is trained too
         if getattr(self.encoder, "pooler", None) is not None:
             # unused (we take the token states); DDP rejects unused parameters
             self.encoder.pooler = None
-        self.max_length, self.freeze = max_length, freeze
+        self.max_length, self.freeze, self.attention_mask = max_length, freeze, attention_mask
         if freeze:  # small caption sets on a CPU: a fixed encoder (the paper trains it)
             self.encoder.requires_grad_(False).eval()
         hidden = self.encoder.config.hidden_size
@@ -81,7 +84,9 @@ class TextEmbedder(nn.Module):
         tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
         device = next(self.encoder.parameters()).device
-        return {k: v.to(device) for k, v in tokens.items()}
+        keep = ("input_ids", "attention_mask", "token_type_ids") if self.attention_mask \
+            else ("input_ids",)
+        return {k: v.to(device) for k, v in tokens.items() if k in keep}
 
     def train(self, mode=True):
         super().train(mode)

@@ -12,7 +12,9 @@ import os
 import torch
 
 import cep
+import released
 import unet
+import vae
 
 
 def choose_preset(name, size):
@@ -35,7 +37,10 @@ def choose_preset(name, size):
 
 
 def unet_config(config):
-    """The U-Net of a run config: its preset at the data's channels and size."""
+    """The U-Net of a run config: a released model's own (config["unet"]), or the preset at the
+    data's channels and size."""
+    if config.get("unet"):
+        return unet.UNetConfig(**config["unet"])
     ucfg = dataclasses.replace(unet.PRESETS[config["preset"]], in_channels=config["channels"],
                                out_channels=config["channels"], sample_size=config["size"])
     if config["head_channels"] is not None:
@@ -52,7 +57,9 @@ class Denoiser(torch.nn.Module):
         if config["text"]:
             self.embedder = cep.TextEmbedder(config["text_encoder"], ucfg.context_dim,
                                              config.get("text_length", 77),
-                                             config.get("freeze_text_encoder", False))
+                                             config.get("freeze_text_encoder", False),
+                                             config.get("tokenizer"),
+                                             config.get("attention_mask", True))
             # [L, D] per condition
             self.context_shape = (self.embedder.max_length, ucfg.context_dim)
         else:
@@ -81,13 +88,20 @@ class Denoiser(torch.nn.Module):
         return torch.where(drop, self.embedder.null_label, conditions)
 
 
-def load(path, weights="ema", device="cpu", text_encoder=None):
-    """(Denoiser, run config, step) of a train.py checkpoint, a file or a run directory. Tensors
-    and plain data only: nothing in the file runs on load."""
+def load(path, weights="ema", device="cpu", text_encoder=None, unsafe_pickle=False):
+    """(Denoiser, run config, step) of a train.py checkpoint (a file or a run directory), or of a
+    released model (released.py: a pipeline directory or LDM's cin256-v2 model.ckpt; step 0, the
+    run config holds its stored scheduler config). Tensors and plain data only, unless
+    unsafe_pickle (a Lightning model.ckpt): nothing in the file runs on load."""
+    if os.path.isdir(path) and released.is_pipeline(path):
+        return from_state(*released.pipeline(path), path, device)
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (train one with train.py)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or give "
+                                f"{released.CHECKPOINT_HINT}")
+    ckpt = vae.torch_load(path, unsafe_pickle)
+    if "config" not in ckpt:  # not a run of train.py
+        return from_state(*released.ldm_checkpoint(ckpt, path), path, device)
     config = dict(ckpt["config"])
     if config["text"]:
         config["text_encoder"] = text_encoder or config["text_encoder"]
@@ -95,11 +109,20 @@ def load(path, weights="ema", device="cpu", text_encoder=None):
             raise FileNotFoundError(f"the text encoder this model was trained with is not at "
                                     f"{config['text_encoder']}: pass --text-encoder DIR (the "
                                     f"same model)")
-    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point()
-           and not torch.isfinite(v).all()]
+    model, config, _ = from_state(config, ckpt[weights], None, path, device, weights)
+    return model, config, ckpt["step"]
+
+
+def from_state(config, state, scheduler, path, device, weights="ema"):
+    """The Denoiser of a run config holding `state`; non-finite weights are refused."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: the {weights} weights are not finite ({bad[0]}, ...): the run "
                          f"diverged before this checkpoint; nothing to sample")
+    if scheduler is not None:
+        config["scheduler"] = scheduler
     model = Denoiser(config)
-    model.load_state_dict(ckpt[weights])
-    return model.to(device).eval(), config, ckpt["step"]
+    if config["text"] and config.get("released"):  # BERT was read from the release's bert/
+        state = {**model.embedder.state_dict(prefix="embedder."), **state}
+    model.load_state_dict(state)
+    return model.to(device).eval(), config, 0

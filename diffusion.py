@@ -209,18 +209,25 @@ def _randn_per_sample(x, generators):
 
 @torch.no_grad()
 def sample(eps_fn, x_T, sampler, num_steps, alphas_cumprod, eta=0.0, generators=None,
-           progress=False):
+           progress=False, timesteps=None):
     """Run the reverse process from x_T ~ N(0, I) with eps_fn(x, t[B]) -> eps (guidance applied).
 
     sampler: "dpm" (DPM-Solver++ 2M, the paper's default with 50 steps), "ddim" (eta >= 0) or
     "ddpm" (ancestral, all T steps). Noise for stochastic samplers comes from generators[i] for
     sample i (one torch.Generator per sample), so a sample does not depend on its batch.
+    timesteps: the descending timesteps to visit instead of the sampler's own spacing (a released
+    model's stored spacing, released.timesteps). DDIM steps from t to t - T // num_steps, as
+    diffusers' DDIMScheduler does whatever the spacing (the next timestep for LDM's spacing).
     """
     T = len(alphas_cumprod)
     if generators is not None and len(generators) != len(x_T):
         raise ValueError(f"need one generator per sample: {len(generators)} for a batch of "
                          f"{len(x_T)}")
-    if sampler == "dpm":
+    if timesteps is not None and sampler == "ddpm":
+        raise ValueError("ddpm visits every timestep: timesteps apply to dpm and ddim")
+    if timesteps is not None:
+        timesteps = torch.as_tensor(timesteps)
+    elif sampler == "dpm":
         timesteps = dpm_solver_timesteps(num_steps, T)
     elif sampler == "ddim":
         timesteps = ddim_timesteps(num_steps, T)
@@ -236,6 +243,8 @@ def sample(eps_fn, x_T, sampler, num_steps, alphas_cumprod, eta=0.0, generators=
     x, prev = x_T, None
     for i, t in enumerate(tqdm(timesteps, desc=sampler, disable=not progress)):
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        if sampler == "ddim":
+            t_next = t - T // num_steps  # < 0 after the last step
         eps = eps_fn(x, torch.full((len(x),), t, dtype=torch.int64, device=x.device))
         if sampler == "dpm":
             x, prev = dpm_solver_step(eps, x, t, t_next, alphas_cumprod, prev)

@@ -1,4 +1,5 @@
-"""Generate images from a checkpoint of train.py: PNG grids, per-image PNGs and an .npz for metrics.
+"""Generate images from a checkpoint of train.py or a released model (released.py): PNG grids,
+per-image PNGs and an .npz for metrics.
 
     python sample.py --ckpt runs/demo --per-class 10                 # grid: one row per class
     torchrun --nproc_per_node=8 sample.py --ckpt runs/in1k --per-class 50 --guidance 1.5,2.0,3.0
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import data
 import denoiser
 import diffusion
+import released
 import system
 import vae
 
@@ -31,13 +33,19 @@ import vae
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint file or run directory (uses RUN/ckpt.pt)")
+                   help="checkpoint file or run directory of train.py (uses RUN/ckpt.pt), a "
+                        "released pipeline directory or LDM's cin256-v2 model.ckpt (released.py)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
     p.add_argument("--guidance", default="2.0",
                    help="comma-separated guidance scales, one output folder each (1 = no guidance)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
                    help="DPM-Solver++ 2M (paper), DDIM or DDPM")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
+    p.add_argument("--timesteps", default="config", choices=["config", "paper"],
+                   help="released models (released.py): the timesteps their stored scheduler "
+                        "config gives, as the authors' scripts sample, or the paper's protocol "
+                        "(DPM-Solver++ from t = 999, App. B.7); runs of train.py always use the "
+                        "paper's")
     p.add_argument("--ddim-eta", type=float, default=0.0,
                    help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of "
                         "train.py)")
@@ -125,7 +133,8 @@ def range_warning(outside):
 
 
 @torch.no_grad()
-def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoencoder):
+def sample_batch(model, conds, indices, noise, gens, scale, args, schedule, autoencoder):
+    abar, timesteps = schedule
     device = next(model.parameters()).device
     c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
     context = model.embedder(c)  # c_theta(y): no CEP delta at sampling (Sec. 5.1)
@@ -150,7 +159,7 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, abar, autoenco
     # bf16 for the U-Net's matmuls and convolutions; the sampler's arithmetic stays fp32
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         x = diffusion.sample(conditioned, noise.to(device), args.sampler, args.steps, abar,
-                             eta=args.ddim_eta, generators=gens)
+                             eta=args.ddim_eta, generators=gens, timesteps=timesteps)
     if autoencoder is not None:
         x = autoencoder.decode(x)
     outside = (x.abs() > OUT_OF_RANGE).float().mean().item()  # data lies in [-1, 1]
@@ -190,7 +199,7 @@ def write_outputs(out, images, conds, scale, config, args, step):
     system.write_atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez(  # never truncated
         tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)), seed=args.seed,
         guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads, ckpt_step=step,
-        weights=args.weights))
+        weights=args.weights, timesteps=args.timesteps if config.get("scheduler") else "paper"))
     if config["text"]:  # up to 64 samples, row-major; their prompts in grid_prompts.txt
         save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
         with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
@@ -236,6 +245,35 @@ def check_args(args):
             raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")
 
 
+def load_autoencoder(args, config, device):
+    """The autoencoder a latent model decodes with (--vae, or the one its run config names)."""
+    vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
+    if config["space"] == "latent" and not vae_path:
+        raise ValueError("latent model: give --vae (the autoencoder the latents came from)")
+    if not vae_path:
+        return None
+    autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"),
+                                       config.get("latent_scale"), args.unsafe_pickle)
+    if config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
+        raise ValueError(f"{vae_path} holds other weights than the autoencoder this model's "
+                         f"latents came from (sha256 {config['vae_sha256']}): pass --vae with "
+                         f"those weights")
+    return autoencoder.to(device).eval()
+
+
+def sampling_schedule(args, config):
+    """(alpha-bar, timesteps or None): LDM's schedule and the sampler's spacing, or a released
+    model's stored scheduler config (released.py) unless --timesteps paper. Kept on the CPU:
+    the step sizes are Python floats."""
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        return diffusion.alphas_cumprod(diffusion.ldm_linear_betas()), None
+    timesteps = None
+    if args.timesteps == "config":
+        timesteps = released.timesteps(scheduler, args.sampler, args.steps)
+    return released.alphas_cumprod(scheduler), timesteps
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -243,28 +281,13 @@ def main(argv=None):
     system.set_threads(args.threads)
     tf32 = args.precision == "auto" and device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        model, config, step = denoiser.load(args.ckpt, args.weights, device, args.text_encoder)
+    try:  # the user's checkpoint and autoencoder: one-line errors
+        model, config, step = denoiser.load(args.ckpt, args.weights, device, args.text_encoder,
+                                            args.unsafe_pickle)
+        autoencoder = load_autoencoder(args, config, device)
+        schedule = sampling_schedule(args, config)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: {e}") from None
-    vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
-    if config["space"] == "latent" and not vae_path:
-        raise SystemExit("latent model: give --vae (the autoencoder the latents came from)")
-    try:
-        autoencoder = None
-        if vae_path:
-            autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"),
-                                               config.get("latent_scale"), args.unsafe_pickle)
-            autoencoder = autoencoder.to(device).eval()
-    except (FileNotFoundError, ValueError) as e:  # a missing or foreign autoencoder: one line
-        raise SystemExit(f"sample.py: {e}") from None
-    if vae_path and config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
-        raise SystemExit(f"{vae_path} holds other weights than the autoencoder this model's "
-                         "latents "
-                         f"came from (sha256 {config['vae_sha256']}): pass --vae with those "
-                         f"weights")
-    # on the CPU: step sizes are Python floats
-    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
     conds = conditions_to_sample(args, config)
     mine = list(range(rank, len(conds), world))  # this process's sample indices
     run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
@@ -276,8 +299,7 @@ def main(argv=None):
             idx = mine[b:b + args.batch_size]
             noise, gens = initial_noise(idx, args.seed, shape)
             batch, out_of_range = sample_batch(model, [conds[i] for i in idx], idx, noise, gens,
-                                               scale,
-                                               args, abar, autoencoder)
+                                               scale, args, schedule, autoencoder)
             images.append(batch)
             outside += out_of_range * len(idx)
         out = os.path.join(out_root, f"s{scale:g}")

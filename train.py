@@ -13,6 +13,7 @@ so a resume is exact but the result depends on the number of processes.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -91,6 +92,10 @@ def parse_args(argv=None):
                    help="U-Net preset (default: the one made for the data's size): "
                         + ", ".join(f"{k} ({c.sample_size}x{c.sample_size})"
                                     for k, c in unet.PRESETS.items()))
+    m.add_argument("--init", default=None,
+                   help="fine-tune: start from the weights of a released pipeline directory, "
+                        "LDM's cin256-v2 model.ckpt or a train.py run (its EMA weights); its "
+                        "U-Net and class table replace the preset (released.py)")
     m.add_argument("--head-channels", type=int, default=None,
                    help="override the preset's head width (-1 = one head, the paper's model)")
     m.add_argument("--text-encoder", default=None,
@@ -307,7 +312,7 @@ def build_config(args, images, conditions, info, autoencoder):
             x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
     return {**vars(args), **info, "text": isinstance(conditions, list), "channels": x.shape[0],
             "size": x.shape[-1], "num_examples": len(conditions),
-            "preset": denoiser.choose_preset(args.preset, x.shape[-1])}
+            "preset": None if args.init else denoiser.choose_preset(args.preset, x.shape[-1])}
 
 
 def prepare_data(args, device):
@@ -331,8 +336,11 @@ def build_model(args, config, device, ckpt_path):
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another "
                          "--out")
+    start = init_weights(args, config) if args.init else None  # sets config's U-Net and classes
     torch.manual_seed(args.seed)  # the initial weights
     model = denoiser.Denoiser(config).to(device)
+    if start is not None:
+        model.load_state_dict(start)
     ema = denoiser.Denoiser(config).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -346,6 +354,34 @@ def build_model(args, config, device, ckpt_path):
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
     return model, ema, opt, ckpt["step"]
+
+
+def init_weights(args, config):
+    """--init: the weights of a released or earlier model (denoiser.load); its U-Net and class
+    table go into the run config, after checking that the data fits them."""
+    try:
+        start, start_config, _ = denoiser.load(args.init, "ema", "cpu", args.text_encoder,
+                                               args.unsafe_pickle)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"train.py: --init: {e}") from None
+    ucfg = denoiser.unet_config(start_config)
+    data = f"{config['channels']}x{config['size']}x{config['size']}"
+    takes = f"{ucfg.in_channels}x{ucfg.sample_size}x{ucfg.sample_size}"
+    if data != takes:
+        raise SystemExit(f"--init: the data's {config['space']} inputs are {data}; the model "
+                         f"takes {takes} (encode the data with the model's autoencoder: --vae "
+                         f"DIR/vqvae, or vae.py encode --weights DIR/vqvae)")
+    if start_config["text"] != config["text"]:
+        raise SystemExit("--init: a class model needs class labels, a text model captions")
+    if not config["text"] and config["num_classes"] > start_config["num_classes"]:
+        raise SystemExit(f"--init: the data has {config['num_classes']} classes, the model "
+                         f"{start_config['num_classes']}")
+    config.update(unet=dataclasses.asdict(ucfg), num_classes=start_config["num_classes"],
+                  init=args.init)
+    if config["text"]:  # the model's own text encoder, tokenizer and way of calling it
+        config.update({k: start_config.get(k) for k in ("text_encoder", "tokenizer",
+                                                        "attention_mask", "text_length")})
+    return start.state_dict()
 
 
 def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
@@ -404,7 +440,7 @@ def check_args(args):
             raise SystemExit(f"{flag} must be in [{lo}, {hi}], got {value}")
     if args.corrupt_classes and args.corruption != "asymmetric":
         raise SystemExit("--corrupt-classes applies to --corruption asymmetric")
-    if args.dataset == "captions" and not args.text_encoder:
+    if args.dataset == "captions" and not (args.text_encoder or args.init):
         raise SystemExit("--dataset captions needs --text-encoder DIR (a local BERT-family model)")
 
 

@@ -1,9 +1,10 @@
-"""LDM's f4 autoencoders (Rombach et al. 2022), their weights, a latent cache, and small AEs.
+"""LDM's f4 autoencoders (Rombach et al. 2022), their weights, and small AEs trained here.
 
 The paper's LDM-4 models diffuse in the latent space of LDM's VQ-f4 autoencoder (App. B.3,
 Table 3): 256x256x3 images -> 64x64x3 latents. Diffusion uses VQ's *pre-quantization* latents;
 decoding quantizes first. Module names are LDM's own (ldm/modules/diffusionmodules/model.py), so a
 CompVis checkpoint loads key for key; diffusers weights go through `diffusers_key_map`.
+`python vae.py encode` fills the latent cache of data.py.
 
     python vae.py encode --dataset folder --data-root IN1K/train --preset vq-f4 \
         --weights vq-f4/model.ckpt --out latents/in1k --batch-size 64      # torchrun-able
@@ -413,12 +414,36 @@ def load_diffusers_weights(model, path):
     load_exact(model, sd, f)
 
 
+def diffusers_config(path):
+    """The AutoencoderConfig of a diffusers VQModel / AutoencoderKL folder (its config.json), and
+    the KL scaling_factor (VQ latents are not scaled: LDM's VQ models decode them as they are)."""
+    folder = os.path.dirname(diffusers_weights_file(path))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} has no config.json: name the architecture with a "
+                                f"preset (one of {sorted(PRESETS)})")
+    with open(os.path.join(folder, "config.json")) as f:
+        c = json.load(f)
+    widths = c["block_out_channels"]
+    kind = "vq" if "num_vq_embeddings" in c else "kl"
+    config = AutoencoderConfig(kind, in_channels=c["in_channels"], ch=widths[0],
+                               ch_mult=tuple(w // widths[0] for w in widths),
+                               num_res_blocks=c["layers_per_block"],
+                               z_channels=c["latent_channels"],
+                               embed_dim=c.get("vq_embed_dim") or c["latent_channels"],
+                               n_embed=c.get("num_vq_embeddings", 8192))
+    return config, c.get("scaling_factor") if kind == "kl" else None
+
+
 def load_autoencoder(weights, preset=None, scale=None, unsafe_pickle=False):
     """Our checkpoint (from `vae.py train`: knows its config and scale), a CompVis model.ckpt, or a
-    diffusers dir; the last two need `preset` (vq-f4 / kl-f4) and, for KL, `scale` (a latent cache's
-    meta["scale"]) or a measured one (measure_scale)."""
+    diffusers dir (its config.json names the architecture and the KL scale); a CompVis file needs
+    `preset` (vq-f4 / kl-f4) and, for KL, `scale` (a latent cache's meta["scale"]) or a measured
+    one (measure_scale)."""
     if os.path.isdir(weights):
-        model = Autoencoder(preset_config(preset, weights))
+        if preset:
+            model = Autoencoder(preset_config(preset, weights))
+        else:
+            model = Autoencoder(*diffusers_config(weights))
         load_diffusers_weights(model, weights)
     else:
         ckpt = torch_load(weights, unsafe_pickle)

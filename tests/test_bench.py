@@ -33,7 +33,7 @@ def test_cpu_smoke(tmp_path, monkeypatch):
     assert report["features_rel_err"] < 1e-5 and len(report["features"]) == 2
 
 
-def test_flops_match_issue_7():
+def test_flops_of_an_ldm4_in1k_training_step():
     # An earlier estimate quotes ~40.3 TFLOP per ldm4-in1k training step at batch 64; counted on
     # meta: 40.0.
     flops = bench.step_flops("ours", unet.PRESETS["ldm4-in1k"], 64, None)

@@ -189,13 +189,15 @@ def digit_folder(root, colour):
     return str(root)
 
 
+@pytest.mark.longest
 def test_grey_folder_saved_as_rgb_trains_as_one_channel_and_samples_in_range(tmp_path, capsys):
     """The case of a grey folder saved as RGB: three equal channels sampled as colour noise far
     outside [-1, 1] (60 % of values beyond 1.5 at 16x16 after 1,500 steps). It now trains as one
-    channel, and at the demo's budget per image its samples stay in range (no range warning)."""
+    channel, and after 1,000 steps of 32 its samples stay in range (no range warning: 0.6 % of
+    the values lie beyond 3 here, against 3.9 % after 500 steps and 0.1 % after 1,500)."""
     root = digit_folder(tmp_path / "folder", colour=False)
     out = run(tmp_path, "run", "--dataset", "folder", "--data-root", root, "--image-size", "8",
-              "--steps", "1500", "--batch-size", "32", "--ckpt-every", "1500", "--log-every", "100")
+              "--steps", "1000", "--batch-size", "32", "--ckpt-every", "1000", "--log-every", "100")
     assert json.load(open(os.path.join(out, "config.json")))["channels"] == 1
     capsys.readouterr()
     sample.main(["--ckpt", out, "--per-class", "5", "--out", str(tmp_path / "s"), "--no-images"])

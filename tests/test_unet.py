@@ -1,13 +1,13 @@
 """unet.py: exact parameter counts (Table 3), and agreement with diffusers' UNet2DConditionModel
 (the format of the paper's released models) under the same random weights."""
 import dataclasses
-import math
 import time
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+import system
 from unet import PRESETS, UNet, diffusers_config, diffusers_key_map, load_diffusers_state_dict
 
 
@@ -15,26 +15,12 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def randomise_(model, seed):
-    """Random weights everywhere (also the zero-initialised convs), so the comparison can fail."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1, generator=gen)
-            else:  # norm scales
-                p.normal_(1, 0.1, generator=gen)
-    return model
-
-
 def random_pair(config, seed=0):
     """(ours, diffusers') with the same random weights; ours is filled only by the key map."""
     with torch.device("meta"):
         theirs = UNet2DConditionModel(**diffusers_config(config))
         ours = UNet(config)
-    theirs = randomise_(theirs.to_empty(device="cpu"), seed).eval()
+    theirs = system.randomise_(theirs.to_empty(device="cpu"), seed).eval()
     ours = ours.to_empty(device="cpu").eval()
     assert not list(theirs.buffers()) and not list(ours.buffers())  # nothing left uninitialised
     load_diffusers_state_dict(ours, theirs.state_dict())
@@ -104,7 +90,7 @@ def test_head_channels_is_a_different_model():
         wide = dataclasses.replace(PRESETS["ldm4-in1k"], head_channels=64)
         assert num_params(UNet(wide)) == num_params(UNet(PRESETS["ldm4-in1k"]))
     # ... and the same state-dict keys, but a different function of the same weights.
-    one_head = randomise_(UNet(PRESETS["tiny"]), seed=0).eval()
+    one_head = system.randomise_(UNet(PRESETS["tiny"]), seed=0).eval()
     two_heads = UNet(dataclasses.replace(PRESETS["tiny"], head_channels=32)).eval()
     two_heads.load_state_dict(one_head.state_dict())
     x, context, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32), torch.tensor([10, 900])

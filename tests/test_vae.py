@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import system
 import vae
 
 
@@ -29,18 +30,8 @@ class TinyData:
 
 
 def randomized(preset, seed=0):
-    """An autoencoder with every tensor random: conv weights at init, norms and biases perturbed."""
-    torch.manual_seed(seed)
-    model = vae.Autoencoder(vae.PRESETS[preset], scale=1.0).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif "embedding" in name:
-                p.normal_(0, 1)
-    return model
+    """An autoencoder with every tensor random (system.randomise_), latent scale 1."""
+    return system.randomise_(vae.Autoencoder(vae.PRESETS[preset], scale=1.0), seed).eval()
 
 
 def diffusers_model(cfg):

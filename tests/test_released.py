@@ -1,0 +1,210 @@
+"""released.py: a released-format pipeline directory, written here with diffusers' save_pretrained
+and random weights, samples as a diffusers-driven loop does (each spacing), and fine-tunes."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, VQModel
+
+import denoiser
+import diffusion
+import released
+import sample
+import system
+import train
+import unet
+import vae
+
+# 16x16 one-channel images -> a 2-level VQ -> 8x8x3 latents -> a one-head U-Net with 32-d context
+TINY_UNET = unet.UNetConfig(3, 3, 32, (1, 2), 1, (4,), 8, 32, head_channels=-1)
+CLASSES = 10  # the class table has CLASSES + 1 rows: the last is the null class
+# diffusers' DPM scheduler calls np.array(tensor, copy=False) (a NumPy 2 deprecation): not ours
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+LDM_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
+                    beta_end=0.0195, clip_sample=False, set_alpha_to_one=False)
+
+
+def write_pipeline(root, timestep_spacing, steps_offset):
+    """The layout of a DiffusionNoise class model: unet/, vqvae/, class_embedder/, scheduler/."""
+    net = system.randomise_(UNet2DConditionModel(**unet.diffusers_config(TINY_UNET)), seed=1)
+    net.save_pretrained(root / "unet")
+    levels = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
+    vq = VQModel(in_channels=1, out_channels=1, down_block_types=levels[0],
+                 up_block_types=levels[1], block_out_channels=(32, 64), layers_per_block=1,
+                 latent_channels=3, num_vq_embeddings=64, vq_embed_dim=3, norm_num_groups=32)
+    system.randomise_(vq, seed=2).save_pretrained(root / "vqvae")
+    os.makedirs(root / "class_embedder")
+    with open(root / "class_embedder" / "config.json", "w") as f:  # the fork's ClassEmbedder
+        json.dump({"_class_name": "ClassEmbedder", "n_classes": CLASSES + 1, "embed_dim": 32}, f)
+    table = torch.randn(CLASSES + 1, 32, generator=torch.Generator().manual_seed(3))
+    weights = root / "class_embedder" / "diffusion_pytorch_model.safetensors"
+    safetensors.torch.save_file({"embedding.weight": table}, str(weights))
+    betas = diffusion.ldm_linear_betas().tolist()  # stored as the released configs store them
+    DDIMScheduler(**LDM_SCHEDULE, trained_betas=betas, timestep_spacing=timestep_spacing,
+                  steps_offset=steps_offset).save_pretrained(root / "scheduler")
+    return table
+
+
+@torch.no_grad()
+def diffusers_samples(root, table, labels, x_T, scale, steps, sampler):
+    """The authors' loop: from_config of the stored scheduler, guidance eps_u + s (eps_c - eps_u),
+    VQModel.decode (quantised, no scale), (x / 2 + 0.5).clamp(0, 1), round(255 x)."""
+    net = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    vq = VQModel.from_pretrained(root / "vqvae").eval()
+    kind = DPMSolverMultistepScheduler if sampler == "dpm" else DDIMScheduler
+    scheduler = kind.from_config(kind.load_config(root / "scheduler"))
+    scheduler.set_timesteps(steps)
+    context = torch.cat([table[[CLASSES] * len(labels)], table[labels]])[:, None]  # [2B, 1, D]
+    x = x_T
+    for t in scheduler.timesteps:
+        eps_u, eps_c = net(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+        x = scheduler.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
+    images = (vq.decode(x).sample / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().permute(0, 2, 3, 1).numpy(), scheduler.timesteps
+
+
+@pytest.mark.parametrize("sampler,spacing,offset", [("dpm", "leading", 1), ("dpm", "linspace", 0),
+                                                    ("dpm", "trailing", 0), ("ddim", "leading", 1),
+                                                    ("ddim", "linspace", 0)])
+def test_samples_equal_the_diffusers_loop(tmp_path, sampler, spacing, offset):
+    table = write_pipeline(tmp_path / "model", spacing, offset)
+    steps, labels = 6, [0, 3, 7]
+    config = json.load(open(tmp_path / "model" / "scheduler" / "scheduler_config.json"))
+    out = tmp_path / "samples"
+    sample.main(["--ckpt", str(tmp_path / "model"), "--classes", "0,3,7", "--per-class", "1",
+                 "--sampler", sampler, "--steps", str(steps), "--guidance", "2",
+                 "--out", str(out), "--no-images"])
+    ours = np.load(out / "s2" / "samples.npz")
+    assert ours["labels"].tolist() == labels and ours["arr_0"].shape == (3, 16, 16, 1)
+    x_T, _ = sample.initial_noise(range(3), 0, (3, 8, 8))  # sample.py's noise: seed (0, index)
+    theirs, timesteps = diffusers_samples(tmp_path / "model", table, labels, x_T, 2.0, steps,
+                                          sampler)
+    assert released.timesteps(config, sampler, steps).tolist() == timesteps.tolist()
+    diff = np.abs(ours["arr_0"].astype(float) - theirs)
+    assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())  # rounding only
+
+
+def test_spacings_give_other_timesteps_and_paper_forces_ours(tmp_path):
+    write_pipeline(tmp_path / "model", "leading", 1)
+    config = json.load(open(tmp_path / "model" / "scheduler" / "scheduler_config.json"))
+    assert released.timesteps(config, "dpm", 50)[[0, 1, -1]].tolist() == [951, 932, 20]
+    assert released.timesteps({**config, "timestep_spacing": "linspace"}, "dpm", 50)[
+        [0, 1, -1]].tolist() == [999, 979, 20]  # the paper's protocol (App. B.7)
+    with pytest.raises(ValueError, match="clip_sample"):
+        released.timesteps({**config, "clip_sample": True}, "ddim", 50)
+    torch.testing.assert_close(released.alphas_cumprod(config),
+                               diffusion.alphas_cumprod(diffusion.ldm_linear_betas()))
+    common = ["--ckpt", str(tmp_path / "model"), "--classes", "1", "--per-class", "1",
+              "--steps", "4", "--no-images"]
+    sample.main([*common, "--out", str(tmp_path / "a")])
+    sample.main([*common, "--out", str(tmp_path / "b"), "--timesteps", "paper"])
+    a, b = (np.load(tmp_path / d / "s2" / "samples.npz") for d in ("a", "b"))
+    assert str(a["timesteps"]) == "config" and str(b["timesteps"]) == "paper"
+    assert not np.array_equal(a["arr_0"], b["arr_0"])  # other timesteps, other samples
+
+
+def test_unsupported_models_and_missing_parts_are_named(tmp_path):
+    write_pipeline(tmp_path / "model", "leading", 1)
+    config = json.load(open(tmp_path / "model" / "unet" / "config.json"))
+    assert released.unet_config(config) == TINY_UNET
+    with pytest.raises(ValueError, match="class_embed_type"):
+        released.unet_config({**config, "class_embed_type": "timestep"})
+    os.remove(tmp_path / "model" / "class_embedder" / "config.json")
+    with pytest.raises(SystemExit, match="class_embedder/config.json is missing"):
+        sample.main(["--ckpt", str(tmp_path / "model"), "--out", str(tmp_path / "s")])
+
+
+def test_fine_tuning_starts_from_the_released_weights(tmp_path):
+    write_pipeline(tmp_path / "model", "leading", 1)
+    start, _, _ = denoiser.load(str(tmp_path / "model"))
+    out = str(tmp_path / "tuned")
+    train.main(["--init", str(tmp_path / "model"), "--vae", str(tmp_path / "model" / "vqvae"),
+                "--image-size", "16", "--eta", "0.05", "--cep", "gaussian", "--steps", "2",
+                "--batch-size", "4", "--lr", "1e-4", "--num-workers", "0", "--out", out])
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["init"] == str(tmp_path / "model") and config["num_classes"] == CLASSES
+    tuned = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    moved = [k for k, v in start.state_dict().items() if not torch.equal(v, tuned["model"][k])]
+    near = max((v - tuned["model"][k]).abs().max().item() for k, v in start.state_dict().items())
+    assert moved and near < 1e-2  # two small steps away from the released weights
+    sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--no-images",
+                 "--out", str(tmp_path / "s")])
+    assert np.load(tmp_path / "s" / "s2" / "samples.npz")["arr_0"].shape == (10, 16, 16, 1)
+    with pytest.raises(SystemExit, match="are 1x4x4.*takes 3x8x8"):
+        train.main(["--init", str(tmp_path / "model"), "--steps", "1", "--out", str(tmp_path / "x"),
+                    "--num-workers", "0", "--batch-size", "4", "--image-size", "4"])
+
+
+def test_ldm_checkpoint_samples_as_the_same_weights_in_a_pipeline(tmp_path, monkeypatch):
+    """LDM's cin256-v2 model.ckpt layout (model.diffusion_model.*, cond_stage_model.embedding,
+    first_stage_model.*) at the tiny size: the same weights give the same samples."""
+    table = write_pipeline(tmp_path / "model", "linspace", 0)
+    pipeline, _, _ = denoiser.load(str(tmp_path / "model"))
+    vq = vae.load_autoencoder(str(tmp_path / "model" / "vqvae"))
+    state = {f"model.diffusion_model.{k[5:]}": v for k, v in pipeline.state_dict().items()
+             if k.startswith("unet.")}
+    state["cond_stage_model.embedding.weight"] = table
+    state.update({f"first_stage_model.{k}": v for k, v in vq.state_dict().items()})
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")
+    monkeypatch.setitem(unet.PRESETS, "ldm4-in1k", TINY_UNET)  # cin256-v2's architecture, tiny
+    monkeypatch.setitem(vae.PRESETS, "vq-f4", vq.config)
+    common = ["--classes", "0,3", "--per-class", "1", "--steps", "4", "--no-images"]
+    sample.main(["--ckpt", str(tmp_path / "model.ckpt"), *common, "--out", str(tmp_path / "a")])
+    sample.main(["--ckpt", str(tmp_path / "model"), *common, "--timesteps", "paper",
+                 "--out", str(tmp_path / "b")])
+    a, b = (np.load(tmp_path / d / "s2" / "samples.npz")["arr_0"] for d in ("a", "b"))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(SystemExit, match="neither a train.py checkpoint nor an LDM class model"):
+        torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "other.ckpt")
+        sample.main(["--ckpt", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "c")])
+
+
+def write_text_pipeline(root):
+    """A CC3M text model's layout: bert/ and tokenizer/ instead of class_embedder/, a U-Net whose
+    context width is BERT's (a tiny BERT with a 40-word vocabulary here)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    write_pipeline(root, "leading", 1)
+    cfg = dataclasses.replace(TINY_UNET, context_dim=32)
+    net = system.randomise_(UNet2DConditionModel(**unet.diffusers_config(cfg)), seed=4)
+    net.save_pretrained(root / "unet")
+    os.remove(root / "class_embedder" / "config.json")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + \
+        "a an the dog cat red blue small big on in of with photo picture house tree car".split()
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "tokenizer")
+    torch.manual_seed(5)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=80)).save_pretrained(root / "bert")
+
+
+@torch.no_grad()
+def test_text_model_samples_equal_the_diffusers_loop(tmp_path):
+    from transformers import BertModel, BertTokenizer
+    write_text_pipeline(tmp_path / "model")
+    prompts = ["a photo of a red dog", "the big house on a tree"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    sample.main(["--ckpt", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--steps", "5", "--guidance", "3", "--out", str(tmp_path / "s"), "--no-images"])
+    ours = np.load(tmp_path / "s" / "s3" / "samples.npz")["arr_0"].astype(float)
+    bert = BertModel.from_pretrained(tmp_path / "model" / "bert").eval()
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
+    ids = tokenizer(["", ""] + prompts, padding="max_length", truncation=True, max_length=77,
+                    return_tensors="pt")["input_ids"]
+    context = bert(input_ids=ids).last_hidden_state  # no attention mask: padding attended
+    net = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet").eval()
+    vq = VQModel.from_pretrained(tmp_path / "model" / "vqvae").eval()
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        DPMSolverMultistepScheduler.load_config(tmp_path / "model" / "scheduler"))
+    scheduler.set_timesteps(5)
+    x, _ = sample.initial_noise(range(2), 0, (3, 8, 8))
+    for t in scheduler.timesteps:
+        eps_u, eps_c = net(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+        x = scheduler.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
+    theirs = ((vq.decode(x).sample / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)
+    diff = np.abs(ours - theirs.numpy())
+    assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())
