@@ -452,8 +452,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     tf32 = cuda and not args.no_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto"
-                                                               and cuda) else None
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    amp_dtype = torch.bfloat16 if bf16 else None
     images, clean, conditions, config, autoencoder = prepare_data(args, device)
     config["global_batch"] = args.batch_size * world * args.grad_accum  # a resume keeps it
     os.makedirs(args.out, exist_ok=True)
@@ -474,8 +474,7 @@ def main(argv=None):
     else:
         prior = None
     B, accum = args.batch_size, args.grad_accum
-    # this rank's share
-    G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)
+    G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's
     loader = iter(torch.utils.data.DataLoader(
         ImagesOnly(images),
         num_workers=0 if isinstance(images, data.InMemoryDataset) else args.num_workers,
@@ -486,34 +485,13 @@ def main(argv=None):
     loss_sum, t0, steps_timed = torch.zeros((), device=device), time.time(), 0  # read at log steps
     with stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
         while step < args.steps:
-            x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
-            g = step_generator(args.seed, step, device)
-            if config["text"]:  # BERT's dropout draws from the global RNG: seeded per (step, rank)
-                torch.manual_seed(system.seed_of(args.seed, step, rank))
-            idx = global_indices(step, G, len(conditions), args.seed)
-            conds = batch_conditions(args, model, conditions, prior, idx, mine, g, device)
-            # both horizontal flips are cached: pick one per sample
-            if isinstance(images, data.LatentCache):
-                flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
-                x0 = x0[torch.arange(len(x0), device=device), flip]
-            if autoencoder is not None:
-                with torch.no_grad():
-                    x0 = autoencoder.encode(x0)
-            t, noise, ip, delta = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape,
-                                             len(abar), device)
+            x0, conds, g = step_batch(args, step, loader, images, conditions, prior, model,
+                                      autoencoder, G, mine, rank)
+            draws = draw_noise(args, g, G, mine, x0.shape[1:], model.context_shape, len(abar),
+                               device)
             opt.zero_grad(set_to_none=True)
-            for m in range(accum):  # micro-batches of B; gradients are all-reduced after the last
-                part = slice(m * B, (m + 1) * B)
-                sync = ddp.no_sync() if world > 1 and m < accum - 1 else nullcontext()
-                with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
-                    d = delta[part] if delta is not None else None
-                    loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, d),
-                                                   x0[part],
-                                                   t[part], noise[part], conds[part], abar,
-                                                   input_noise=ip[part] if ip is not None else None)
-                    (loss / accum).backward()
-                # no host sync: read at log and save steps
-                loss_sum += loss.detach().float() / accum
+            accumulate_gradients(args, train_model, ddp, x0, conds, draws, abar, amp_dtype,
+                                 world, loss_sum)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -528,8 +506,8 @@ def main(argv=None):
                 mean_loss = all_reduce_mean(loss_sum.clone(), world) / steps_timed
                 if not math.isfinite(mean_loss):
                     raise SystemExit(f"non-finite loss ({mean_loss}) in steps "
-                                     f"{step - steps_timed + 1} to "
-                                     f"{step}; last good checkpoint: {ckpt_path}")
+                                     f"{step - steps_timed + 1} to {step}; last good checkpoint: "
+                                     f"{ckpt_path}")
             if step % args.log_every == 0 or step == args.steps:
                 if rank == 0:
                     log_line(args.out, step, G, mean_loss, steps_timed * G / (time.time() - t0),
@@ -540,11 +518,9 @@ def main(argv=None):
                 raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
                                  f"checkpoint: {ckpt_path}")
             if rank == 0 and save_now:
-                save_checkpoint(ckpt_path,
-                                {"config": config, "model": model.state_dict(),
-                                 "ema": ema.state_dict(),
-                                            "optimizer": opt.state_dict(), "step": step,
-                                            "images_seen": step * G})
+                save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(),
+                                            "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                            "step": step, "images_seen": step * G})
             if stopping:
                 if world > 1:
                     dist.barrier()
@@ -555,6 +531,43 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def step_batch(args, step, loader, images, conditions, prior, model, autoencoder, G, mine, rank):
+    """This rank's images (or latents) of the step (slice `mine` of the global batch of G) and
+    their conditions, and the generator of the step's remaining draws (the same on all ranks)."""
+    device = next(model.parameters()).device
+    x0 = torch.cat([next(loader) for _ in range(args.grad_accum)]).to(device, non_blocking=True)
+    g = step_generator(args.seed, step, device)
+    if isinstance(conditions, list):  # BERT's dropout draws from the global RNG: per (step, rank)
+        torch.manual_seed(system.seed_of(args.seed, step, rank))
+    idx = global_indices(step, G, len(conditions), args.seed)
+    conds = batch_conditions(args, model, conditions, prior, idx, mine, g, device)
+    if isinstance(images, data.LatentCache):  # both horizontal flips are cached: one per sample
+        flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
+        x0 = x0[torch.arange(len(x0), device=device), flip]
+    if autoencoder is not None:
+        with torch.no_grad():
+            x0 = autoencoder.encode(x0)
+    return x0, conds, g
+
+
+def accumulate_gradients(args, train_model, ddp, x0, conds, draws, abar, amp_dtype, world,
+                         loss_sum):
+    """Forward and backward over the micro-batches of --batch-size (DDP all-reduces after the
+    last one); their mean loss is added to loss_sum on the device (no host sync)."""
+    t, noise, ip, delta = draws
+    B, accum = args.batch_size, args.grad_accum
+    for m in range(accum):
+        part = slice(m * B, (m + 1) * B)
+        sync = ddp.no_sync() if world > 1 and m < accum - 1 else nullcontext()
+        with sync, torch.autocast(x0.device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
+            d = delta[part] if delta is not None else None
+            loss = diffusion.training_loss(lambda x, tt, c: train_model(x, tt, c, d), x0[part],
+                                           t[part], noise[part], conds[part], abar,
+                                           input_noise=ip[part] if ip is not None else None)
+            (loss / accum).backward()
+        loss_sum += loss.detach().float() / accum
 
 
 def batch_conditions(args, model, conditions, prior, idx, mine, g, device):
