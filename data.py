@@ -8,9 +8,12 @@ load_dataset(name) returns (image float32 CHW in [-1, 1], condition) per index:
 digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, W] so that
 train.py can index whole batches. __getitem__ reads the condition from `.labels` / `.captions`.
 
-The latent cache (`python vae.py encode`) holds both horizontal flips of every image encoded by
-an f4 autoencoder, as LDM trains on latents (App. B.3): LatentCache reads it.
+The order in which train.py reads them (one seeded permutation per epoch, the same for any number
+of processes) is here too. The latent cache (`python vae.py encode`) holds both horizontal flips
+of every image encoded by an f4 autoencoder, as LDM trains on latents (App. B.3): LatentCache
+reads it.
 """
+import functools
 import gzip
 import json
 import math
@@ -301,6 +304,56 @@ def first_per_class(ds, n):
     keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n]
                                    for c in range(ds.num_classes)]))
     return InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names)
+
+
+# ----------------------------------------------------------------------------- training order
+# One seeded permutation per epoch, whatever the number of processes; each step's global batch
+# is cut into the ranks' micro-batches (train.py).
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(system.seed_of(seed, epoch)))
+
+
+def global_indices(step, global_batch, n, seed):
+    """Dataset indices of the global batch at `step`: one seeded permutation per epoch."""
+    k = torch.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, pos = k // n, k % n
+    out = torch.empty_like(k)
+    for e in epochs.unique().tolist():
+        out[epochs == e] = epoch_permutation(n, seed, e)[pos[epochs == e]]
+    return out
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of every global batch from `start` on (a resumed loader is
+    exact). The global batch is cut into world x accum chunks; rank r takes chunks r*accum.. ."""
+
+    def __init__(self, start, steps, batch, world, rank, n, seed, accum=1):
+        self.start, self.steps, self.batch, self.accum = start, steps, batch, accum
+        self.world, self.rank, self.n, self.seed = world, rank, n, seed
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            idx = global_indices(step, self.batch * self.world * self.accum, self.n, self.seed)
+            for chunk in range(self.rank * self.accum, (self.rank + 1) * self.accum):
+                yield idx[chunk * self.batch:(chunk + 1) * self.batch].tolist()
+
+    def __len__(self):
+        return (self.steps - self.start) * self.accum
+
+
+class ImagesOnly(torch.utils.data.Dataset):
+    """The dataset's images (conditions come from the corrupted array, not the dataset)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][0]
 
 
 # ----------------------------------------------------------------------------- the latent cache

@@ -1,5 +1,6 @@
-"""What every script shares: its processes (torchrun, DDP) and their gathers, its CPU threads,
-its seeds, atomic file writes, random weights for equivalence checks, and the `--help` layout.
+"""What every script shares: its processes (torchrun, DDP), their gathers and stop signals, its
+CPU threads, its seeds, atomic file writes and checkpoints, random weights for equivalence
+checks, and the `--help` layout.
 
 torch's default is one thread per core: right on an idle machine, 15-80x slower on a busy one
 (threads that wait for a core spin instead of sleeping). Every script takes `--threads N`; the
@@ -7,8 +8,11 @@ default stays one per core (shared among a node's torchrun processes), so that a
 resume use the same count and agree bit for bit, and a busy machine is reported at the start.
 """
 import argparse
+import contextlib
 import json
 import os
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -103,6 +107,68 @@ def randomise_(module, seed):
             else:  # norm scales
                 p.normal_(1, 0.1, generator=gen)
     return module
+
+
+def save_checkpoint(path, state):
+    """Atomic (a killed run loses nothing); the previous checkpoint stays as ckpt.prev.pt, the
+    fallback when the newest cannot be read."""
+    try:
+        write_atomic(path, lambda tmp: torch.save(state, tmp), previous_checkpoint(path))
+    except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError inside torch.save
+        raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is "
+                         f"intact (a save needs room for three checkpoints)") from e
+
+
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt"
+
+
+def load_checkpoint(path, device):
+    """The newest readable checkpoint: ckpt.pt, else (with a message) ckpt.prev.pt."""
+    for candidate in (path, previous_checkpoint(path)):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return torch.load(candidate, map_location=device, weights_only=True)
+        except Exception as e:  # truncated or foreign file: torch raises several kinds
+            print(f"cannot read {candidate} ({type(e).__name__}: {str(e)[:100]}); trying the "
+                  "previous one")
+    raise SystemExit(f"--resume: no readable checkpoint at {path} or {previous_checkpoint(path)}")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Collects SIGINT and SIGTERM (a cluster's pre-emption notice) instead of dying mid-step;
+    the loop saves and stops after the current step."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signals reach the main thread only
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(received, step, log_every, world, device):
+    """One process: after any step. Several: at log steps, all ranks together (one all-reduce)."""
+    if world == 1:
+        return bool(received)
+    if step % log_every:
+        return False
+    flag = torch.tensor(float(bool(received)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def all_reduce_mean(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+        x = x / world
+    return x.item()
 
 
 UNSAFE_PICKLE_HELP = ("read weights that pickle more than tensors (a CompVis Lightning "

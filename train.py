@@ -12,14 +12,11 @@ models are the exception: BERT's dropout draws from the global RNG, seeded by (s
 so a resume is exact but the result depends on the number of processes.
 """
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
-import threading
 import time
 from contextlib import nullcontext
 
@@ -196,85 +193,12 @@ def corrupt_conditions(args, conditions, num_classes):
                                   mode=args.corruption, subset=subset)
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(system.seed_of(seed, epoch)))
-
-
-def global_indices(step, global_batch, n, seed):
-    """Dataset indices of the global batch at `step`: one seeded permutation per epoch."""
-    k = torch.arange(step * global_batch, (step + 1) * global_batch)
-    epochs, pos = k // n, k % n
-    out = torch.empty_like(k)
-    for e in epochs.unique().tolist():
-        out[epochs == e] = epoch_permutation(n, seed, e)[pos[epochs == e]]
-    return out
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """This rank's micro-batches of every global batch from `start` on (a resumed loader is
-    exact). The global batch is cut into world x accum chunks; rank r takes chunks r*accum.. ."""
-
-    def __init__(self, start, steps, batch, world, rank, n, seed, accum=1):
-        self.start, self.steps, self.batch, self.accum = start, steps, batch, accum
-        self.world, self.rank, self.n, self.seed = world, rank, n, seed
-
-    def __iter__(self):
-        for step in range(self.start, self.steps):
-            idx = global_indices(step, self.batch * self.world * self.accum, self.n, self.seed)
-            for chunk in range(self.rank * self.accum, (self.rank + 1) * self.accum):
-                yield idx[chunk * self.batch:(chunk + 1) * self.batch].tolist()
-
-    def __len__(self):
-        return (self.steps - self.start) * self.accum
-
-
-class ImagesOnly(torch.utils.data.Dataset):
-    """The dataset's images (conditions come from the corrupted array, not the dataset)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i][0]
-
-
 def step_generator(seed, step, device):
     """The generator of every random draw of one step (same on all ranks)."""
     return torch.Generator(device).manual_seed(system.seed_of(seed, step))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """Atomic (a killed run loses nothing); the previous checkpoint stays as ckpt.prev.pt, the
-    fallback when the newest cannot be read."""
-    try:
-        system.write_atomic(path, lambda tmp: torch.save(state, tmp), previous_checkpoint(path))
-    except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError inside torch.save
-        raise SystemExit(f"could not write checkpoint {path} ({e}); the previous checkpoint is "
-                         f"intact (a save needs room for three checkpoints)") from e
-
-
-def previous_checkpoint(path):
-    return path[:-len(".pt")] + ".prev.pt"
-
-
-def load_checkpoint(path, device):
-    """The newest readable checkpoint: ckpt.pt, else (with a message) ckpt.prev.pt."""
-    for candidate in (path, previous_checkpoint(path)):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            return torch.load(candidate, map_location=device, weights_only=True)
-        except Exception as e:  # truncated or foreign file: torch raises several kinds
-            print(f"cannot read {candidate} ({type(e).__name__}: {str(e)[:100]}); trying the "
-                  "previous one")
-    raise SystemExit(f"--resume: no readable checkpoint at {path} or {previous_checkpoint(path)}")
-
-
+# ----------------------------------------------------------------------------- resuming
 def check_resumable(saved, config):
     saved_batch = saved.get("global_batch", saved["batch_size"])
     if saved_batch != config["global_batch"]:
@@ -347,7 +271,7 @@ def build_model(args, config, device, ckpt_path):
                             fused=device.type == "cuda")
     if not args.resume:
         return model, ema, opt, 0
-    ckpt = load_checkpoint(ckpt_path, device)
+    ckpt = system.load_checkpoint(ckpt_path, device)
     check_resumable(ckpt["config"], config)
     print(f"resuming at step {ckpt['step']}")
     model.load_state_dict(ckpt["model"])
@@ -395,34 +319,6 @@ def draw_noise(args, g, G, mine, shape, context_shape, num_train_steps, device):
         delta = cep.cep_delta(args.cep, args.gamma, (G, *context_shape), generator=g, device=device)
         delta = delta[mine]
     return t, noise, ip, delta
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Collects SIGINT and SIGTERM (a cluster's pre-emption notice) instead of dying mid-step;
-    the loop saves and stops after the current step."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # signals reach the main thread only
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def stop_requested(received, step, log_every, world, device):
-    """One process: after any step. Several: at log steps, all ranks together (one all-reduce)."""
-    if world == 1:
-        return bool(received)
-    if step % log_every:
-        return False
-    flag = torch.tensor(float(bool(received)), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
 
 
 def check_args(args):
@@ -476,14 +372,14 @@ def main(argv=None):
     B, accum = args.batch_size, args.grad_accum
     G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's
     loader = iter(torch.utils.data.DataLoader(
-        ImagesOnly(images),
+        data.ImagesOnly(images),
         num_workers=0 if isinstance(images, data.InMemoryDataset) else args.num_workers,
-        batch_sampler=StepBatches(step, args.steps, B, world, rank, len(conditions), args.seed,
+        batch_sampler=data.StepBatches(step, args.steps, B, world, rank, len(conditions), args.seed,
                                   accum),
         pin_memory=cuda))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     loss_sum, t0, steps_timed = torch.zeros((), device=device), time.time(), 0  # read at log steps
-    with stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
+    with system.stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
         while step < args.steps:
             x0, conds, g = step_batch(args, step, loader, images, conditions, prior, model,
                                       autoencoder, G, mine, rank)
@@ -500,10 +396,10 @@ def main(argv=None):
             step += 1
             steps_timed += 1
             bar.update(1)
-            stopping = stop_requested(received, step, args.log_every, world, device)
+            stopping = system.stop_requested(received, step, args.log_every, world, device)
             save_now = step % args.ckpt_every == 0 or step == args.steps or stopping
             if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
-                mean_loss = all_reduce_mean(loss_sum.clone(), world) / steps_timed
+                mean_loss = system.all_reduce_mean(loss_sum.clone(), world) / steps_timed
                 if not math.isfinite(mean_loss):
                     raise SystemExit(f"non-finite loss ({mean_loss}) in steps "
                                      f"{step - steps_timed + 1} to {step}; last good checkpoint: "
@@ -518,7 +414,7 @@ def main(argv=None):
                 raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
                                  f"checkpoint: {ckpt_path}")
             if rank == 0 and save_now:
-                save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(),
+                system.save_checkpoint(ckpt_path, {"config": config, "model": model.state_dict(),
                                             "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                             "step": step, "images_seen": step * G})
             if stopping:
@@ -541,7 +437,7 @@ def step_batch(args, step, loader, images, conditions, prior, model, autoencoder
     g = step_generator(args.seed, step, device)
     if isinstance(conditions, list):  # BERT's dropout draws from the global RNG: per (step, rank)
         torch.manual_seed(system.seed_of(args.seed, step, rank))
-    idx = global_indices(step, G, len(conditions), args.seed)
+    idx = data.global_indices(step, G, len(conditions), args.seed)
     conds = batch_conditions(args, model, conditions, prior, idx, mine, g, device)
     if isinstance(images, data.LatentCache):  # both horizontal flips are cached: one per sample
         flip = torch.randint(0, 2, (G,), generator=g, device=device)[mine]
@@ -580,13 +476,6 @@ def batch_conditions(args, model, conditions, prior, idx, mine, g, device):
     if args.corruption == "resample" and args.eta > 0:  # Table 7: re-drawn every step
         labels = corrupt.resample_corruption(labels, args.eta, prior, g)
     return model.drop_conditions(labels, drop)[mine]
-
-
-def all_reduce_mean(x, world):
-    if world > 1:
-        dist.all_reduce(x)
-        x = x / world
-    return x.item()
 
 
 def log_line(out, step, global_batch, loss, rate, device, bar):

@@ -115,11 +115,12 @@ def test_sample_writes_outputs_and_is_batch_invariant(tmp_path):
 
 def test_latent_cache_training_and_decoding(tmp_path):
     """The paper's setting: diffusion on cached autoencoder latents, decoded at sampling."""
+    import train_vae
     import vae
     ae, cache = str(tmp_path / "ae"), str(tmp_path / "cache")
     digits16 = ["--dataset", "digits", "--image-size", "16"]
-    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
-              "--eval-images", "8", "--out", ae])
+    train_vae.main([*digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
+                    "--eval-images", "8", "--out", ae])
     vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
               "--num-workers", "0"])
     out = run(tmp_path, "latent", "--latents", cache, "--steps", "2")
@@ -131,9 +132,8 @@ def test_latent_cache_training_and_decoding(tmp_path):
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
     assert config["vae_sha256"] == vae.weights_hash(os.path.join(ae, "ckpt.pt"))
     other = str(tmp_path / "other")  # another autoencoder: its latents mean something else
-    vae.main(["train", *digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
-              "--eval-images", "8",
-              "--out", other, "--seed", "1"])
+    train_vae.main([*digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
+                    "--eval-images", "8", "--out", other, "--seed", "1"])
     with pytest.raises(SystemExit, match="other weights than the autoencoder"):
         sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out",
                      str(tmp_path / "s2"),

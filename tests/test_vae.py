@@ -8,6 +8,7 @@ import torch
 
 import data
 import system
+import train_vae
 import vae
 
 
@@ -119,8 +120,7 @@ def test_compvis_names_roundtrip(tmp_path, preset):
     sd = {**src.state_dict(), "loss.logvar": torch.zeros(()),
           "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4)}
     torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "model.ckpt")
-    model = vae.Autoencoder(src.config, scale=1.0).eval()
-    vae.load_compvis_checkpoint(model, str(tmp_path / "model.ckpt"))
+    model = vae.load_autoencoder(str(tmp_path / "model.ckpt"), preset, scale=1.0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  src.state_dict().values()))
     full = {f"first_stage_model.{k}": v
@@ -245,7 +245,7 @@ def test_training_lowers_loss():
         opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
         losses = []
         for _ in range(10):
-            loss = vae.training_loss(model, x)
+            loss = train_vae.training_loss(model, x)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -256,12 +256,11 @@ def test_training_lowers_loss():
 def test_cli_train_then_encode(tmp_path, monkeypatch):
     fake_datasets(monkeypatch)
     out = tmp_path / "ae"
-    vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--batch-size",
-              "4",
-              "--out", str(out), "--eval-images", "6"])
+    train_vae.main(["--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--batch-size",
+                    "4", "--out", str(out), "--eval-images", "6"])
     report = json.load(open(out / "report.json"))
     assert report["steps"] == 3 and report["psnr"] > 0 and (out / "recon.png").exists()
-    model = vae.Autoencoder.from_checkpoint(str(out / "ckpt.pt"))
+    model = vae.load_autoencoder(str(out / "ckpt.pt"))
     assert model.scale == report["scale"] and model.config == vae.PRESETS["tiny-kl"]
     vae.main(["encode", "--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out",
               str(tmp_path / "cache"),
@@ -270,8 +269,8 @@ def test_cli_train_then_encode(tmp_path, monkeypatch):
     assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds an autoencoder"):
-        vae.main(["train", "--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--out",
-                  str(out)])
+        train_vae.main(["--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--out",
+                        str(out)])
     assert (out / "ckpt.pt").read_bytes() == before  # the trained autoencoder is untouched
 
 
