@@ -439,10 +439,10 @@ def bench_sample(config, args, device, report):
                 reference = out if reference is None else reference  # the first line: ours fp32
                 err = rel_err(out, reference)
                 if label == "diffusers fp32":
-                    print(f"check: diffusers DDIM loop vs ours, fp32, same weights: rel err "
+                    print("check: diffusers DDIM loop vs ours, fp32, same weights: rel err "
                           f"{err:.1e}")
                     if not err <= 1e-3:
-                        raise SystemExit(f"our DDIM sampler and diffusers' disagree (rel err "
+                        raise SystemExit("our DDIM sampler and diffusers' disagree (rel err "
                                          f"{err:.1e})")
                 seconds = median_seconds(lambda: samplers[kind](model), 0, args.sample_repeats,
                                          device)
@@ -599,8 +599,7 @@ def gpu_check(device, report, out_dir, compile_=True):
 def header(title, device):
     mfu = "MFU" if device.type == "cuda" else ""
     print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} "
-          f"{'mem GiB':>8} "
-          f"{'x ref':>6}  check")
+          f"{'mem GiB':>8} {'x ref':>6}  check")
 
 
 def print_row(row, note):
@@ -638,8 +637,7 @@ def main():
     parser.add_argument("--out", default="runs/bench.json", help="JSON file for all figures")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="peak dense bf16 TFLOP/s of the GPU for MFU (default 989: H100 SXM "
-                             "datasheet; "
-                             "~790 is a measured figure; H100 PCIe: 756, A100: 312)")
+                             "datasheet; ~790 is a measured figure; H100 PCIe: 756, A100: 312)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile lines (auto: on CUDA only; compiling takes minutes)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sampled batch")

@@ -218,10 +218,9 @@ def load_fashion_mnist(root=None, split="train", pad=False):
             path = path[:-3]  # already gunzipped
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"Fashion-MNIST file {path} not found. Install the Debian package "
-                f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_ROOT}) or put "
-                f"the four *-ubyte.gz files of https://github.com/zalandoresearch/fashion-mnist "
-                f"into {root}")
+                f"Fashion-MNIST file {path} not found. Install the Debian package (apt-get install "
+                f"dataset-fashion-mnist, files in {FASHION_MNIST_ROOT}) or put the four *-ubyte.gz "
+                f"files of https://github.com/zalandoresearch/fashion-mnist into {root}")
         arrays.append(read_idx(path))
     images, labels = torch.from_numpy(arrays[0].copy())[:, None], arrays[1].astype(np.int64)
     if len(images) != len(labels):

@@ -106,9 +106,9 @@ def load(path, weights="ema", device="cpu", text_encoder=None, unsafe_pickle=Fal
     if config["text"]:
         config["text_encoder"] = text_encoder or config["text_encoder"]
         if not os.path.isdir(config["text_encoder"]):
-            raise FileNotFoundError(f"the text encoder this model was trained with is not at "
-                                    f"{config['text_encoder']}: pass --text-encoder DIR (the "
-                                    f"same model)")
+            raise FileNotFoundError("the text encoder this model was trained with is not at "
+                                    f"{config['text_encoder']}: pass --text-encoder DIR (the same "
+                                    "model)")
     model, config, _ = from_state(config, ckpt[weights], None, path, device, weights)
     return model, config, ckpt["step"]
 

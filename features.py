@@ -195,8 +195,8 @@ class InceptionV3(nn.Module):
 def load_inception(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights not found at '{path}'. Download "
-                                f"{FID_WEIGHTS} "
-                                f"(the pytorch-fid release asset) from {FID_WEIGHTS_URL}")
+                                f"{FID_WEIGHTS} (the pytorch-fid release asset) from "
+                                f"{FID_WEIGHTS_URL}")
     model = InceptionV3()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval().requires_grad_(False)
@@ -293,7 +293,7 @@ class Extractor:
                    "classifier": lambda: (load_classifier(path), "embed"),
                    "clip": lambda: (CLIP(path), "embed")}
         if kind not in loaders or not path:
-            raise ValueError(f"--features must be inception:PATH, clip:DIR or classifier:PATH, got "
+            raise ValueError("--features must be inception:PATH, clip:DIR or classifier:PATH, got "
                              f"'{spec}'")
         self.kind, self.device = kind, device
         self.net, method = loaders[kind]()

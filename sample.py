@@ -51,12 +51,11 @@ def parse_args(argv=None):
                         "train.py)")
     p.add_argument("--clip-denoised", action="store_true",
                    help="clip every step's x0 prediction to [-1, 1] (pixel-space models, as DDPM / "
-                        "ADM "
-                        "sample; bounds the samples of an undertrained model, does not fix them)")
+                        "ADM sample; bounds the samples of an undertrained model, does not fix "
+                        "them)")
     p.add_argument("--cads", action="store_true",
                    help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the "
-                        "condition "
-                        "embedding, strong at high noise levels and gone at the end")
+                        "condition embedding, strong at high noise levels and gone at the end")
     p.add_argument("--cads-tau", default="0.6,0.9",
                    help="CADS tau1,tau2: clean condition below tau1, pure noise above tau2 (t/T)")
     p.add_argument("--cads-scale", type=float, default=0.25, help="CADS noise scale s")
@@ -227,7 +226,7 @@ def check_args(args):
     try:
         scales = [float(s) for s in args.guidance.split(",")]
     except ValueError:
-        raise SystemExit(f"--guidance must be comma-separated numbers, got "
+        raise SystemExit("--guidance must be comma-separated numbers, got "
                          f"{args.guidance!r}") from None
     if any(s < 0 for s in scales):
         raise SystemExit(f"--guidance scales must be >= 0, got {args.guidance}")
@@ -239,7 +238,7 @@ def check_args(args):
         except ValueError:
             tau = []
         if len(tau) != 2 or not 0 <= tau[0] < tau[1] <= 1:
-            raise SystemExit(f"--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got "
+            raise SystemExit("--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got "
                              f"{args.cads_tau}")
         if args.cads_scale < 0 or not 0 <= args.cads_psi <= 1:
             raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")
@@ -257,7 +256,7 @@ def load_autoencoder(args, config, device):
     if config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
         raise ValueError(f"{vae_path} holds other weights than the autoencoder this model's "
                          f"latents came from (sha256 {config['vae_sha256']}): pass --vae with "
-                         f"those weights")
+                         "those weights")
     return autoencoder.to(device).eval()
 
 

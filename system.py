@@ -172,8 +172,8 @@ def all_reduce_mean(x, world):
 
 
 UNSAFE_PICKLE_HELP = ("read weights that pickle more than tensors (a CompVis Lightning "
-                      "model.ckpt); "
-                      "unpickling can run any code the file holds: only for files you trust")
+                      "model.ckpt); unpickling can run any code the file holds: only for files you "
+                      "trust")
 THREADS_HELP = "CPU threads per process (0 = OMP_NUM_THREADS or one per core; see system.py)"
 
 
@@ -192,7 +192,7 @@ def set_threads(requested=0):
     fitting = max(1, round(cores - busy) // local)  # threads that the free cores hold
     if threads > fitting and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(f"note: {cores} cores, load {busy:.1f} before this run, {threads} threads per "
-              f"process: oversubscribed CPUs run torch many times slower; consider --threads "
+              "process: oversubscribed CPUs run torch many times slower; consider --threads "
               f"{fitting}")
     torch.set_num_threads(threads)
     return threads

@@ -61,12 +61,10 @@ def parse_args(argv=None):
     d.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     d.add_argument("--check-images", action="store_true",
                    help="folder / captions: read every image before training and list the "
-                        "unreadable "
-                        "ones (the first 100 are always read)")
+                        "unreadable ones (the first 100 are always read)")
     d.add_argument("--data-changed-ok", action="store_true",
                    help="--resume on a dataset whose size changed (e.g. bad files removed); the "
-                        "data "
-                        "order after the resume then differs from an uninterrupted run")
+                        "data order after the resume then differs from an uninterrupted run")
     d.add_argument("--train-per-class", type=int, default=None,
                    help="digits, fashion-mnist: train on the first N images of each class only "
                         "(a small training set, where a clean model starts to memorise)")
@@ -115,8 +113,7 @@ def parse_args(argv=None):
                    help="per-process batch (paper: 64 per GPU on 8 GPUs)")
     o.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step: global batch = batch-size x processes x "
-                        "grad-accum "
-                        "(paper: 512 = 64 x 8 x 1; one GPU: 64 x 1 x 8)")
+                        "grad-accum (paper: 512 = 64 x 8 x 1; one GPU: 64 x 1 x 8)")
     o.add_argument("--lr", type=float, default=1e-3,
                    help="AdamW learning rate (paper: 1e-4; the default suits the small CPU models)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -133,8 +130,7 @@ def parse_args(argv=None):
                    help="training seed (data order, noise, t, dropout, CEP)")
     s.add_argument("--ckpt-every", type=int, default=1000,
                    help="write the checkpoint every N steps and at the end; the previous one is "
-                        "kept as "
-                        "ckpt.prev.pt, so saving needs room for three checkpoints")
+                        "kept as ckpt.prev.pt, so saving needs room for three checkpoints")
     s.add_argument("--log-every", type=int, default=50, help="log a JSON line every N steps")
     s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -215,7 +211,7 @@ def check_resumable(saved, config):
     if diff:
         lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}"
                           for k, (a, b) in diff.items())
-        raise SystemExit(f"the checkpoint was trained with another config; refusing to "
+        raise SystemExit("the checkpoint was trained with another config; refusing to "
                          f"resume:\n{lines}")
 
 

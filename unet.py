@@ -279,8 +279,7 @@ class UNet(nn.Module):
         factor = 2 ** (len(c.channel_mult) - 1)
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"x must be [B, {c.in_channels}, H, W] with H, W multiples of "
-                             f"{factor}; "
-                             f"got {tuple(x.shape)}")
+                             f"{factor}; got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != c.context_dim:
             raise ValueError(f"context must be [B, L, {c.context_dim}]; got {tuple(context.shape)}")
         emb = self.time_embed(timestep_embedding(t, c.model_channels))  # [B, 4 * model_channels]

@@ -310,10 +310,9 @@ def load_exact(model, state_dict, source):
               for k in ours.keys() & state_dict.keys() if state_dict[k].shape != ours[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(
-            f"{source} does not hold this autoencoder ({model.config}); is it a different model?\n"
-            f"  missing ({len(missing)}): {missing[:8]}\n"
-            f"  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
-            f"  shape mismatches ({len(shapes)}): {shapes[:8]}")
+            f"{source} does not hold this autoencoder ({model.config}); is it a different model?\n "
+            f" missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): "
+            f"{unexpected[:8]}\n  shape mismatches ({len(shapes)}): {shapes[:8]}")
     model.load_state_dict(state_dict)
 
 
@@ -440,8 +439,7 @@ def load_autoencoder(weights, preset=None, scale=None, unsafe_pickle=False):
 def preset_config(preset, weights):
     if preset not in PRESETS:
         raise ValueError(f"{weights} is CompVis or diffusers weights: name the architecture with a "
-                         "preset "
-                         f"(one of {sorted(PRESETS)}), got {preset!r}")
+                         f"preset (one of {sorted(PRESETS)}), got {preset!r}")
     return PRESETS[preset]
 
 
@@ -454,8 +452,7 @@ def encode(args):
     model = model.to(device).eval()
     if dataset[0][0].shape[0] != model.config.in_channels:
         raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the "
-                         "autoencoder "
-                         f"takes {model.config.in_channels}")
+                         f"autoencoder takes {model.config.in_channels}")
     preset = args.preset or next((k for k, v in PRESETS.items() if v == model.config), None)
     meta = {"preset": preset, "config": dataclasses.asdict(model.config),
             "weights": os.path.abspath(args.weights),
