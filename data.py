@@ -263,6 +263,17 @@ def load_caption_tsv(path, image_size):
     return FileDataset(paths, image_size, captions=captions)
 
 
+def add_dataset_arguments(parser):
+    """The flags of load_dataset on a command line (vae.py encode, train_vae.py)."""
+    parser.add_argument("--dataset", required=True,
+                        help=f"load_dataset name: {', '.join(DATASETS)} (data.py)")
+    parser.add_argument("--data-root", default=None, help="dataset location (see data.py)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize images to this size (data.load_dataset)")
+    parser.add_argument("--pad", action="store_true",
+                        help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
+
+
 def load_dataset(name, root=None, split="train", image_size=None, pad=False):
     """The datasets of this repo by name (see DATASETS).
 

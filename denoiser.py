@@ -94,14 +94,14 @@ def load(path, weights="ema", device="cpu", text_encoder=None, unsafe_pickle=Fal
     run config holds its stored scheduler config). Tensors and plain data only, unless
     unsafe_pickle (a Lightning model.ckpt): nothing in the file runs on load."""
     if os.path.isdir(path) and released.is_pipeline(path):
-        return from_state(*released.pipeline(path), path, device)
+        return (*from_state(*released.pipeline(path), path, device), 0)
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or give "
                                 f"{released.CHECKPOINT_HINT}")
     ckpt = vae.torch_load(path, unsafe_pickle)
     if "config" not in ckpt:  # not a run of train.py
-        return from_state(*released.ldm_checkpoint(ckpt, path), path, device)
+        return (*from_state(*released.ldm_checkpoint(ckpt, path), path, device), 0)
     config = dict(ckpt["config"])
     if config["text"]:
         config["text_encoder"] = text_encoder or config["text_encoder"]
@@ -109,12 +109,11 @@ def load(path, weights="ema", device="cpu", text_encoder=None, unsafe_pickle=Fal
             raise FileNotFoundError("the text encoder this model was trained with is not at "
                                     f"{config['text_encoder']}: pass --text-encoder DIR (the same "
                                     "model)")
-    model, config, _ = from_state(config, ckpt[weights], None, path, device, weights)
-    return model, config, ckpt["step"]
+    return (*from_state(config, ckpt[weights], None, path, device, weights), ckpt["step"])
 
 
 def from_state(config, state, scheduler, path, device, weights="ema"):
-    """The Denoiser of a run config holding `state`; non-finite weights are refused."""
+    """(Denoiser, run config) holding `state`; non-finite weights are refused."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: the {weights} weights are not finite ({bad[0]}, ...): the run "
@@ -125,4 +124,4 @@ def from_state(config, state, scheduler, path, device, weights="ema"):
     if config["text"] and config.get("released"):  # BERT was read from the release's bert/
         state = {**model.embedder.state_dict(prefix="embedder."), **state}
     model.load_state_dict(state)
-    return model.to(device).eval(), config, 0
+    return model.to(device).eval(), config

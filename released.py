@@ -28,6 +28,7 @@ import os
 import torch
 
 import diffusion
+import system
 import unet
 
 CHECKPOINT_HINT = ("a released pipeline directory (unet/, vqvae/, class_embedder/, scheduler/: "
@@ -53,11 +54,8 @@ def read_weights(folder):
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
                  "diffusion_pytorch_model.bin", "pytorch_model.bin"):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and name.endswith(".safetensors"):
-            import safetensors.torch
-            return safetensors.torch.load_file(path)
         if os.path.isfile(path):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return system.read_weights(path)
     raise FileNotFoundError(f"no weights (diffusion_pytorch_model.safetensors) in {folder}: "
                             f"expected {CHECKPOINT_HINT}")
 
@@ -170,35 +168,32 @@ def pipeline(path):
     directory: a class model (class_embedder/) or a text model (bert/ and tokenizer/); the run
     config names the autoencoder (vqvae/) the samples decode with."""
     ucfg = unet_config(read_json(os.path.join(path, "unet", "config.json")))
-    unet_state = read_weights(os.path.join(path, "unet"))
-    mapping = unet.diffusers_key_map(ucfg)
-    missing = sorted(set(mapping.values()) - set(unet_state))
-    if missing:
-        raise ValueError(f"{path}/unet: the weights lack {missing[:4]} ...")
-    state = {f"unet.{ours}": unet_state[theirs] for ours, theirs in mapping.items()}
+    theirs = read_weights(os.path.join(path, "unet"))
+    state = {f"unet.{k}": v for k, v in unet.from_diffusers_state_dict(ucfg, theirs).items()}
     autoencoder = next((os.path.join(path, d) for d in ("vqvae", "vae")
                         if os.path.isdir(os.path.join(path, d))), None)
     if autoencoder is None:
         raise FileNotFoundError(f"{path} has no vqvae/ (or vae/): expected {CHECKPOINT_HINT}")
     config = {"unet": dataclasses.asdict(ucfg), "channels": ucfg.in_channels,
               "size": ucfg.sample_size, "space": "latent", "vae": autoencoder, "released": path}
-    if os.path.isdir(os.path.join(path, "bert")):
+    if os.path.isdir(os.path.join(path, "bert")):  # BERT's weights: the embedder reads bert/
         config.update(text_conditions(path, ucfg))
     else:
-        config.update(class_conditions(path, ucfg, state))
+        conditions, state["embedder.embedding.weight"] = class_conditions(path, ucfg)
+        config.update(conditions)
     scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     return config, state, scheduler
 
 
-def class_conditions(path, ucfg, state):
-    """class_embedder/: one context token per label, the last row the null class."""
+def class_conditions(path, ucfg):
+    """class_embedder/: one context token per label, the last row the null class; the run
+    config's part and the table [n + 1, D]."""
     embedder = read_json(os.path.join(path, "class_embedder", "config.json"))
     if embedder["embed_dim"] != ucfg.context_dim:
         raise ValueError(f"{path}: class_embedder embed_dim {embedder['embed_dim']} differs from "
                          f"the U-Net's cross_attention_dim {ucfg.context_dim}")
-    table = read_weights(os.path.join(path, "class_embedder"))["embedding.weight"]  # [n + 1, D]
-    state["embedder.embedding.weight"] = table
-    return {"text": False, "num_classes": embedder["n_classes"] - 1, "class_names": None}
+    table = read_weights(os.path.join(path, "class_embedder"))["embedding.weight"]
+    return {"text": False, "num_classes": embedder["n_classes"] - 1, "class_names": None}, table
 
 
 def text_conditions(path, ucfg):

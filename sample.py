@@ -175,8 +175,8 @@ def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
     grid = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, c), 128, np.uint8)
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
-        grid[gap + r * (h + gap):gap + r * (h + gap) + h, gap + q * (w + gap):gap + q
-             * (w + gap) + w] = img
+        y, x = gap + r * (h + gap), gap + q * (w + gap)
+        grid[y:y + h, x:x + w] = img
     picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
     if row_labels:
         draw = ImageDraw.Draw(picture)

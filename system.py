@@ -47,18 +47,29 @@ def gather_rows(rows, index=None):
     shards are contiguous and concatenate in rank order; with it (int [len(rows)]) row k of this
     rank goes to position index[k]. A rank with no rows takes part too (every rank must call)."""
     rank, world = rank_and_world()
-    if world == 1:
-        return rows if index is None else rows[np.argsort(index)]
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object((rows, index), parts, dst=0)
-    if rank != 0:
-        return None
-    full = np.concatenate([r for r, _ in parts if len(r)])
+    if world == 1 and (index is None or np.array_equal(index, np.arange(len(rows)))):
+        return rows  # already in place: no copy of (possibly 50K) images
+    parts = [(rows, index)]
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object((rows, index), parts, dst=0)
+        if rank != 0:
+            return None
+    parts = [(r, i) for r, i in parts if len(r)]
     if index is None:
-        return full
-    out = np.empty_like(full)
-    out[np.concatenate([i for r, i in parts if len(r)])] = full
+        return np.concatenate([r for r, _ in parts])
+    out = np.empty((sum(len(r) for r, _ in parts), *parts[0][0].shape[1:]), parts[0][0].dtype)
+    for r, i in parts:
+        out[i] = r
     return out
+
+
+def read_weights(path):
+    """A weights file: .safetensors, or a torch file of tensors only."""
+    if path.endswith(".safetensors"):
+        import safetensors.torch
+        return safetensors.torch.load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def seed_of(*keys):

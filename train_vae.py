@@ -129,13 +129,7 @@ def train(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
-    p.add_argument("--dataset", required=True,
-                   help="data.load_dataset name: digits, fashion-mnist, folder, captions")
-    p.add_argument("--data-root", default=None, help="dataset location (see data.py)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this size (data.load_dataset)")
-    p.add_argument("--pad", action="store_true",
-                   help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
+    data.add_dataset_arguments(p)
     p.add_argument("--preset", required=True, choices=sorted(vae.PRESETS),
                    help="autoencoder architecture (vae.py)")
     p.add_argument("--out", required=True, help="output directory")

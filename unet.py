@@ -363,14 +363,19 @@ def diffusers_key_map(config):
 
 
 def load_diffusers_state_dict(model, state_dict):
-    """Load a diffusers UNet2DConditionModel state dict (e.g.
-    unet/diffusion_pytorch_model.safetensors
-    of a released pipeline) into our UNet; raises with the missing / unexpected keys on mismatch."""
-    key_map = diffusers_key_map(model.config)
+    """Load a diffusers UNet2DConditionModel state dict into our UNet."""
+    model.load_state_dict(from_diffusers_state_dict(model.config, state_dict))
+
+
+def from_diffusers_state_dict(config, state_dict):
+    """Our state dict for UNet(config) from a diffusers UNet2DConditionModel one (e.g. a released
+    pipeline's unet/diffusion_pytorch_model.safetensors); raises with the missing / unexpected
+    keys on mismatch."""
+    key_map = diffusers_key_map(config)
     missing = sorted(set(key_map.values()) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(key_map.values()))
     if missing or unexpected:
-        raise ValueError(f"diffusers U-Net weights do not fit {model.config}:\n"
+        raise ValueError(f"diffusers U-Net weights do not fit {config}:\n"
                          f"missing ({len(missing)}): {missing}\n"
                          f"unexpected ({len(unexpected)}): {unexpected}")
-    model.load_state_dict({ours: state_dict[theirs] for ours, theirs in key_map.items()})
+    return {ours: state_dict[theirs] for ours, theirs in key_map.items()}

@@ -196,8 +196,7 @@ class Autoencoder(nn.Module):
     """encode(x) -> latent * scale; decode(z) -> image. These two are the only places `scale` is
     applied. VQ: the latent is the pre-quantization one (after quant_conv) and decode quantizes
     first; scale 1.0. KL: the latent is the posterior mean (mode); scale = 1/std measured on the
-    data (`measure_scale`),
-    None until measured or loaded from a checkpoint of ours."""
+    data (`measure_scale`), None until measured or loaded from a checkpoint of ours."""
 
     def __init__(self, config, scale=None):
         super().__init__()
@@ -375,11 +374,7 @@ def diffusers_weights_file(path):
 
 def load_diffusers_weights(model, path):
     f = diffusers_weights_file(path)
-    if f.endswith(".safetensors"):
-        import safetensors.torch
-        theirs = safetensors.torch.load_file(f)
-    else:
-        theirs = torch.load(f, map_location="cpu", weights_only=True)
+    theirs = system.read_weights(f)
     for old, new in DIFFUSERS_LEGACY.items():
         theirs = {k.replace(old, new): v for k, v in theirs.items()}
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -474,13 +469,7 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("encode", formatter_class=system.HelpFormatter,
                        help="cache the latents of a dataset (data.py's latent cache)")
-    e.add_argument("--dataset", required=True,
-                   help="data.load_dataset name: digits, fashion-mnist, folder, captions")
-    e.add_argument("--data-root", default=None, help="dataset location (see data.py)")
-    e.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this size (data.load_dataset)")
-    e.add_argument("--pad", action="store_true",
-                   help="fashion-mnist: zero-pad 28x28 to 32x32 (8x8 latents at f4)")
+    data.add_dataset_arguments(e)
     e.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="autoencoder architecture: needed for CompVis weights (a diffusers "
                         "directory's config.json names its own)")
