@@ -8,7 +8,8 @@ instead of c_theta(y) (denoiser.py),
 
 with delta drawn afresh for every sample at every step, and never at sampling.
   CEP-U: delta ~ U(-gamma/sqrt(d), +gamma/sqrt(d)) elementwise
-  CEP-G: delta ~ N(0, gamma/sqrt(d) I)
+  CEP-G: delta ~ N(0, (gamma/sqrt(d))^2 I)   (the paper's N(0, gamma/sqrt(d) I), its second
+         argument read as the standard deviation: our reading)
 d is the width of one condition token (the last dimension of the embedding).
 Condition dropout for classifier-free guidance is in denoiser.py.
 """

@@ -303,17 +303,27 @@ def load_dataset(name, root=None, split="train", image_size=None, pad=False):
     return dataset
 
 
-def first_per_class(ds, n):
-    """The first n images of every class, in dataset order (in-memory datasets only)."""
+def per_class_indices(labels, n, seed):
+    """n indices of every class, drawn at random without replacement by `seed` (a stratified
+    split fixed by its seed, not by the dataset's order: scikit-learn's digits are stored in
+    blocks of writers, so the first n of a class come from a few writers only). Sorted."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    if n < 1 or counts.min() < n:
+        raise ValueError(f"--train-per-class must be in [1, {counts.min()}], got {n}")
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), n, replace=False)
+                                   for c in range(len(counts))]))
+
+
+def per_class_subset(ds, n, seed):
+    """(the in-memory dataset restricted to per_class_indices(ds.labels, n, seed), those
+    indices)."""
     if not isinstance(ds, InMemoryDataset):
         raise ValueError("--train-per-class applies to the in-memory datasets (digits, "
                          "fashion-mnist)")
-    if n < 1 or np.bincount(ds.labels).min() < n:
-        raise ValueError(f"--train-per-class must be in [1, {np.bincount(ds.labels).min()}], got "
-                         f"{n}")
-    keep = np.sort(np.concatenate([np.flatnonzero(ds.labels == c)[:n]
-                                   for c in range(ds.num_classes)]))
-    return InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names)
+    keep = per_class_indices(ds.labels, n, seed)
+    return InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names), keep
 
 
 # ----------------------------------------------------------------------------- training order

@@ -45,6 +45,8 @@ def unet_config(config):
                                out_channels=config["channels"], sample_size=config["size"])
     if config["head_channels"] is not None:
         ucfg = dataclasses.replace(ucfg, head_channels=config["head_channels"])
+    if config.get("context_dim") is not None:  # runs before this flag have none
+        ucfg = dataclasses.replace(ucfg, context_dim=config["context_dim"])
     return ucfg
 
 

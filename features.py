@@ -327,24 +327,13 @@ def vq_latents(vq, images):
 # A domain classifier for small datasets (its penultimate layer = "classifier:PATH" features)
 # --------------------------------------------------------------------------------------------
 
-def train_classifier(args):
-    """Train the CNN on the dataset's train split and report its accuracy on the test split."""
+def fit_classifier(train, test, num_classes, args):
+    """(Classifier trained with Adam on `train`, its accuracy on `test`); datasets of
+    (float CHW image in [-1, 1], label); args: epochs, max_steps, batch_size, lr, seed."""
     torch.manual_seed(args.seed)
-    train = data.load_dataset(args.dataset, args.data_root, split="train",
-                              image_size=args.image_size)
-    if args.dataset in ("folder", "captions"):  # no splits: hold out a seeded 10 % to test on
-        order = np.random.default_rng(args.seed).permutation(len(train))
-        held = max(1, len(train) // 10)
-        train, test = (torch.utils.data.Subset(train, sorted(order[held:].tolist())),
-                       torch.utils.data.Subset(train, sorted(order[:held].tolist())))
-        train.num_classes = train.dataset.num_classes
-        print(f"{args.dataset} has no test split: testing on a held-out 10 % ({held} images)")
-    else:
-        test = data.load_dataset(args.dataset, args.data_root, split="test",
-                                 image_size=args.image_size)
     x0 = train[0][0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = Classifier(train.num_classes, x0.shape[-1], x0.shape[0]).to(device)
+    model = Classifier(num_classes, x0.shape[-1], x0.shape[0]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True)
     steps = min(args.epochs * len(loader), args.max_steps or float("inf"))
@@ -359,10 +348,28 @@ def train_classifier(args):
     with torch.no_grad():
         for x, y in torch.utils.data.DataLoader(test, batch_size=500):
             correct += (model(x.to(device)).argmax(1).cpu() == torch.as_tensor(y)).sum().item()
-    accuracy = correct / len(test)
+    return model.cpu().requires_grad_(False), correct / len(test)
+
+
+def train_classifier(args):
+    """Train the CNN on the dataset's train split and report its accuracy on the test split."""
+    system.set_threads(args.threads)
+    train = data.load_dataset(args.dataset, args.data_root, split="train",
+                              image_size=args.image_size)
+    if args.dataset in ("folder", "captions"):  # no splits: hold out a seeded 10 % to test on
+        order = np.random.default_rng(args.seed).permutation(len(train))
+        held = max(1, len(train) // 10)
+        train, test = (torch.utils.data.Subset(train, sorted(order[held:].tolist())),
+                       torch.utils.data.Subset(train, sorted(order[:held].tolist())))
+        train.num_classes = train.dataset.num_classes
+        print(f"{args.dataset} has no test split: testing on a held-out 10 % ({held} images)")
+    else:
+        test = data.load_dataset(args.dataset, args.data_root, split="test",
+                                 image_size=args.image_size)
+    model, accuracy = fit_classifier(train, test, train.num_classes, args)
     state = {"model": model.cpu().state_dict(), "num_classes": train.num_classes,
-             "dataset": args.dataset,
-             "image_size": x0.shape[-1], "channels": x0.shape[0], "test_accuracy": accuracy}
+             "dataset": args.dataset, "image_size": model.image_size,
+             "channels": model.channels, "test_accuracy": accuracy}
     system.write_atomic(args.out, lambda tmp: torch.save(state, tmp))
     print(f"test accuracy {accuracy:.4f} ({len(test)} images); wrote {args.out}")
     return accuracy
@@ -389,6 +396,7 @@ def parse_args(argv=None):
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
     t.add_argument("--out", required=True, help="checkpoint path to write")
+    t.add_argument("--threads", type=int, default=0, help=system.THREADS_HELP)
     return p.parse_args(argv)
 
 

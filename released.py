@@ -4,7 +4,9 @@ The paper's models are released as diffusers pipeline directories (the Diffusion
 organisation on the Hugging Face hub; the authors' scripts need their fork of diffusers 0.27,
 LDMClassToImagePipeline). A class model's directory holds
     unet/             UNet2DConditionModel: config.json + diffusion_pytorch_model.safetensors
-    vqvae/            VQModel (LDM's VQ-f4; decoded with quantisation and no scale)
+    vqvae/            VQModel (LDM's VQ-f4; decoded with quantisation; the class pipeline
+                      decodes the latents as they are, the text pipeline divides them by the
+                      config's scaling_factor first: text_latent_scale)
     class_embedder/   config.json {"n_classes": 1001, "embed_dim": 512} and embedding.weight
                       [1001, 512]: one 512-d context token per label, the last row the null class
     scheduler/        scheduler_config.json: the 1,000 training betas (trained_betas) and the
@@ -19,17 +21,25 @@ names (unet.py), cond_stage_model.embedding.weight [1001, 512] and the VQ-f4 aut
 
     python sample.py --ckpt DiffusionNoise-LDM-IN1K-eta2.5 --per-class 50 --guidance 2
     python train.py --init DiffusionNoise-LDM-IN1K-clean --latents cache/mydata --eta 0.05
+
+The other direction: `export` writes a train.py run in the released layout, so that diffusers
+users and the authors' scripts can sample a model trained here (and sample.py --ckpt reads it):
+
+    python released.py export runs/demo runs/demo-pipeline
 """
+import argparse
 import dataclasses
 import json
 import math
 import os
 
+import safetensors.torch
 import torch
 
 import diffusion
 import system
 import unet
+import vae
 
 CHECKPOINT_HINT = ("a released pipeline directory (unet/, vqvae/, class_embedder/, scheduler/: "
                    "e.g. a DiffusionNoise LDM model from the Hugging Face hub, downloaded with "
@@ -38,8 +48,20 @@ CHECKPOINT_HINT = ("a released pipeline directory (unet/, vqvae/, class_embedder
 
 
 def is_pipeline(path):
-    """A released pipeline directory (not a run directory of train.py)."""
+    """A released pipeline directory (not a run directory of train.py); a DiT pipeline is
+    refused: a transformer on latent patches, not the LDM U-Net of unet.py."""
+    if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+        raise ValueError(f"{path} is a DiT pipeline (transformer/): a different architecture "
+                         "from the paper's LDM-4 U-Net, not supported here")
     return os.path.isfile(os.path.join(path, "unet", "config.json"))
+
+
+def is_pixel_export(path):
+    """A pixel-space model written by `export`: its model_index.json names no autoencoder."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return False
+    return not {"vqvae", "vae"} & set(read_json(index))
 
 
 def read_json(path):
@@ -89,7 +111,8 @@ def unet_config(c):
                   "upcast_attention": False}
     bad = [k for k, v in expected.items() if k in stored and not same(stored[k], v)]
     bad += [k for k, v in unexpected.items() if stored.get(k, v) != v]
-    if bad or len(head_widths) > 1:
+    one_head = ours.head_channels == -1  # one head per block: the widths are the head widths
+    if bad or (len(head_widths) > 1 and not one_head):
         raise ValueError(f"this U-Net is not an LDM U-Net of unet.py: {', '.join(bad) or 'heads'} "
                          f"differ ({ {k: c.get(k) for k in bad} })")
     return ours
@@ -109,16 +132,33 @@ DEFAULTS = {
              "set_alpha_to_one": True, "thresholding": False, "prediction_type": "epsilon",
              "rescale_betas_zero_snr": False},
 }
-# the options diffusion.py's samplers implement (LDM's and the paper's protocol)
+# options that change what the U-Net's output means or what is done with it: no timesteps make
+# our samplers right for them (DPM-Solver reads variance_type only when the variance is learned:
+# a DDPMScheduler config's "fixed_small" is ignored, as in diffusers' convert_model_output)
+MEANING = {"dpm": {"prediction_type": "epsilon", "thresholding": False},
+           "ddim": {"prediction_type": "epsilon", "thresholding": False, "clip_sample": False}}
+LEARNED_VARIANCE = ("learned", "learned_range")
+# the sampler options diffusion.py's samplers implement (LDM's and the paper's protocol)
 SUPPORTED = {
     "dpm": {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
             "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero",
             "use_karras_sigmas": False, "use_lu_lambdas": False, "use_exponential_sigmas": False,
-            "use_beta_sigmas": False, "use_flow_sigmas": False, "thresholding": False,
-            "prediction_type": "epsilon", "lambda_min_clipped": -math.inf, "variance_type": None},
-    "ddim": {"clip_sample": False, "set_alpha_to_one": False, "thresholding": False,
-             "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
+            "use_beta_sigmas": False, "use_flow_sigmas": False, "lambda_min_clipped": -math.inf},
+    "ddim": {"set_alpha_to_one": False, "rescale_betas_zero_snr": False},
 }
+
+
+def check_model_options(config, sampler):
+    """Refuse a stored scheduler config whose options change what the model means (with any
+    timesteps, --timesteps paper included)."""
+    kind = "dpm" if sampler == "dpm" else "ddim"  # DDPM clips as DDIM does
+    c = {**DEFAULTS[kind], **config}
+    wrong = {k: c[k] for k, v in MEANING[kind].items() if c[k] != v}
+    if sampler == "dpm" and c["variance_type"] in LEARNED_VARIANCE:
+        wrong["variance_type"] = c["variance_type"]
+    if wrong:
+        raise ValueError(f"the stored scheduler config sets {wrong}: the samplers here take an "
+                         "epsilon-predicting model, unclipped; this model cannot be sampled here")
 
 
 def alphas_cumprod(config):
@@ -126,6 +166,10 @@ def alphas_cumprod(config):
     schedule ("scaled_linear" is LDM's: linspace of sqrt(beta), squared)."""
     if config.get("trained_betas") is not None:
         betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        if len(betas) != config.get("num_train_timesteps", len(betas)):
+            raise ValueError(f"the stored scheduler config has {len(betas)} trained_betas for "
+                             f"num_train_timesteps {config['num_train_timesteps']}: a damaged "
+                             "or foreign schedule")
     else:
         n, lo, hi = config["num_train_timesteps"], config["beta_start"], config["beta_end"]
         if config.get("beta_schedule") == "scaled_linear":
@@ -142,6 +186,7 @@ def timesteps(config, sampler, num_steps):
     .from_config(config).set_timesteps(num_steps) gives, descending (int64 [num_steps])."""
     if sampler not in DEFAULTS:
         raise ValueError(f"released models sample with dpm or ddim, not {sampler!r}")
+    check_model_options(config, sampler)
     c = {**DEFAULTS[sampler], **config}
     wrong = {k: c[k] for k, v in SUPPORTED[sampler].items() if c[k] != v}
     if wrong:
@@ -172,12 +217,13 @@ def pipeline(path):
     state = {f"unet.{k}": v for k, v in unet.from_diffusers_state_dict(ucfg, theirs).items()}
     autoencoder = next((os.path.join(path, d) for d in ("vqvae", "vae")
                         if os.path.isdir(os.path.join(path, d))), None)
-    if autoencoder is None:
+    if autoencoder is None and not is_pixel_export(path):
         raise FileNotFoundError(f"{path} has no vqvae/ (or vae/): expected {CHECKPOINT_HINT}")
     config = {"unet": dataclasses.asdict(ucfg), "channels": ucfg.in_channels,
-              "size": ucfg.sample_size, "space": "latent", "vae": autoencoder, "released": path}
+              "size": ucfg.sample_size, "space": "latent" if autoencoder else "pixel",
+              "vae": autoencoder, "released": path}
     if os.path.isdir(os.path.join(path, "bert")):  # BERT's weights: the embedder reads bert/
-        config.update(text_conditions(path, ucfg))
+        config.update(text_conditions(path, ucfg), latent_scale=text_latent_scale(autoencoder))
     else:
         conditions, state["embedder.embedding.weight"] = class_conditions(path, ucfg)
         config.update(conditions)
@@ -209,6 +255,23 @@ def text_conditions(path, ucfg):
             "attention_mask": False}
 
 
+def text_latent_scale(autoencoder):
+    """The text pipeline decodes latents / scaling_factor (diffusers' LDMTextToImagePipeline;
+    VQModel's default 0.18215 when the config has none), so its U-Net's latents are the
+    autoencoder's times that factor. The class pipeline decodes the latents as they are."""
+    return read_json(os.path.join(autoencoder, "config.json")).get("scaling_factor", 0.18215)
+
+
+def latent_scale(path):
+    """The latent scale a released model's U-Net works at, where its pipeline sets one (a text
+    pipeline directory); None otherwise (the autoencoder's own)."""
+    text = os.path.isdir(os.path.join(path, "bert"))
+    if not (os.path.isdir(path) and is_pipeline(path) and text):
+        return None
+    return text_latent_scale(next(os.path.join(path, d) for d in ("vqvae", "vae")
+                                  if os.path.isdir(os.path.join(path, d))))
+
+
 def ldm_checkpoint(ckpt, path):
     """(run config, state dict, None) of LDM's cin256-v2 model.ckpt (loaded as `ckpt`): the
     ldm4-in1k U-Net, a 1001-row class table (the last row the null class) and the VQ-f4
@@ -227,3 +290,128 @@ def ldm_checkpoint(ckpt, path):
               "size": ucfg.sample_size, "space": "latent", "vae": path, "vae_preset": "vq-f4",
               "released": path}
     return config, state, None
+
+
+# ----------------------------------------------------------------------------- export
+
+DIFFUSERS_VERSION = "0.27.0"  # the authors' fork
+
+
+def save_component(folder, config, weights):
+    """A diffusers model folder: config.json and diffusion_pytorch_model.safetensors."""
+    os.makedirs(folder, exist_ok=True)
+    system.write_json(os.path.join(folder, "config.json"),
+                      {**config, "_diffusers_version": DIFFUSERS_VERSION})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    system.write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+
+
+def export_autoencoder(autoencoder, folder, scaling_factor):
+    """Our Autoencoder as a diffusers VQModel / AutoencoderKL folder (the inverse of
+    vae.load_diffusers_weights: attention 1x1 convs become diffusers' Linear layers)."""
+    c = autoencoder.config
+    levels = len(c.ch_mult)
+    config = {"_class_name": "VQModel" if c.kind == "vq" else "AutoencoderKL",
+              "in_channels": c.in_channels, "out_channels": c.in_channels,
+              "down_block_types": ["DownEncoderBlock2D"] * levels,
+              "up_block_types": ["UpDecoderBlock2D"] * levels,
+              "block_out_channels": [c.ch * m for m in c.ch_mult],
+              "layers_per_block": c.num_res_blocks, "act_fn": "silu",
+              "latent_channels": c.z_channels, "norm_num_groups": 32,
+              "scaling_factor": scaling_factor}
+    if c.kind == "vq":
+        config.update(num_vq_embeddings=c.n_embed, vq_embed_dim=c.embed_dim)
+    key_map = vae.diffusers_key_map(c)
+    weights = {}
+    for ours, v in autoencoder.state_dict().items():
+        attention = ".attentions." in key_map[ours] and v.dim() == 4
+        weights[key_map[ours]] = v[:, :, 0, 0] if attention else v
+    save_component(folder, config, weights)
+
+
+def export_text_encoder(model, out):
+    """bert/ and tokenizer/, as the CC3M releases: BERT's width is the U-Net's context, called
+    with the token ids only, 77 tokens (LDMTextToImagePipeline's way); anything else would
+    sample differently there, so it is refused."""
+    embedder = model.embedder
+    why = [reason for reason, bad in [
+        ("a projection from BERT's width to the context width", not isinstance(
+            embedder.proj, torch.nn.Identity)),
+        ("BERT called with an attention mask (train with --no-attention-mask)",
+         embedder.attention_mask),
+        (f"{embedder.max_length} tokens, not 77", embedder.max_length != 77)] if bad]
+    if why:
+        raise ValueError("this text model cannot be written in the released layout: "
+                         + "; ".join(why))
+    embedder.encoder.save_pretrained(os.path.join(out, "bert"))
+    embedder.tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+
+
+def export(run, out, weights="ema"):
+    """Write the train.py run `run` (its EMA weights) as a pipeline directory `out`: unet/,
+    class_embedder/ or bert/ + tokenizer/, vqvae/ (vae/ for a KL autoencoder; none for pixel
+    models), scheduler/ (LDM's schedule, stored as trained_betas; timestep_spacing linspace, the
+    paper's DPM-Solver protocol) and model_index.json."""
+    import denoiser  # denoiser imports this module
+    model, config, _ = denoiser.load(run, weights)
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: choose a new directory")
+    ucfg = model.unet.config
+    theirs = unet.diffusers_key_map(ucfg)
+    save_component(os.path.join(out, "unet"),
+                   {"_class_name": "UNet2DConditionModel", **unet.diffusers_config(ucfg)},
+                   {theirs[k]: v for k, v in model.unet.state_dict().items()})
+    components = {"unet": ["diffusers", "UNet2DConditionModel"],
+                  "scheduler": ["diffusers", "DDIMScheduler"]}
+    if config["text"]:
+        export_text_encoder(model, out)
+        components.update(bert=["transformers", "BertModel"],
+                          tokenizer=["transformers", "BertTokenizer"])
+    else:
+        table = model.embedder.embedding.weight
+        save_component(os.path.join(out, "class_embedder"),
+                       {"_class_name": "ClassEmbedder", "n_classes": len(table),
+                        "embed_dim": table.shape[1]}, {"embedding.weight": table})
+        components["class_embedder"] = ["diffusers", "ClassEmbedder"]  # the authors' fork
+    if config["space"] == "latent":
+        autoencoder = vae.load_autoencoder(config["vae"], config.get("vae_preset"),
+                                           config.get("latent_scale"))
+        kind = "vqvae" if autoencoder.config.kind == "vq" else "vae"
+        # the text pipeline divides by scaling_factor, the class pipeline does not: a VQ run of
+        # ours (scale 1) stores 1.0; a KL run its measured scale, read by vae.diffusers_config
+        export_autoencoder(autoencoder, os.path.join(out, kind), autoencoder.scale)
+        components[kind] = ["diffusers", "VQModel" if kind == "vqvae" else "AutoencoderKL"]
+    betas = diffusion.ldm_linear_betas().tolist()
+    os.makedirs(os.path.join(out, "scheduler"))
+    system.write_json(os.path.join(out, "scheduler", "scheduler_config.json"), {
+        "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": len(betas), "beta_start": 0.0015, "beta_end": 0.0195,
+        "beta_schedule": "scaled_linear", "trained_betas": betas, "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 0, "timestep_spacing": "linspace",
+        "prediction_type": "epsilon"})
+    pipeline_class = "LDMTextToImagePipeline" if config["text"] else "LDMClassToImagePipeline"
+    system.write_json(os.path.join(out, "model_index.json"),
+                      {"_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION,
+                       **components})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", formatter_class=system.HelpFormatter,
+                       help="write a train.py run as a released-format pipeline directory")
+    e.add_argument("run", help="train.py run directory (or its ckpt.pt)")
+    e.add_argument("out", help="pipeline directory to create")
+    e.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="EMA weights (what sample.py uses) or the raw weights")
+    args = p.parse_args(argv)
+    try:
+        print(f"wrote {export(args.run, args.out, args.weights)}")
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"released.py: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

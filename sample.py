@@ -267,6 +267,7 @@ def sampling_schedule(args, config):
     scheduler = config.get("scheduler")
     if scheduler is None:
         return diffusion.alphas_cumprod(diffusion.ldm_linear_betas()), None
+    released.check_model_options(scheduler, args.sampler)  # whatever the timesteps
     timesteps = None
     if args.timesteps == "config":
         timesteps = released.timesteps(scheduler, args.sampler, args.steps)

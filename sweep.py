@@ -2,24 +2,29 @@
 
     python sweep.py                               # the CPU experiment: 8x8 digits, 2 cores
     python sweep.py --setting fmnist --workers 4  # the same design on Fashion-MNIST 32x32 (a GPU)
-    python sweep.py --smoke --out /tmp/smoke         # the same code, tiny (CI, under a minute)
+    python sweep.py --smoke                       # the same code, tiny (CI, under a minute)
 
-Arms, all with the same architecture, images seen and schedule: clean; symmetric label flips eta in
-{2.5, 5, 10, 20} % (Sec. 3.1); CEP-U and CEP-G with gamma 1 (Sec. 5.1, Eq. 8), then gamma 0.3 and 3
-for whichever of the two has the lower mean FID at guidance 2; IP with lambda 0.1 (Table 1); and,
-on the clean models at sampling time only, CADS (condition noise annealed over the sampling steps).
+Design, fixed before the run. Primary: two contrasts against clean, FID at guidance 2, Holm over
+the two: eta 5 % symmetric label flips (Sec. 3.1) - clean, and CEP-G with gamma 1 (Sec. 5.1,
+Eq. 8) - clean; 7 paired seeds. Secondary, labelled so: every other metric and scale, and one
+mechanism pair, CEP-G against clean with a 16-d class embedding (near the rank of 10 classes;
+4 seeds). Further arms (eta 2.5 / 10 / 20, CEP-U, IP, gamma 0.3 and 3, CADS at sampling) run
+only with --other-seeds N; with fewer than 4 seeds they are reported, never bolded.
 Paired seeds: seed k fixes the initial weights, the data order, every t / noise / dropout draw, the
 corruption (corruption seed = k) and the sampling noise, in every arm; CEP and IP draw after the
 shared draws of a step, so switching them on changes nothing else.
 
-The regime where the effect can appear is a small training set trained long (the clean model
-starts to copy training images). Every arm is scored against held-out real images, never the
-training images, in the feature space of a small classifier trained here: FID, precision and
-recall (k = 3), the classifier's accuracy on the conditioning label, top-1 % RMD (Eq. 38-40), and
-memorisation (distance of each sample to its nearest training image in pixel space; the ratio of
-samples closer than the 5th percentile of held-out real images' distances). Per arm against clean:
-mean paired difference, 95 % t-interval, exact sign-flip p-value, seed-to-seed spread, and the
-smallest difference the design could have detected (paired t, two-sided 5 %, power 80 %).
+The yardstick. One seeded, stratified, random split of the dataset's images, the same for every
+seed and arm (split.npz): the training set (train.py --train-per-class, --split-seed 0); the rest,
+per class in thirds: the feature classifier's images, the reference set every FID / KID is taken
+against, and a held-out set from the same distribution that scores as a perfect model would (the
+floor). No metric is taken against images its feature network was fit on. Metrics, in the
+classifier's feature space: FID against the reference and against the training set, KID
+(unbiased at any n), precision and recall (k = 3), the classifier's accuracy on the conditioning
+label, top-1 % RMD (Eq. 38-40); in pixel space, the copy rate: each sample's distance to its
+nearest training image over its distance to the nearest of an equal-size set of unseen images
+(share under 1/3, and the mean ratio). Each run also records its class embedding: the norms, the
+distance between classes and CEP's delta against it.
 Each (arm, seed) is one job, skipped when its artefacts are complete (the checkpoint's own step,
 the samples' recorded settings, the metrics' config), so a killed sweep resumes where it stopped.
 """
@@ -31,6 +36,7 @@ import math
 import multiprocessing
 import os
 import time
+import types
 import warnings
 import zipfile
 
@@ -46,23 +52,30 @@ import train
 
 SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the same budget
     "digits": dict(dataset="digits", data_root=None, image_size=None, train_per_class=30,
-                   preset="digits", steps=1000, batch=64, lr=1e-3, per_class=50,
-                   guidance=(1.0, 2.0, 4.0), sample_steps=25, classifier_epochs=30),
+                   preset="digits", steps=1000, batch=64, lr=1e-3, samples={2.0: 200, 1.0: 100},
+                   sample_steps=25, classifier_epochs=30),
     "fmnist": dict(dataset="fashion-mnist", data_root="/usr/share/datasets/fashion-mnist",
                    image_size=32, train_per_class=500, preset="fmnist", steps=12000, batch=128,
-                   lr=2e-4, per_class=1000, guidance=(1.0, 2.0, 4.0), sample_steps=50,
-                   classifier_epochs=3),
-}
-SMOKE = dict(train_per_class=3, steps=4, batch=8, per_class=3, guidance=(1.0, 2.0),
-             sample_steps=3, classifier_epochs=1)
-ARMS = {"clean": [], **{f"eta{e:g}": ["--eta", str(e / 100)] for e in (2.5, 5, 10, 20)},
-        "cep-u": ["--cep", "uniform", "--gamma", "1"],
-        "cep-g": ["--cep", "gaussian", "--gamma", "1"],
-        "ip": ["--input-perturbation", "0.1"]}
-MAIN_ARMS = ("clean", "eta5", "cep-g")  # the arms with the most seeds
+                   lr=2e-4, samples={2.0: 1000, 1.0: 500}, sample_steps=50, classifier_epochs=3),
+}  # samples: per class, per guidance scale
+SMOKE = dict(train_per_class=3, steps=4, batch=8, samples={2.0: 3, 1.0: 2}, sample_steps=3,
+             classifier_epochs=1)
+GAMMA_1 = ["--gamma", "1"]
+PRIMARY = {"clean": [], "eta5": ["--eta", "0.05"], "cep-g": ["--cep", "gaussian", *GAMMA_1]}
+CONTRASTS = ("eta5", "cep-g")  # each - clean, FID at s = 2, Holm over the two
+MECHANISM = {"clean-d16": ["--context-dim", "16"],
+             "cep-g-d16": ["--context-dim", "16", "--cep", "gaussian", *GAMMA_1]}
+OTHER = {**{f"eta{e:g}": ["--eta", str(e / 100)] for e in (2.5, 10, 20)},
+         "cep-u": ["--cep", "uniform", *GAMMA_1], "ip": ["--input-perturbation", "0.1"],
+         "cep-g-g0.3": ["--cep", "gaussian", "--gamma", "0.3"],
+         "cep-g-g3": ["--cep", "gaussian", "--gamma", "3"], "cads": []}
+ARMS = {**PRIMARY, **MECHANISM, **OTHER}
+BASELINE = {"clean-d16": None, "cep-g-d16": "clean-d16", "clean": None}  # others: clean
 CADS = ["--cads", "--cads-tau", "0.6,0.9", "--cads-scale", "0.25"]  # Sadat et al.'s defaults
-METRICS = ("fid", "precision", "recall", "class_acc", "rmd_top1", "nn_train", "mem_ratio")
-LOWER_IS_BETTER = {"fid": True, "nn_train": False, "mem_ratio": True}
+METRICS = ("fid", "kid", "fid_train", "precision", "recall", "class_acc", "rmd_top1",
+           "copy_share", "copy_ratio", "nn_train")
+EMBEDDING = ("emb_norm", "emb_dist", "delta_rms", "delta_over_dist")
+MIN_SEEDS_TO_BOLD = 4  # intervals from fewer seeds are printed, never marked
 
 
 def parse_args(argv=None):
@@ -70,41 +83,66 @@ def parse_args(argv=None):
     p.add_argument("--setting", default="digits", choices=SETTINGS,
                    help="digits: 8x8 pixels, CPU-sized (default); fmnist: 32x32, GPU-sized")
     p.add_argument("--out", default=None,
-                   help="sweep directory, resumable (default runs/sweep-SETTING)")
-    p.add_argument("--seeds", type=int, default=6, help="seeds of clean, eta 5 %% and CEP-G")
-    p.add_argument("--other-seeds", type=int, default=2, help="seeds of every other arm")
+                   help="sweep directory, resumable (default runs/sweep-SETTING, with --smoke "
+                        "runs/sweep-SETTING-smoke)")
+    p.add_argument("--seeds", type=int, default=7, help="paired seeds of clean, eta 5 %% and CEP-G")
+    p.add_argument("--mechanism-seeds", type=int, default=4,
+                   help="paired seeds of the 16-d embedding pair (0: not run)")
+    p.add_argument("--other-seeds", type=int, default=0,
+                   help="seeds of every further arm (0: not run, reported as not measured)")
     p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
     p.add_argument("--smoke", action="store_true", help="the same code, tiny (CI)")
     args = p.parse_args(argv)
-    if args.seeds < 2 or args.other_seeds < 1 or args.workers < 1:
-        raise SystemExit("--seeds must be >= 2, --other-seeds and --workers >= 1")
-    args.out = args.out or f"runs/sweep-{args.setting}"
+    if args.seeds < 2 or min(args.mechanism_seeds, args.other_seeds) < 0 or args.workers < 1:
+        raise SystemExit("--seeds must be >= 2, --mechanism-seeds and --other-seeds >= 0, "
+                         "--workers >= 1")
+    args.out = args.out or f"runs/sweep-{args.setting}" + ("-smoke" if args.smoke else "")
     return args
 
 
-# ----------------------------------------------------------------------------- data and features
+# ----------------------------------------------------------------------------- the yardstick
+
+def split(size):
+    """The fixed split: images uint8 NCHW and labels of the dataset's train and test splits
+    together, and the indices of each part (train = train.py's --train-per-class draw)."""
+    full = data.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
+    test = data.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
+    images, labels = torch.cat([full.images, test.images]), np.concatenate([full.labels,
+                                                                             test.labels])
+    parts = {"train": data.per_class_indices(full.labels, size["train_per_class"], seed=0)}
+    rest = np.setdiff1d(np.arange(len(labels)), parts["train"])
+    rng = np.random.default_rng(1)  # the thirds of the rest, per class
+    thirds = [np.array_split(rng.permutation(rest[labels[rest] == c]), 3)
+              for c in range(full.num_classes)]
+    for k, name in enumerate(("classifier", "reference", "floor")):
+        parts[name] = np.sort(np.concatenate([t[k] for t in thirds]))
+    n_copy = size["train_per_class"]  # the unseen images of the copy rate: as many as train
+    parts["unseen"] = np.sort(np.concatenate(
+        [rng.choice(t[0], n_copy, replace=False) for t in thirds]))  # classifier images
+    return images, labels, parts
+
 
 def reference(out, size):
-    """Training subset, held-out images and the feature classifier, made once: reference.npz."""
+    """Split, feature classifier, reference features and the floor rows, made once."""
     path = os.path.join(out, "reference.npz")
     if os.path.exists(path):
         return dict(np.load(path))
-    full = data.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
-    test = data.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
-    used = data.first_per_class(full, size["train_per_class"])
-    held_mask = np.ones(len(full), bool)  # held out: the test split and the unused training images
-    for c in range(full.num_classes):
-        held_mask[np.flatnonzero(full.labels == c)[:size["train_per_class"]]] = False
-    held = torch.cat([full.images[torch.from_numpy(held_mask)], test.images])
-    clf_path = os.path.join(out, "classifier.pt")
-    accuracy = features.main([
-        "train-classifier", "--dataset", size["dataset"], "--epochs",
-        str(size["classifier_epochs"]), "--out", clf_path,
-        *(["--data-root", size["data_root"]] if size["data_root"] else []),
-        *(["--image-size", str(size["image_size"])] if size["image_size"] else [])])
-    ref = dict(train=nhwc(used.images), held=nhwc(held), test_accuracy=accuracy)
-    ref["held_features"] = classifier_features(features.load_classifier(clf_path), ref["held"])
-    ref["mem_threshold"] = np.quantile(nn_distance(ref["held"], ref["train"]), 0.05)
+    images, labels, parts = split(size)
+    system.write_atomic(os.path.join(out, "split.npz"), lambda tmp: np.savez(tmp, **parts))
+    names = [str(c) for c in range(int(labels.max()) + 1)]
+    fit, check = (data.InMemoryDataset(images[torch.from_numpy(parts[k])], labels[parts[k]], names)
+                  for k in ("classifier", "floor"))
+    opts = types.SimpleNamespace(epochs=size["classifier_epochs"], max_steps=None, lr=1e-3,
+                                 batch_size=128, seed=0)
+    clf, accuracy = features.fit_classifier(fit, check, len(names), opts)
+    state = {"model": clf.state_dict(), "num_classes": len(names),
+             "dataset": size["dataset"], "image_size": clf.image_size,
+             "channels": clf.channels, "test_accuracy": accuracy}
+    system.write_atomic(os.path.join(out, "classifier.pt"), lambda tmp: torch.save(state, tmp))
+    ref = {f"{k}_images": nhwc(images[torch.from_numpy(v)]) for k, v in parts.items()}
+    ref.update({f"{k}_labels": labels[v] for k, v in parts.items()}, classifier_accuracy=accuracy)
+    for k in ("reference", "train"):
+        ref[f"{k}_features"] = classifier_features(clf, ref[f"{k}_images"])
     system.write_atomic(path, lambda tmp: np.savez(tmp, **ref))
     return ref
 
@@ -121,33 +159,54 @@ def classifier_features(clf, images, batch=500):
     return torch.cat(parts).double().numpy()
 
 
-def nn_distance(images, train_images):
-    """Per-pixel RMS distance of each image to its nearest training image (pixels in [0, 1])."""
+def nn_distance(images, others):
+    """Per-pixel RMS distance of each image to its nearest image of `others` (pixels in [0, 1])."""
     a = torch.from_numpy(images.reshape(len(images), -1)).double() / 255
-    b = torch.from_numpy(train_images.reshape(len(train_images), -1)).double() / 255
+    b = torch.from_numpy(others.reshape(len(others), -1)).double() / 255
     return (torch.cdist(a, b).min(1).values / math.sqrt(a.shape[1])).numpy()
 
 
-def evaluate(npz_path, ref, clf_path):
-    """Every metric of one sample set against the held-out images and the training subset."""
+def fid(a, b):
+    return metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+                                    np.cov(b, rowvar=False))
+
+
+def evaluate(images, labels, ref, clf):
+    """Every metric of one image set (uint8 NHWC, its conditioning labels) on the yardstick."""
     warnings.filterwarnings("ignore", message="Matrix is singular")  # dead ReLU features
-    with np.load(npz_path) as f:
-        images, labels = f["arr_0"], f["labels"]
-    clf = features.load_classifier(clf_path)
-    feats = classifier_features(clf, images)
-    held = ref["held_features"]
+    feats, real = classifier_features(clf, images), ref["reference_features"]
     with torch.no_grad():
         x = features.to_model_input(torch.from_numpy(images).permute(0, 3, 1, 2), clf.channels)
         predicted = clf(x).argmax(1).numpy()
-    d = nn_distance(images, ref["train"])
-    pr = metrics.precision_recall(held, feats, k=3)
-    return {"fid": metrics.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False),
-                                            held.mean(0), np.cov(held, rowvar=False)),
+    to_train = nn_distance(images, ref["train_images"])
+    ratio = to_train / np.maximum(nn_distance(images, ref["unseen_images"]), 1e-12)
+    pr = metrics.precision_recall(real, feats, k=3)
+    return {"fid": fid(feats, real), "kid": metrics.kernel_inception_distance(real, feats),
+            "fid_train": fid(feats, ref["train_features"]),
             "precision": pr["precision"], "recall": pr["recall"],
             "class_acc": float((predicted == labels).mean()),
             "rmd_top1": metrics.top_fraction_mean(metrics.rmd_scores(feats, labels), 0.01),
-            "nn_train": float(d.mean()), "mem_ratio": float((d < ref["mem_threshold"]).mean()),
-            "n": len(images)}
+            "copy_share": float((ratio < 1 / 3).mean()), "copy_ratio": float(ratio.mean()),
+            "nn_train": float(to_train.mean()), "n": len(images)}
+
+
+def floor_rows(ref, clf):
+    """What 'perfect model' and 'copies its training set' score on the same yardstick."""
+    return [{"arm": name, **evaluate(ref[f"{part}_images"], ref[f"{part}_labels"], ref, clf)}
+            for name, part in (("real held-out", "floor"), ("training set", "train"))]
+
+
+def embedding_diagnostics(run_dir):
+    """The EMA class embedding of a run: mean row norm, mean distance between classes, and CEP's
+    delta (root mean square norm: gamma for CEP-G, gamma / sqrt(3) for CEP-U) against it."""
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    table = ckpt["ema"]["embedder.embedding.weight"][:-1].double()  # without the null row
+    dist = torch.pdist(table).mean().item()
+    cep = ckpt["config"]["cep"]
+    gamma = ckpt["config"]["gamma"] if cep != "none" else 0.0
+    delta = gamma / math.sqrt(3) if cep == "uniform" else gamma
+    return {"emb_norm": table.norm(dim=1).mean().item(), "emb_dist": dist,
+            "delta_rms": delta, "delta_over_dist": delta / dist}
 
 
 # ----------------------------------------------------------------------------- one job
@@ -156,7 +215,8 @@ def train_flags(arm_flags, seed, size, run_dir):
     data = ["--dataset", size["dataset"]] \
         + (["--data-root", size["data_root"]] if size["data_root"] else []) \
         + (["--image-size", str(size["image_size"])] if size["image_size"] else [])
-    return [*data, "--train-per-class", str(size["train_per_class"]), "--preset", size["preset"],
+    return [*data, "--train-per-class", str(size["train_per_class"]), "--split-seed", "0",
+            "--preset", size["preset"],
             "--steps", str(size["steps"]), "--batch-size", str(size["batch"]),
             "--lr", str(size["lr"]), "--ema-decay", "0.999",
             "--seed", str(seed), "--corruption-seed", str(seed),
@@ -173,50 +233,55 @@ def checkpoint_step(run_dir):
 
 
 def samples_done(out, size, cads):
-    """Every scale's npz exists, is complete (written atomically) and has this sweep's settings
-    and model (the checkpoint step it was sampled from)."""
-    for scale in size["guidance"]:
+    """Every scale's npz exists, is complete (written atomically) and has this sweep's settings,
+    size and model (the checkpoint step it was sampled from)."""
+    for scale, per_class in size["samples"].items():
         path = os.path.join(out, f"s{scale:g}", "samples.npz")
         if not os.path.exists(path):
             return False
         try:
             with np.load(path) as f:
-                same_sampler = str(f["sampler"]) == f"dpm:{size['sample_steps']}"
-                same_model = "ckpt_step" in f.files and int(f["ckpt_step"]) == size["steps"]
-                same_cads = (str(f["cads"]) != "off") == cads
+                same = (str(f["sampler"]) == f"dpm:{size['sample_steps']}"
+                        and "ckpt_step" in f.files and int(f["ckpt_step"]) == size["steps"]
+                        and (str(f["cads"]) != "off") == cads
+                        and np.bincount(f["labels"]).min() == per_class)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # cut short or foreign: redo
             return False
-        if not (same_sampler and same_model and same_cads):
+        if not same:
             return False
     return True
 
 
 def run_job(job):
-    """Train (or resume), sample every scale (and CADS for clean), evaluate: one (arm, seed)."""
+    """Train (or resume), sample every scale, evaluate: one (arm, seed). CADS samples the clean
+    model of the same seed."""
     torch.set_num_threads(1)  # the evaluation; train and sample get --threads 1
-    arm, flags, seed, size, out, ref_path = job
-    run_dir = os.path.join(out, f"{arm}-s{seed}")
+    arm, seed, size, out = job
+    started = time.time()
+    run_dir = os.path.join(out, f"{'clean' if arm == 'cads' else arm}-s{seed}")
     step = checkpoint_step(run_dir)
     if step != size["steps"]:
         if step is not None and step > size["steps"]:
             raise SystemExit(f"{run_dir} was trained for {step} steps, more than {size['steps']}")
         resume = ["--resume"] if step is not None else []
-        train.main(train_flags(flags, seed, size, run_dir) + resume)
-    ref = dict(np.load(ref_path))
-    clf_path = os.path.join(out, "classifier.pt")
+        train.main(train_flags(ARMS[arm], seed, size, run_dir) + resume)
+    samples = os.path.join(run_dir, "samples-cads" if arm == "cads" else "samples")
+    if not samples_done(samples, size, arm == "cads"):
+        for scale, per_class in size["samples"].items():
+            sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(per_class),
+                         "--guidance", f"{scale:g}", "--sampler", "dpm",
+                         "--steps", str(size["sample_steps"]), "--batch-size", "250",
+                         "--no-images", "--seed", str(seed), "--threads", "1",
+                         *(CADS if arm == "cads" else [])])
+    ref = dict(np.load(os.path.join(out, "reference.npz")))
+    clf = features.load_classifier(os.path.join(out, "classifier.pt"))
+    emb = embedding_diagnostics(run_dir)
     rows = []
-    for variant, extra in [("dpm", [])] + ([("cads", CADS)] if arm == "clean" else []):
-        samples = os.path.join(run_dir, "samples" if variant == "dpm" else "samples-cads")
-        if not samples_done(samples, size, variant == "cads"):
-            scales = ",".join(f"{s:g}" for s in size["guidance"])
-            sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(size["per_class"]),
-                         "--guidance", scales, "--sampler", "dpm",
-                         "--steps", str(size["sample_steps"]), "--batch-size", "250", "--no-images",
-                         "--seed", str(seed), "--threads", "1", *extra])
-        for scale in size["guidance"]:
-            row = evaluate(os.path.join(samples, f"s{scale:g}", "samples.npz"), ref, clf_path)
-            name = arm if variant == "dpm" else "cads"
-            rows.append({"arm": name, "seed": seed, "scale": scale, **row})
+    for scale in size["samples"]:
+        with np.load(os.path.join(samples, f"s{scale:g}", "samples.npz")) as f:
+            row = evaluate(f["arr_0"], f["labels"], ref, clf)
+        rows.append({"arm": arm, "seed": seed, "scale": scale, **row, **emb,
+                     "minutes": (time.time() - started) / 60})
     return rows
 
 
@@ -244,60 +309,100 @@ def paired_stats(arm_values, clean_values):
                 p=sign_flip_p(d), mde=float(mde))
 
 
+def holm(p_values):
+    """Holm's step-down adjusted p-values (family-wise error), in the order given."""
+    order = np.argsort(p_values)
+    adjusted, running = np.empty(len(p_values)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
 def summarise(rows):
-    """Per (arm, scale, metric): mean, seed-to-seed std, and the paired comparison with clean."""
+    """Per (arm, scale, metric): mean, seed-to-seed std, and the paired comparison with the
+    arm's baseline (clean; the 16-d CEP arm: the 16-d clean arm); Holm over the primary two."""
     by = {}
     for r in rows:
         by.setdefault((r["arm"], r["scale"]), {})[r["seed"]] = r
     out = []
     for (arm, scale), seeds in sorted(by.items(), key=lambda kv: (arm_order(kv[0][0]), kv[0][1])):
-        clean = by.get(("clean", scale), {})
-        shared = sorted(set(seeds) & set(clean))
-        for m in METRICS:
+        base_arm = BASELINE.get(arm, "clean")
+        base = by.get((base_arm, scale), {})
+        shared = sorted(set(seeds) & set(base))
+        for m in METRICS + EMBEDDING:
             values = [seeds[s][m] for s in sorted(seeds)]
-            row = dict(arm=arm, scale=scale, metric=m, seeds=len(values),
+            row = dict(arm=arm, scale=scale, metric=m, seeds=len(values), baseline=base_arm,
                        mean=float(np.mean(values)),
                        std=float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
-            if arm != "clean":
+            if base_arm is not None and m in METRICS:
                 row.update(paired_stats([seeds[s][m] for s in shared],
-                                        [clean[s][m] for s in shared]))
+                                        [base[s][m] for s in shared]))
             out.append(row)
+    primary = [r for r in out if r["arm"] in CONTRASTS and r["scale"] == 2.0
+               and r["metric"] == "fid" and r.get("n", 0) >= 2]
+    for r, p in zip(primary, holm([r["p"] for r in primary])):
+        r["p_holm"] = p
     return out
 
 
 def arm_order(arm):
-    names = ["clean", "eta2.5", "eta5", "eta10", "eta20", "cep-u", "cep-g", "ip", "cads"]
+    names = list(ARMS)
     return (names.index(arm) if arm in names else len(names), arm)
 
 
 # ----------------------------------------------------------------------------- report
 
-def write_report(rows, summary, out, ref, meta):
+def write_report(rows, summary, floors, out, ref, meta):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, ["arm", "seed", "scale", *METRICS, "n"])
+        w = csv.DictWriter(f, ["arm", "seed", "scale", *METRICS, "n", *EMBEDDING, "minutes"])
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        keys = ["arm", "scale", "metric", "seeds", "mean", "std",
-                "n", "diff", "lo", "hi", "p", "mde"]
+        keys = ["arm", "scale", "metric", "seeds", "baseline", "mean", "std",
+                "n", "diff", "lo", "hi", "p", "p_holm", "mde"]
         w = csv.DictWriter(f, keys)
         w.writeheader()
         w.writerows({k: r.get(k, "") for k in keys} for r in summary)
-    lines = [f"Classifier test accuracy {float(ref['test_accuracy']):.3f}; memorisation "
-             f"threshold {float(ref['mem_threshold']):.4f} (5th percentile of held-out images' "
-             f"distance to the training set); {meta}.", ""]
-    for m in ("fid", "precision", "recall", "class_acc", "nn_train", "mem_ratio", "rmd_top1"):
+    sizes = ", ".join(f"{k} {len(ref[f'{k}_labels'])}" for k in
+                      ("train", "classifier", "reference", "floor", "unseen"))
+    lines = [f"Split (images): {sizes}. Classifier accuracy on the floor set "
+             f"{float(ref['classifier_accuracy']):.3f}; {meta}.", "",
+             *primary_table(summary), "", *floor_table(floors), ""]
+    for m in METRICS + EMBEDDING:
         lines += metric_table(summary, m) + [""]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     return "\n".join(lines)
 
 
+def primary_table(summary):
+    rows = [r for r in summary if "p_holm" in r]
+    lines = ["**Primary contrasts** (FID at s=2, arm - clean, paired seeds; Holm over the two)", "",
+             "| contrast | seeds | difference [95 % CI] | sign-flip p | Holm p | detectable |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} - clean | {r['n']} | {r['diff']:+.3f} [{r['lo']:+.3f}, "
+                     f"{r['hi']:+.3f}] | {r['p']:.4f} | {r['p_holm']:.4f} | {r['mde']:.3f} |")
+    return lines
+
+
+def floor_table(floors):
+    keys = ("fid", "kid", "fid_train", "precision", "recall", "class_acc", "copy_share",
+            "copy_ratio", "n")
+    lines = ["**Floor rows** (real images on the same yardstick)", "",
+             "| images | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in floors:
+        lines.append(f"| {r['arm']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
+    return lines
+
+
 def metric_table(summary, metric):
-    """One Markdown table: rows = arms, columns = scales; mean ± std, then diff [CI] p vs clean."""
+    """One Markdown table: rows = arms, columns = scales; mean ± std, then diff [CI] p vs the
+    baseline (bold only when the interval excludes 0 with >= MIN_SEEDS_TO_BOLD seeds)."""
     mine = [r for r in summary if r["metric"] == metric]
     scales = sorted({r["scale"] for r in mine})
-    lines = [f"**{metric}** (mean ± seed std; arm - clean: mean difference [95 % CI], "
+    lines = [f"**{metric}** (mean ± seed std; arm - baseline: mean difference [95 % CI], "
              "sign-flip p, smallest detectable difference)", "",
              "| arm | seeds | " + " | ".join(f"s={s:g}" for s in scales) + " |",
              "|---|---|" + "---|" * len(scales)]
@@ -308,64 +413,45 @@ def metric_table(summary, metric):
             if r is None:
                 cells.append("")
                 continue
-            cell = f"{r['mean']:.3f} ± {r['std']:.3f}"
-            if arm != "clean" and r["n"] >= 2:
-                mark = "**" if r["lo"] > 0 or r["hi"] < 0 else ""
-                cell += (f"<br>{mark}{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]{mark} "
-                         f"p={r['p']:.2f} mde={r['mde']:.3f}")
+            cell = f"{r['mean']:.4g} ± {r['std']:.2g}"
+            if r.get("n", 0) >= 2:
+                sure = r["n"] >= MIN_SEEDS_TO_BOLD and (r["lo"] > 0 or r["hi"] < 0)
+                mark = "**" if sure else ""
+                cell += (f"<br>{mark}{r['diff']:+.4g} [{r['lo']:+.3g}, {r['hi']:+.3g}]{mark} "
+                         f"p={r['p']:.3f} mde={r['mde']:.3g}")
             cells.append(cell)
         seeds = max(r["seeds"] for r in mine if r["arm"] == arm)
         lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot(summary, out):
+def plot(rows, summary, floors, out):
+    """FID and KID per seed (paired lines) with the floor rows; the paired differences."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    get = {(r["arm"], r["scale"], r["metric"]): r for r in summary}
-    scales = sorted({r["scale"] for r in summary})
-    arms = sorted({r["arm"] for r in summary}, key=arm_order)
-    fig, ax = plt.subplots(2, 2, figsize=(12, 9))
-    etas = [(0, "clean"), (2.5, "eta2.5"), (5, "eta5"), (10, "eta10"), (20, "eta20")]
-    for s in scales:  # the paper's U-shape? (Fig. 2)
-        pts = [(e, get[(a, s, "fid")]) for e, a in etas if (a, s, "fid") in get]
-        ax[0, 0].errorbar([e for e, _ in pts], [r["mean"] for _, r in pts], fmt="o-", capsize=3,
-                          yerr=[r["std"] for _, r in pts], label=f"s={s:g}")
-    ax[0, 0].set(xlabel="symmetric label corruption eta (%)",
-                 ylabel="FID (held-out, mean ± seed std)",
-                 title="FID against eta, one line per guidance scale")
-    for arm in arms:  # Fig. 3: FID against precision, one point per scale
-        pts = [(get[(arm, s, "precision")]["mean"], get[(arm, s, "fid")]["mean"]) for s in scales
-               if (arm, s, "fid") in get]
-        ax[0, 1].plot(*zip(*pts), "o-", label=arm, lw=1)
-    ax[0, 1].set(xlabel="precision", ylabel="FID", title="FID against precision (points: s = "
-                 + ", ".join(f"{s:g}" for s in scales) + ")")
-    s_mid = scales[len(scales) // 2]
-    x = np.arange(len(arms))
-    for k, (m, label) in enumerate([("mem_ratio", "memorisation ratio"), ("recall", "recall")]):
-        vals = [get.get((a, s_mid, m), {"mean": np.nan, "std": 0}) for a in arms]
-        ax[1, 0].bar(x + (k - 0.5) * 0.4, [v["mean"] for v in vals], 0.4,
-                     yerr=[v["std"] for v in vals], capsize=2, label=label)
-    ax[1, 0].set(xticks=x, title=f"memorisation and diversity at s={s_mid:g} (mean ± seed std)")
-    ax[1, 0].set_xticklabels(arms, rotation=30)
-    others = [a for a in arms if a != "clean"]
-    for k, s in enumerate(scales):  # paired differences with their intervals
-        rows = [get[(a, s, "fid")] for a in others if (a, s, "fid") in get]
-        y = np.arange(len(rows)) + (k - 1) * 0.25
-        xerr = [[r["diff"] - r["lo"] for r in rows], [r["hi"] - r["diff"] for r in rows]]
-        ax[1, 1].errorbar([r["diff"] for r in rows], y, xerr=xerr, fmt="o", capsize=3,
-                          label=f"s={s:g}")
-    many = [r for r in summary if r["metric"] == "fid" and r["arm"] != "clean" and r["n"] > 2]
-    reach = 1.5 * max([abs(r[k]) for r in many for k in ("lo", "hi")] or [1.0])
-    ax[1, 1].set_xlim(-reach, reach)  # 2-seed t-intervals (1 degree of freedom) run off the axis
-    ax[1, 1].axvline(0, color="k", lw=0.8)
-    ax[1, 1].set(yticks=np.arange(len(others)),
-                 xlabel="FID(arm) - FID(clean), paired, 95 % CI (2-seed intervals clipped)",
-                 title="paired differences against clean (left = better)")
-    ax[1, 1].set_yticklabels(others)
-    for a in ax.flat:
-        a.legend(fontsize=7)
+    arms = sorted({r["arm"] for r in rows}, key=arm_order)
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+    for k, metric in enumerate(("fid", "kid")):
+        for seed in sorted({r["seed"] for r in rows}):
+            pts = [(i, r[metric]) for i, a in enumerate(arms) for r in rows
+                   if r["arm"] == a and r["seed"] == seed and r["scale"] == 2.0]
+            ax[k].plot(*zip(*pts), "o-", color="grey", alpha=0.5, lw=0.8)
+        for f, style in zip(floors, ("--", ":")):
+            ax[k].axhline(f[metric], ls=style, color="k", label=f"{f['arm']} (n={f['n']})")
+        ax[k].set(xticks=range(len(arms)), ylabel=f"{metric.upper()} against the reference set",
+                  title=f"{metric.upper()} at s=2, one line per seed")
+        ax[k].set_xticklabels(arms, rotation=30)
+        ax[k].legend(fontsize=7)
+    diffs = [r for r in summary if r["metric"] == "fid" and r.get("n", 0) >= 2]
+    labels = [f"{r['arm']} - {r['baseline']} s={r['scale']:g} ({r['n']} seeds)" for r in diffs]
+    y = np.arange(len(diffs))
+    xerr = [[r["diff"] - r["lo"] for r in diffs], [r["hi"] - r["diff"] for r in diffs]]
+    ax[2].errorbar([r["diff"] for r in diffs], y, xerr=xerr, fmt="o", capsize=3)
+    ax[2].axvline(0, color="k", lw=0.8)
+    ax[2].set(yticks=y, xlabel="FID difference, paired, 95 % CI (left = better)",
+              title="paired differences against the baseline")
+    ax[2].set_yticklabels(labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "sweep.png"), dpi=110)
     plt.close(fig)
@@ -373,13 +459,7 @@ def plot(summary, out):
 
 # ----------------------------------------------------------------------------- driver
 
-def jobs_for(args, size, arms, seeds):
-    ref_path = os.path.join(args.out, "reference.npz")
-    return [(arm, ARMS[arm] if arm in ARMS else arms[arm], seed, size, args.out, ref_path)
-            for seed in seeds for arm in arms]
-
-
-def run_all(jobs, args, done_rows, t_start, total):
+def run_all(jobs, args, t_start):
     """Run jobs (in a pool of spawned one-thread workers), printing progress and time left."""
     if args.workers == 1:
         results = map(run_job, jobs)
@@ -387,14 +467,14 @@ def run_all(jobs, args, done_rows, t_start, total):
         spawn = multiprocessing.get_context("spawn")  # fresh processes: one thread each
         pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn)
         results = pool.map(run_job, jobs)
-    for job, rows in zip(jobs, results):
-        done_rows += rows
-        finished = len({(r["arm"], r["seed"]) for r in done_rows if r["arm"] != "cads"})
+    rows = []
+    for done, (job, job_rows) in enumerate(zip(jobs, results), 1):
+        rows += job_rows
         elapsed = time.time() - t_start
-        left = elapsed / max(finished, 1) * (total - finished)
-        print(f"[sweep] {job[0]}-s{job[2]} done: {finished}/{total} jobs, {elapsed / 60:.1f} min, "
+        left = elapsed / done * (len(jobs) - done)
+        print(f"[sweep] {job[0]}-s{job[1]} done: {done}/{len(jobs)} jobs, {elapsed / 60:.1f} min, "
               f"about {left / 60:.0f} min left", flush=True)
-    return done_rows
+    return rows
 
 
 def main(argv=None):
@@ -402,32 +482,26 @@ def main(argv=None):
     size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
     os.makedirs(args.out, exist_ok=True)
     system.write_json(os.path.join(args.out, "sweep.json"),
-                      {**vars(args), **size, "arms": ARMS, "cads": CADS})
+                      {**vars(args), **size, "samples": {f"{k:g}": v for k, v in
+                                                         size["samples"].items()},
+                       "arms": ARMS, "cads": CADS, "contrasts": CONTRASTS})
     t_start = time.time()
     ref = reference(args.out, size)
-    other_seeds = range(args.other_seeds)
-    early = ["cep-u", "cep-g", "clean", "eta5"]  # the CEP choice of the gamma sweep needs these
-    first = jobs_for(args, size, early, other_seeds) \
-        + jobs_for(args, size, [a for a in ARMS if a not in early], other_seeds) \
-        + jobs_for(args, size, list(MAIN_ARMS), range(args.other_seeds, args.seeds))
-    total = len(first) + 2 * len(other_seeds)
-    rows = run_all(first, args, [], t_start, total)
-    def mean_fid(arm):
-        return np.mean([r["fid"] for r in rows
-                        if r["arm"] == arm and r["scale"] == 2.0 and r["seed"] in other_seeds])
-    better = min(("cep-u", "cep-g"), key=mean_fid)
-    kind = "uniform" if better == "cep-u" else "gaussian"
-    gamma_arms = {f"{better}-g{g:g}": ["--cep", kind, "--gamma", str(g)] for g in (0.3, 3)}
-    print(f"[sweep] gamma sweep for {better} (lower mean FID at s=2)", flush=True)
-    rows = run_all(jobs_for(args, size, gamma_arms, other_seeds), args, rows, t_start, total)
+    jobs = [(arm, seed, size, args.out) for seed in range(args.seeds) for arm in PRIMARY]
+    jobs += [(arm, seed, size, args.out) for seed in range(args.mechanism_seeds)
+             for arm in MECHANISM]
+    jobs += [(arm, seed, size, args.out) for seed in range(args.other_seeds) for arm in OTHER]
+    rows = run_all(jobs, args, t_start)
+    clf = features.load_classifier(os.path.join(args.out, "classifier.pt"))
+    floors = floor_rows(ref, clf)
     summary = summarise(rows)
     minutes = (time.time() - t_start) / 60
     meta = (f"{args.setting}: {size['train_per_class']} training images per class, "
-            f"{size['steps']} steps x {size['batch']}, {size['per_class']} samples per class, "
-            f"DPM-Solver++ {size['sample_steps']} steps; gamma sweep on {better}; "
-            f"this run took {minutes:.0f} min")
-    print(write_report(rows, summary, args.out, ref, meta))
-    plot(summary, args.out)
+            f"{size['steps']} steps x {size['batch']}, samples per class "
+            + ", ".join(f"{v} at s={k:g}" for k, v in size["samples"].items())
+            + f", DPM-Solver++ {size['sample_steps']} steps; this run took {minutes:.0f} min")
+    print(write_report(rows, summary, floors, args.out, ref, meta))
+    plot(rows, summary, floors, args.out)
     print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png "
           f"({minutes:.1f} min)")
     return rows, summary

@@ -30,6 +30,7 @@ import corrupt
 import data
 import denoiser
 import diffusion
+import released
 import system
 import unet
 import vae
@@ -40,7 +41,8 @@ import vae
 RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out",
              "threads",
              "batch_size", "grad_accum", "class_names", "unsafe_pickle", "check_images",
-             "data_changed_ok"}
+             "data_changed_ok",
+             "train_indices"}  # follows from --train-per-class and --split-seed, compared
 
 
 def parse_args(argv=None):
@@ -66,8 +68,12 @@ def parse_args(argv=None):
                    help="--resume on a dataset whose size changed (e.g. bad files removed); the "
                         "data order after the resume then differs from an uninterrupted run")
     d.add_argument("--train-per-class", type=int, default=None,
-                   help="digits, fashion-mnist: train on the first N images of each class only "
-                        "(a small training set, where a clean model starts to memorise)")
+                   help="digits, fashion-mnist: train on N images of each class only, drawn at "
+                        "random by --split-seed (a small training set, where a clean model "
+                        "starts to memorise)")
+    d.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the --train-per-class draw (fixed across --seed: every seed "
+                        "and arm of an experiment trains on the same images)")
     c = p.add_argument_group("condition corruption (Sec. 3.1, 3.3)")
     c.add_argument("--eta", type=float, default=0.0,
                    help="corruption ratio, e.g. 0.025 (paper: 0 to 0.20)")
@@ -93,8 +99,14 @@ def parse_args(argv=None):
                         "U-Net and class table replace the preset (released.py)")
     m.add_argument("--head-channels", type=int, default=None,
                    help="override the preset's head width (-1 = one head, the paper's model)")
+    m.add_argument("--context-dim", type=int, default=None,
+                   help="override the preset's condition width d (the class embedding's, for "
+                        "CEP's gamma / sqrt(d); paper: 512)")
     m.add_argument("--text-encoder", default=None,
                    help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
+    m.add_argument("--no-attention-mask", action="store_true",
+                   help="captions: call the text encoder with the token ids only (padding "
+                        "attended), as the released CC3M models do (released.py export)")
     m.add_argument("--text-length", type=int, default=77,
                    help="captions: tokens per caption (paper: 77; shorter is cheaper for short "
                         "captions)")
@@ -155,8 +167,9 @@ def load_training_data(args):
                     num_classes=cache.num_classes)
         return cache, conditions, info
     ds = data.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
-    if args.train_per_class is not None:
-        ds = data.first_per_class(ds, args.train_per_class)
+    kept = None
+    if args.train_per_class is not None:  # a seeded stratified draw, recorded in the config
+        ds, kept = data.per_class_subset(ds, args.train_per_class, args.split_seed)
     if args.check_images and getattr(ds, "paths", None):
         bad = data.unreadable_images(ds.paths)
         if bad:
@@ -166,7 +179,8 @@ def load_training_data(args):
     text = getattr(ds, "captions", None) is not None
     info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
                 num_classes=None if text else ds.num_classes,
-                class_names=None if text else ds.class_names)  # labels of the sample grids
+                class_names=None if text else ds.class_names,  # labels of the sample grids
+                train_indices=None if kept is None else kept.tolist())
     return ds, (ds.captions if text else ds.labels), info
 
 
@@ -195,7 +209,12 @@ def step_generator(seed, step, device):
 
 
 # ----------------------------------------------------------------------------- resuming
+# flags added after runs were made: a checkpoint without one was trained with its default
+ADDED_LATER = {"context_dim": None, "no_attention_mask": False, "attention_mask": True}
+
+
 def check_resumable(saved, config):
+    saved = {**ADDED_LATER, **saved}
     saved_batch = saved.get("global_batch", saved["batch_size"])
     if saved_batch != config["global_batch"]:
         per_step = config["global_batch"] // config["batch_size"]  # processes x grad-accum
@@ -232,6 +251,7 @@ def build_config(args, images, conditions, info, autoencoder):
             x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
     return {**vars(args), **info, "text": isinstance(conditions, list), "channels": x.shape[0],
             "size": x.shape[-1], "num_examples": len(conditions),
+            "attention_mask": not args.no_attention_mask,
             "preset": None if args.init else denoiser.choose_preset(args.preset, x.shape[-1])}
 
 
@@ -241,7 +261,9 @@ def prepare_data(args, device):
         images, clean, info = load_training_data(args)
         autoencoder = None
         if args.vae:
-            autoencoder = vae.load_autoencoder(args.vae, unsafe_pickle=args.unsafe_pickle)
+            scale = released.latent_scale(args.init) if args.init else None  # text pipelines
+            autoencoder = vae.load_autoencoder(args.vae, scale=scale,
+                                               unsafe_pickle=args.unsafe_pickle)
             autoencoder = autoencoder.to(device).eval()
             info["latent_scale"], info["vae_sha256"] = autoencoder.scale, vae.weights_hash(args.vae)
         config = build_config(args, images, clean, info, autoencoder)
@@ -291,6 +313,11 @@ def init_weights(args, config):
         raise SystemExit(f"--init: the data's {config['space']} inputs are {data}; the model "
                          f"takes {takes} (encode the data with the model's autoencoder: --vae "
                          f"DIR/vqvae, or vae.py encode --weights DIR/vqvae)")
+    scale = start_config.get("latent_scale")
+    if scale is not None and config.get("latent_scale") != scale:
+        raise SystemExit(f"--init: the model works on latents x {scale}, the data's are x "
+                         f"{config.get('latent_scale')} (encode with the model's autoencoder: "
+                         "--vae DIR/vqvae)")
     if start_config["text"] != config["text"]:
         raise SystemExit("--init: a class model needs class labels, a text model captions")
     if not config["text"] and config["num_classes"] > start_config["num_classes"]:
@@ -326,7 +353,9 @@ def check_args(args):
               ("--steps", args.steps, 1, inf), ("--batch-size", args.batch_size, 1, inf),
               ("--grad-accum", args.grad_accum, 1, inf),
               ("--ckpt-every", args.ckpt_every, 1, inf), ("--log-every", args.log_every, 1, inf),
-              ("--text-length", args.text_length, 1, inf), ("--lr", args.lr, 0, inf)]
+              ("--text-length", args.text_length, 1, inf), ("--lr", args.lr, 0, inf),
+              ("--ema-decay", args.ema_decay, 0, 1),
+              ("--context-dim", 1 if args.context_dim is None else args.context_dim, 1, inf)]
     for flag, value, lo, hi in ranges:
         if not lo <= value <= hi:
             raise SystemExit(f"{flag} must be in [{lo}, {hi}], got {value}")

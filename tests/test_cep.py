@@ -1,5 +1,6 @@
 """Tests for cep.py: condition embedders and CEP (Sec. 5.1, Eq. 8)."""
 import math
+import os
 
 import pytest
 import torch
@@ -135,3 +136,36 @@ def test_text_embedder_trainable(bert_path):
     assert all(p.requires_grad for p in text.encoder.parameters())  # fully trainable
     assert text.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert text.encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def readme_block(marker):
+    """The first ```python block after `marker` in README.md, as written there."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    after = text[text.index(marker):]
+    return after[after.index("```python\n") + 10:after.index("\n```", after.index("```python"))]
+
+
+def test_the_readme_cep_snippet_perturbs_a_diffusers_unet_in_training_only():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    namespace = {}
+    exec(readme_block("**CEP when you train with diffusers.**"), namespace)
+    loss_fn = namespace["diffusers_training_loss"]
+    net = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                               block_out_channels=(32, 64), cross_attention_dim=16,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                               attention_head_dim=8)
+    seen = []
+    net.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"]),
+        with_kwargs=True)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, tokens = torch.randn(4, 3, 8, 8), torch.randn(4, 77, 16)
+    loss = loss_fn(net.train(), scheduler, latents, tokens, gamma=2.0)
+    loss.backward()  # a training loss with gradients
+    delta = seen[-1] - tokens
+    assert delta.abs().min() > 0  # every element perturbed
+    assert delta.std().item() == pytest.approx(2.0 / math.sqrt(16), rel=0.05)  # gamma / sqrt(d)
+    with torch.no_grad():
+        loss_fn(net.eval(), scheduler, latents, tokens)
+    assert torch.equal(seen[-1], tokens)  # eval: the condition as given

@@ -27,6 +27,17 @@ def test_digits():
     assert big.images.shape[1:] == (1, 16, 16) and big.image_size == 16
 
 
+def test_per_class_indices_are_stratified_seeded_and_spread():
+    labels = data.load_dataset("digits").labels
+    a, b = data.per_class_indices(labels, 30, seed=0), data.per_class_indices(labels, 30, seed=1)
+    assert np.bincount(labels[a]).tolist() == [30] * 10 and len(set(a.tolist())) == 300
+    assert np.array_equal(a, data.per_class_indices(labels, 30, seed=0))  # the seed decides
+    assert not np.array_equal(a, b)
+    assert a.max() > 0.9 * len(labels)  # from the whole split, not its first writers
+    with pytest.raises(ValueError, match="must be in"):
+        data.per_class_indices(labels, 1000, seed=0)
+
+
 def test_fashion_mnist():
     train = data.load_dataset("fashion-mnist")
     test = data.load_dataset("fashion-mnist", split="test", pad=True)

@@ -108,6 +108,24 @@ def test_inception_score_matches_torch_fidelity():
     assert std == pytest.approx(ref["inception_score_std"], rel=1e-8)
 
 
+@pytest.mark.parametrize("n", [50, 300])
+def test_kid_matches_torch_fidelity_and_is_unbiased(n):
+    """Equal sizes, one subset of all samples: torch-fidelity's estimate exactly; the same law
+    on both sides averages to 0 at any sizes (unbiased), a shifted one does not."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    rng = np.random.default_rng(n)
+    a, b = rng.normal(size=(n, 16)), rng.normal(0.3, 1.2, size=(n, 16))
+    theirs = kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subsets=1,
+                                    kid_subset_size=n, verbose=False)
+    assert metrics.kernel_inception_distance(a, b) == pytest.approx(
+        theirs["kernel_inception_distance_mean"], rel=1e-10)
+    same = [metrics.kernel_inception_distance(rng.normal(size=(n, 16)), rng.normal(size=(40, 16)))
+            for _ in range(200)]
+    spread = np.std(same) / np.sqrt(len(same))
+    assert abs(np.mean(same)) < 4 * spread  # unbiased, also at unequal sizes (n vs 40)
+    assert metrics.kernel_inception_distance(a, b) > 20 * spread
+
+
 def test_precision_recall_matches_prdc(monkeypatch):
     from prdc import compute_prdc
     rs = np.random.RandomState(0)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, VQModel
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UNet2DConditionModel, VQModel)
 
+import data
 import denoiser
 import diffusion
 import released
@@ -25,12 +27,20 @@ CLASSES = 10  # the class table has CLASSES + 1 rows: the last is the null class
 # diffusers' DPM scheduler calls np.array(tensor, copy=False) (a NumPy 2 deprecation): not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 LDM_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
-                    beta_end=0.0195, clip_sample=False, set_alpha_to_one=False)
+                    beta_end=0.0195, clip_sample=False)
 
 
-def write_pipeline(root, timestep_spacing, steps_offset):
+# the paper's LDM-4 layout (Table 3) at a small width: attention at every level but the first and
+# in the middle, one head per block, so the head width differs per level (64 / 96 / 160)
+NARROW_LDM4 = dataclasses.replace(unet.PRESETS["ldm4-in1k"], model_channels=32, num_res_blocks=1,
+                                  attention_resolutions=(8, 4, 2), sample_size=16,
+                                  context_dim=32)
+
+
+def write_pipeline(root, timestep_spacing, steps_offset, ucfg=TINY_UNET, scheduler=DDIMScheduler,
+                   **scheduler_options):
     """The layout of a DiffusionNoise class model: unet/, vqvae/, class_embedder/, scheduler/."""
-    net = system.randomise_(UNet2DConditionModel(**unet.diffusers_config(TINY_UNET)), seed=1)
+    net = system.randomise_(UNet2DConditionModel(**unet.diffusers_config(ucfg)), seed=1)
     net.save_pretrained(root / "unet")
     levels = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
     vq = VQModel(in_channels=1, out_channels=1, down_block_types=levels[0],
@@ -44,8 +54,10 @@ def write_pipeline(root, timestep_spacing, steps_offset):
     weights = root / "class_embedder" / "diffusion_pytorch_model.safetensors"
     safetensors.torch.save_file({"embedding.weight": table}, str(weights))
     betas = diffusion.ldm_linear_betas().tolist()  # stored as the released configs store them
-    DDIMScheduler(**LDM_SCHEDULE, trained_betas=betas, timestep_spacing=timestep_spacing,
-                  steps_offset=steps_offset).save_pretrained(root / "scheduler")
+    if scheduler is DDIMScheduler:
+        scheduler_options = {"set_alpha_to_one": False, **scheduler_options}
+    scheduler(**LDM_SCHEDULE, trained_betas=betas, timestep_spacing=timestep_spacing,
+              steps_offset=steps_offset, **scheduler_options).save_pretrained(root / "scheduler")
     return table
 
 
@@ -65,6 +77,39 @@ def diffusers_samples(root, table, labels, x_T, scale, steps, sampler):
         x = scheduler.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
     images = (vq.decode(x).sample / 2 + 0.5).clamp(0, 1)
     return (images * 255).round().permute(0, 2, 3, 1).numpy(), scheduler.timesteps
+
+
+def test_the_paper_one_head_ldm4_is_read_at_full_size():
+    """LDM-4 IN-1K as diffusers stores it (attention_head_dim 1: one head, 384 / 576 / 960 wide):
+    our preset, every tensor's name and shape, built on the meta device (1.6 GB otherwise)."""
+    ldm4 = unet.PRESETS["ldm4-in1k"]
+    config = unet.diffusers_config(ldm4)
+    assert released.unet_config({**config, "attention_head_dim": 1}) == ldm4
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**config).state_dict()
+        ours = unet.UNet(ldm4).state_dict()
+    mapped = unet.from_diffusers_state_dict(ldm4, theirs)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.items()}
+    assert sum(v.numel() for v in ours.values()) == 400_920_579  # Table 3
+
+
+def test_one_head_every_level_and_a_ddpm_config_equal_the_diffusers_loop(tmp_path):
+    """The paper's layout (narrow) with the stored config a DDPMScheduler writes (variance_type
+    fixed_small, which DPM-Solver ignores; clip_sample off as LDM)."""
+    table = write_pipeline(tmp_path / "model", "leading", 1, NARROW_LDM4, DDPMScheduler,
+                           variance_type="fixed_small")
+    config = json.load(open(tmp_path / "model" / "scheduler" / "scheduler_config.json"))
+    assert config["_class_name"] == "DDPMScheduler" and config["variance_type"] == "fixed_small"
+    out, sampler = tmp_path / "samples", "dpm"
+    sample.main(["--ckpt", str(tmp_path / "model"), "--classes", "2,5", "--per-class", "1",
+                 "--sampler", sampler, "--steps", "4", "--guidance", "2", "--out", str(out),
+                 "--no-images"])
+    ours = np.load(out / "s2" / "samples.npz")["arr_0"]
+    assert ours.shape == (2, 32, 32, 1)
+    x_T, _ = sample.initial_noise(range(2), 0, (3, 16, 16))
+    theirs, _ = diffusers_samples(tmp_path / "model", table, [2, 5], x_T, 2.0, 4, sampler)
+    diff = np.abs(ours.astype(float) - theirs)
+    assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("sampler,spacing,offset", [("dpm", "leading", 1), ("dpm", "linspace", 0),
@@ -94,8 +139,14 @@ def test_spacings_give_other_timesteps_and_paper_forces_ours(tmp_path):
     assert released.timesteps(config, "dpm", 50)[[0, 1, -1]].tolist() == [951, 932, 20]
     assert released.timesteps({**config, "timestep_spacing": "linspace"}, "dpm", 50)[
         [0, 1, -1]].tolist() == [999, 979, 20]  # the paper's protocol (App. B.7)
-    with pytest.raises(ValueError, match="clip_sample"):
-        released.timesteps({**config, "clip_sample": True}, "ddim", 50)
+    for meaning in ({"clip_sample": True}, {"prediction_type": "v_prediction"}):
+        with pytest.raises(ValueError, match="cannot be sampled here") as refused:
+            released.timesteps({**config, **meaning}, "ddim", 50)
+        assert "--timesteps paper" not in str(refused.value)  # no hint into wrong samples
+    with pytest.raises(ValueError, match="variance_type"):
+        released.check_model_options({**config, "variance_type": "learned_range"}, "dpm")
+    with pytest.raises(ValueError, match="10 trained_betas for num_train_timesteps 1000"):
+        released.alphas_cumprod({**config, "trained_betas": config["trained_betas"][:10]})
     torch.testing.assert_close(released.alphas_cumprod(config),
                                diffusion.alphas_cumprod(diffusion.ldm_linear_betas()))
     common = ["--ckpt", str(tmp_path / "model"), "--classes", "1", "--per-class", "1",
@@ -105,6 +156,10 @@ def test_spacings_give_other_timesteps_and_paper_forces_ours(tmp_path):
     a, b = (np.load(tmp_path / d / "s2" / "samples.npz") for d in ("a", "b"))
     assert str(a["timesteps"]) == "config" and str(b["timesteps"]) == "paper"
     assert not np.array_equal(a["arr_0"], b["arr_0"])  # other timesteps, other samples
+    stored = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    stored.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    with pytest.raises(SystemExit, match="v_prediction.*cannot be sampled here"):
+        sample.main([*common, "--out", str(tmp_path / "c"), "--timesteps", "paper"])
 
 
 def test_unsupported_models_and_missing_parts_are_named(tmp_path):
@@ -205,6 +260,78 @@ def test_text_model_samples_equal_the_diffusers_loop(tmp_path):
     for t in scheduler.timesteps:
         eps_u, eps_c = net(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
         x = scheduler.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
+    assert vq.config.scaling_factor == 0.18215  # VQModel's default, as a release may store it
+    assert released.latent_scale(str(tmp_path / "model")) == 0.18215  # train.py --init's scale
+    x = x / vq.config.scaling_factor  # LDMTextToImagePipeline: 1 / scaling_factor * latents
     theirs = ((vq.decode(x).sample / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)
     diff = np.abs(ours - theirs.numpy())
     assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())
+
+
+def test_export_of_a_trained_run_samples_the_same_in_diffusers_and_back(tmp_path):
+    """A latent class run of train.py (an autoencoder of ours) written in the released layout:
+    diffusers' from_pretrained reads the U-Net and the VQModel, the class embedder is the fork's
+    ClassEmbedder layout, a diffusers-driven loop samples what sample.py samples from the run,
+    and sample.py --ckpt reads the export back."""
+    config = vae.AutoencoderConfig("vq", in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                   n_embed=64)
+    vq = system.randomise_(vae.Autoencoder(config), seed=6)
+    torch.save({"config": dataclasses.asdict(config), "model": vq.state_dict(), "scale": 1.0},
+               tmp_path / "vq.pt")
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "pipeline")
+    train.main(["--dataset", "digits", "--image-size", "16", "--vae", str(tmp_path / "vq.pt"),
+                "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--out", run_dir])
+    released.main(["export", run_dir, out])
+    for part in ("unet", "vqvae", "class_embedder", "scheduler", "model_index.json"):
+        assert os.path.exists(os.path.join(out, part)), part
+    embedder = json.load(open(os.path.join(out, "class_embedder", "config.json")))
+    table = safetensors.torch.load_file(
+        os.path.join(out, "class_embedder", "diffusion_pytorch_model.safetensors"))
+    assert embedder["n_classes"] == CLASSES + 1 and list(table) == ["embedding.weight"]
+    table = table["embedding.weight"]
+    assert table.shape == (CLASSES + 1, embedder["embed_dim"])
+    common = ["--classes", "0,4,9", "--per-class", "1", "--steps", "5", "--guidance", "2",
+              "--no-images"]
+    sample.main(["--ckpt", run_dir, *common, "--out", str(tmp_path / "a")])
+    sample.main(["--ckpt", out, *common, "--out", str(tmp_path / "b")])
+    a, b = (np.load(tmp_path / d / "s2" / "samples.npz")["arr_0"] for d in ("a", "b"))
+    x_T, _ = sample.initial_noise(range(3), 0, (3, 8, 8))
+    theirs, timesteps = diffusers_samples(tmp_path / "pipeline", table, [0, 4, 9], x_T, 2.0, 5,
+                                          "dpm")
+    assert timesteps.tolist() == [999, 799, 599, 400, 200]  # the paper's DPM-Solver spacing
+    for ours in (a, b):
+        diff = np.abs(ours.astype(float) - theirs)
+        assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())
+    with pytest.raises(SystemExit, match="exists: choose a new directory"):
+        released.main(["export", run_dir, out])
+
+
+def test_export_of_a_text_run_round_trips_and_refuses_what_the_pipeline_cannot_run(tmp_path):
+    """A text run fine-tuned from a CC3M-layout release (BERT without attention mask, 77 tokens)
+    exports to bert/ + tokenizer/ and samples the same from the export; a run whose BERT takes
+    an attention mask is refused, with the flag that avoids it."""
+    from PIL import Image
+    write_text_pipeline(tmp_path / "model")
+    ds = data.load_dataset("digits", split="train")
+    for i in range(8):
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
+    (tmp_path / "c.tsv").write_text("".join(f"{i}.png\ta {'red' if i % 2 else 'blue'} dog\n"
+                                            for i in range(8)))
+    flags = ["--dataset", "captions", "--data-root", str(tmp_path / "c.tsv"), "--image-size", "16",
+             "--vae", str(tmp_path / "model" / "vqvae"), "--steps", "1", "--batch-size", "4",
+             "--num-workers", "0"]
+    run_dir, out = str(tmp_path / "tuned"), str(tmp_path / "export")
+    train.main([*flags, "--init", str(tmp_path / "model"), "--out", run_dir])
+    assert json.load(open(os.path.join(run_dir, "config.json")))["latent_scale"] == 0.18215
+    released.main(["export", run_dir, out])
+    assert all(os.path.isdir(os.path.join(out, part)) for part in ("bert", "tokenizer"))
+    (tmp_path / "prompts.txt").write_text("a red dog\nthe big house\n")
+    common = ["--prompts", str(tmp_path / "prompts.txt"), "--steps", "3", "--no-images"]
+    sample.main(["--ckpt", run_dir, *common, "--out", str(tmp_path / "a")])
+    sample.main(["--ckpt", out, *common, "--out", str(tmp_path / "b")])
+    a, b = (np.load(tmp_path / d / "s2" / "samples.npz")["arr_0"].astype(float) for d in "ab")
+    assert np.abs(a - b).max() <= 1
+    masked = str(tmp_path / "masked")
+    train.main([*flags, "--text-encoder", str(tmp_path / "model" / "bert"), "--out", masked])
+    with pytest.raises(SystemExit, match="attention mask .*--no-attention-mask"):
+        released.main(["export", masked, str(tmp_path / "refused")])

@@ -37,32 +37,69 @@ def test_paired_stats_interval_matches_scipy_and_mde_has_power_080():
     assert 0.75 < power < 0.85
 
 
+def test_holm_adjusts_step_down():
+    assert sweep.holm([0.01, 0.04]) == pytest.approx([0.02, 0.04])
+    assert sweep.holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # monotone in the p order
+    assert sweep.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_the_split_is_stratified_seeded_disjoint_and_shared_with_train():
+    size = {**sweep.SETTINGS["digits"]}
+    images, labels, parts = sweep.split(size)
+    again = sweep.split(size)[2]
+    assert all(np.array_equal(parts[k], again[k]) for k in parts)  # fixed by its seeds
+    used = np.concatenate([parts[k] for k in ("train", "classifier", "reference", "floor")])
+    assert len(used) == len(set(used.tolist())) == len(labels) == 1797  # disjoint, complete
+    assert set(parts["unseen"]) <= set(parts["classifier"])  # never scored by the classifier
+    assert np.bincount(labels[parts["train"]]).tolist() == [30] * 10
+    assert np.bincount(labels[parts["unseen"]]).tolist() == [30] * 10
+    for k in ("classifier", "reference", "floor"):  # thirds of every class
+        rest = np.bincount(labels) - 30
+        assert (np.abs(np.bincount(labels[parts[k]]) - rest / 3) <= 1).all(), k
+    full = train.data.load_dataset("digits")  # train.py draws the same training images
+    assert parts["train"].tolist() == train.data.per_class_indices(full.labels, 30, 0).tolist()
+    assert parts["train"].max() > 1000  # not the first writers of the split
+
+
 def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     """The whole experiment, tiny; a training killed at step 2 of 4 is resumed, and a second run
     redoes nothing."""
+    assert sweep.parse_args(["--smoke"]).out == "runs/sweep-digits-smoke"  # not the real sweep's
     out = str(tmp_path / "sweep")
     size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
     killed = os.path.join(out, "clean-s0")
     train.main(sweep.train_flags([], 0, {**size, "steps": 2}, killed))
     assert sweep.checkpoint_step(killed) == 2
-    argv = ["--out", out, "--smoke", "--workers", "1", "--seeds", "3", "--other-seeds", "2"]
+    argv = ["--out", out, "--smoke", "--workers", "1", "--seeds", "3", "--mechanism-seeds", "2",
+            "--other-seeds", "1"]
     rows, summary = sweep.main(argv)
     assert sweep.checkpoint_step(killed) == size["steps"]
     assert "resuming at step 2" in capsys.readouterr().out  # not restarted
     seeds = {}
     for r in rows:
         seeds.setdefault(r["arm"], set()).add(r["seed"])
-    main = {a: len(s) for a, s in seeds.items() if a in sweep.MAIN_ARMS}
-    assert main == {a: 3 for a in sweep.MAIN_ARMS}
-    assert all(len(seeds[a]) == 2 for a in sweep.ARMS if a not in sweep.MAIN_ARMS)
-    assert len(seeds["cads"]) == 3 and sum(a.endswith(("-g0.3", "-g3")) for a in seeds) == 2
+    assert {a: len(seeds[a]) for a in sweep.PRIMARY} == {a: 3 for a in sweep.PRIMARY}
+    assert {a: len(seeds[a]) for a in sweep.MECHANISM} == {a: 2 for a in sweep.MECHANISM}
+    assert all(len(seeds[a]) == 1 for a in sweep.OTHER)
+    assert not os.path.exists(os.path.join(out, "cads-s0"))  # CADS samples the clean model
     with open(os.path.join(out, "results.csv")) as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and {r["scale"] for r in table} == {"1.0", "2.0"}
-    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["mem_ratio"]) <= 1 for r in table)
-    paired = [r for r in summary if r["arm"] == "eta5" and r["metric"] == "fid"]
-    assert all(r["n"] == 3 and r["lo"] <= r["diff"] <= r["hi"] for r in paired)
-    for name in ("summary.csv", "results.md", "sweep.png", "reference.npz", "sweep.json"):
+    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["copy_share"]) <= 1
+               for r in table)
+    n = {r["scale"]: int(r["n"]) for r in table}
+    assert n == {"2.0": 10 * size["samples"][2.0], "1.0": 10 * size["samples"][1.0]}
+    d16 = [r for r in table if r["arm"] == "cep-g-d16"][0]
+    assert float(d16["delta_rms"]) == 1.0 and float(d16["delta_over_dist"]) > 0
+    primary = [r for r in summary if "p_holm" in r]
+    assert sorted(r["arm"] for r in primary) == sorted(sweep.CONTRASTS)
+    assert all(r["n"] == 3 and r["p_holm"] >= r["p"] and r["scale"] == 2.0 for r in primary)
+    mech = [r for r in summary if r["arm"] == "cep-g-d16" and r["metric"] == "fid"]
+    assert all(r["baseline"] == "clean-d16" and r["n"] == 2 for r in mech)
+    report = open(os.path.join(out, "results.md")).read()
+    assert "**Primary contrasts**" in report and "| real held-out |" in report
+    assert "**" not in report.split("**fid**")[1].split("**kid**")[0]  # < 4 seeds: no bold
+    for name in ("summary.csv", "sweep.png", "reference.npz", "split.npz", "sweep.json"):
         assert os.path.exists(os.path.join(out, name))
     before = os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt"))
     npz = os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")
@@ -71,6 +108,7 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     assert sweep.samples_done(samples, size, cads=False)
     assert not sweep.samples_done(samples, {**size, "steps": size["steps"] + 1}, cads=False)
     assert not sweep.samples_done(samples, {**size, "sample_steps": 7}, cads=False)
+    assert not sweep.samples_done(samples, {**size, "samples": {2.0: 5, 1.0: 2}}, cads=False)
     cut = str(tmp_path / "cut")
     shutil.copytree(samples, cut)
     with open(os.path.join(cut, "s2", "samples.npz"), "r+b") as f:

@@ -145,14 +145,18 @@ def test_latent_cache_training_and_decoding(tmp_path):
                   "--num-workers", "0"])
 
 
-def test_train_per_class_takes_the_first_images_of_each_class(tmp_path):
+def test_train_per_class_is_a_seeded_random_stratified_draw_recorded_in_the_config(tmp_path):
     out = run(tmp_path, "few", "--steps", "1", "--train-per-class", "3")
-    assert json.load(open(os.path.join(out, "config.json")))["num_examples"] == 30
+    config = json.load(open(os.path.join(out, "config.json")))
     full = data.load_dataset("digits", split="train")
-    few = data.first_per_class(full, 3)
-    assert np.bincount(few.labels).tolist() == [3] * 10
+    kept = data.per_class_indices(full.labels, 3, seed=0)
+    assert config["num_examples"] == 30 and config["train_indices"] == kept.tolist()
+    assert np.bincount(full.labels[kept]).tolist() == [3] * 10
     first = np.sort(np.concatenate([np.flatnonzero(full.labels == c)[:3] for c in range(10)]))
-    assert torch.equal(few.images, full.images[torch.from_numpy(first)])
+    assert kept.tolist() != first.tolist()  # not the dataset's order (writer blocks)
+    assert kept.max() > 1000  # drawn from the whole split
+    other = run(tmp_path, "other", "--steps", "1", "--train-per-class", "3", "--seed", "5")
+    assert json.load(open(os.path.join(other, "config.json")))["train_indices"] == kept.tolist()
     with pytest.raises(SystemExit, match="--train-per-class must be in"):
         run(tmp_path, "too-many", "--steps", "1", "--train-per-class", "100000")
 
