@@ -1,23 +1,29 @@
-"""Conditions and condition embedding perturbation (CEP).
+"""Conditions, condition embedding perturbation (CEP) and the denoiser of Eq. 8.
 
 The condition embedders c_theta(y) of the LDM-4 models (App. B.3) and the perturbation delta of
 CEP, the paper's method (Sec. 5.1, Eq. 8): during training the U-Net sees c_theta(y) + delta
-instead of c_theta(y) (denoiser.py),
+instead of c_theta(y) (`Denoiser` below),
 
     loss = || eps - eps_theta(x_t, t, c_theta(y) + delta) ||^2,
 
-with delta drawn afresh for every sample at every step, and never at sampling.
+with delta drawn afresh for every sample at every step, and never at sampling. `Denoiser` is
+eps_theta(x_t, t, c_theta(y) + delta) itself: embedder, delta, U-Net (unet.py), one model for
+training (train.py) and sampling (sample.py).
   CEP-U: delta ~ U(-gamma/sqrt(d), +gamma/sqrt(d)) elementwise
   CEP-G: delta ~ N(0, (gamma/sqrt(d))^2 I)   (the paper's N(0, gamma/sqrt(d) I), its second
          argument read as the standard deviation: our reading)
 d is the width of one condition token (the last dimension of the embedding).
-Condition dropout for classifier-free guidance is in denoiser.py.
+The null condition (the extra class row, or the empty caption) is what condition dropout puts
+in during training and what classifier-free guidance (Eq. 2) contrasts with at sampling.
 """
+import dataclasses
 import math
 import os
 
 import torch
 import torch.nn as nn
+
+import unet
 
 # -----------------------------------------------------------------------------
 # condition embedders
@@ -119,3 +125,60 @@ def cep_delta(kind, gamma, shape, generator=None, device=None, dtype=None):
     if kind == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * scale
     raise ValueError(f"unknown CEP kind {kind!r}: expected 'uniform' or 'gaussian'")
+
+
+# -----------------------------------------------------------------------------
+# the denoiser of Eq. 8
+
+def unet_config(config):
+    """The U-Net of a run config: a released model's own (config["unet"]), or the preset at the
+    data's channels and size."""
+    if config.get("unet"):
+        return unet.UNetConfig(**config["unet"])
+    ucfg = dataclasses.replace(unet.PRESETS[config["preset"]], in_channels=config["channels"],
+                               out_channels=config["channels"], sample_size=config["size"])
+    if config["head_channels"] is not None:
+        ucfg = dataclasses.replace(ucfg, head_channels=config["head_channels"])
+    if config.get("context_dim") is not None:  # runs before this flag have none
+        ucfg = dataclasses.replace(ucfg, context_dim=config["context_dim"])
+    return ucfg
+
+
+class Denoiser(torch.nn.Module):
+    """eps_theta(x_t, t, c_theta(y) + delta) for class labels or captions (a run config)."""
+
+    def __init__(self, config):
+        super().__init__()
+        ucfg = unet_config(config)
+        if config["text"]:
+            self.embedder = TextEmbedder(config["text_encoder"], ucfg.context_dim,
+                                             config.get("text_length", 77),
+                                             config.get("freeze_text_encoder", False),
+                                             config.get("tokenizer"),
+                                             config.get("attention_mask", True))
+            # [L, D] per condition
+            self.context_shape = (self.embedder.max_length, ucfg.context_dim)
+        else:
+            self.embedder = ClassEmbedder(config["num_classes"], ucfg.context_dim)
+            self.context_shape = (1, ucfg.context_dim)
+        self.unet = unet.UNet(ucfg)
+
+    def forward(self, x_t, t, conditions, delta=None):
+        """Eq. 8. delta [B, *context_shape] is CEP's perturbation (cep.cep_delta), given during
+        training only; None at sampling and without CEP."""
+        context = self.embedder(conditions)  # c_theta(y): [B, L, D]
+        if delta is not None:
+            context = context + delta
+        return self.unet(x_t, t, context)
+
+    def null_conditions(self, batch):
+        """`batch` null conditions: the null class (labels) or the empty caption (text)."""
+        return self.embedder.null_condition(batch)
+
+    def drop_conditions(self, conditions, drop):
+        """Condition dropout for classifier-free guidance: the null condition where drop (bool
+        [B]) is set. Labels are int64 [B]; captions a list of B strings."""
+        if isinstance(conditions, list):
+            return [self.embedder.null_condition(1)[0] if d else c
+                    for d, c in zip(drop.tolist(), conditions)]
+        return torch.where(drop, self.embedder.null_label, conditions)

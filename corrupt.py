@@ -20,8 +20,8 @@ import os
 import numpy as np
 import torch
 
-import data
-import system
+from support import data, system
+
 
 # ----------------------------------------------------------------------------- corruption
 

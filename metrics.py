@@ -4,21 +4,20 @@
         --features inception:pt_inception-2015-12-05-6726825d.pth --metrics fid,is,pr --out eval/
     torchrun --nproc_per_node=8 metrics.py ...                       # feature extraction sharded
 
-FID (pytorch-fid's TF-Inception, float64 statistics, scipy sqrtm), IS (torch-fidelity's way),
-precision/recall/density/coverage (k = 3, as the prdc package), sFID (ADM's definition),
+FID (pytorch-fid's TF-Inception, float64 statistics streamed, scipy sqrtm), KID (unbiased, all
+pairs), IS (torch-fidelity's way), precision/recall/density/coverage (k = 3, as the prdc
+package), sFID (ADM's definition),
 top-1 % RMD (Eq. 38-40), sample entropy (Eq. 41), distance to the 5 nearest training images and
 the memorization ratio, CLIP score: each a function of feature arrays below. The features come
-from a network of features.py ("inception:PATH", "clip:DIR", "classifier:PATH"), named in every
-report, and the images from a source of extract.py: --real/--train/--fake take an .npz (arr_0
-uint8 NHWC: sample.py output, ADM reference batch), a pytorch-fid statistics .npz (mu, sigma), an
-image folder or "dataset:NAME[:SPLIT]" (data.py).
+from a network of support/features.py ("inception:PATH", "clip:DIR", "classifier:PATH"), named
+in every report, and the images from a source of support/extract.py: --real/--train/--fake take
+an .npz (arr_0 uint8 NHWC: sample.py output, ADM reference batch), a pytorch-fid statistics .npz
+(mu, sigma), an image folder or "dataset:NAME[:SPLIT]" (support/data.py).
 A sample.py folder OUT/s{scale}/samples.npz gives one row per guidance scale, and the plots.
 """
 import argparse
-import glob
 import math
 import os
-import re
 import time
 
 import numpy as np
@@ -27,9 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import linalg
 
-import extract
-import features
-import system
+from support import extract, features, system
+
 
 # --------------------------------------------------------------------------------------------
 # The metrics
@@ -53,6 +51,34 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+class FeatureStats:
+    """FID's Gaussian fit, streamed: running sum and sum of outer products in float64 (summed
+    over ranks), mean and covariance as np.cov (N - 1), as pytorch-fid's np.mean / np.cov."""
+
+    def __init__(self, dim, device):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, f):
+        f = f.double()
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def all_reduce(self):
+        if system.rank_and_world()[1] > 1:
+            n = torch.tensor([self.n], dtype=torch.float64, device=self.sum.device)
+            for t in (n, self.sum, self.outer):
+                dist.all_reduce(t)
+            self.n = int(n.item())
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), cov.cpu().numpy()
 
 
 def kernel_inception_distance(real, fake):
@@ -203,35 +229,6 @@ def clip_score_sum(clip, images, captions):
 # --------------------------------------------------------------------------------------------
 
 METRICS = ("fid", "sfid", "is", "pr", "rmd", "entropy", "mem", "clip")
-
-
-def run_label(path):
-    """runs/clean/samples -> "clean"; other paths -> their name without extension."""
-    base = os.path.basename(path)
-    if base == "samples":
-        return os.path.basename(os.path.dirname(path))
-    return os.path.splitext(base)[0]
-
-
-def fake_runs(specs):
-    """--fake [LABEL=]PATH -> [(label, scale or None, path)]; a sample.py folder gives one per
-    scale."""
-    rows = []
-    for spec in specs:
-        label, _, path = spec.rpartition("=")
-        path = os.path.normpath(path)
-        scale_dir = re.fullmatch(r"s([0-9.]+)", os.path.basename(os.path.dirname(path)))
-        sweep = sorted(glob.glob(os.path.join(path, "s*", "samples.npz")),
-                       key=lambda p: float(os.path.basename(os.path.dirname(p))[1:]))
-        if os.path.basename(path) == "samples.npz" and scale_dir:  # OUT/s{scale}/samples.npz
-            rows.append((label or run_label(os.path.dirname(os.path.dirname(path))),
-                         float(scale_dir[1]), path))
-        elif os.path.isdir(path) and sweep:
-            rows += [(label or run_label(path), float(os.path.basename(os.path.dirname(p))[1:]), p)
-                     for p in sweep]
-        else:
-            rows.append((label or run_label(path), None, path))
-    return rows
 
 
 def evaluate(source, extractor, real, train, metrics, args, extras, desc):
@@ -407,7 +404,7 @@ def main(argv=None):
     try:  # what the user gave: one-line errors
         extractor = features.Extractor(args.features, device)
         runs = [(label, scale, extract.open_images(path, args.data_root, args.image_size))
-                for label, scale, path in fake_runs(args.fake)]
+                for label, scale, path in extract.fake_runs(args.fake)]
         check_request(metrics, extractor, runs, args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"metrics.py: {e}") from None

@@ -22,12 +22,8 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import data
-import denoiser
 import diffusion
-import released
-import system
-import vae
+from support import data, released, runs, system, weights
 
 
 def parse_args(argv=None):
@@ -251,9 +247,9 @@ def load_autoencoder(args, config, device):
         raise ValueError("latent model: give --vae (the autoencoder the latents came from)")
     if not vae_path:
         return None
-    autoencoder = vae.load_autoencoder(vae_path, config.get("vae_preset"),
+    autoencoder = weights.load_autoencoder(vae_path, config.get("vae_preset"),
                                        config.get("latent_scale"), args.unsafe_pickle)
-    if config.get("vae_sha256") and vae.weights_hash(vae_path) != config["vae_sha256"]:
+    if config.get("vae_sha256") and weights.weights_hash(vae_path) != config["vae_sha256"]:
         raise ValueError(f"{vae_path} holds other weights than the autoencoder this model's "
                          f"latents came from (sha256 {config['vae_sha256']}): pass --vae with "
                          "those weights")
@@ -282,7 +278,7 @@ def main(argv=None):
     tf32 = args.precision == "auto" and device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:  # the user's checkpoint and autoencoder: one-line errors
-        model, config, step = denoiser.load(args.ckpt, args.weights, device, args.text_encoder,
+        model, config, step = runs.load(args.ckpt, args.weights, device, args.text_encoder,
                                             args.unsafe_pickle)
         autoencoder = load_autoencoder(args, config, device)
         schedule = sampling_schedule(args, config)

@@ -7,8 +7,8 @@ tokens, GEGLU feed-forward) at the 32, 16 and 8 maps of a 64x64x3 latent and in 
 one attention head, 512-d context: 400,920,579 parameters.
 
 Module names follow LDM's (those diffusers' conversion script reads), so an LDM checkpoint's
-`model.diffusion_model.*` weights should load as they are; diffusers-format weights (the paper's
-released models) load through load_diffusers_state_dict.
+`model.diffusion_model.*` weights load as they are; diffusers-format weights (the paper's
+released models) map to them in support/weights.py.
 """
 import math
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 @dataclass
@@ -125,10 +126,9 @@ class Attention(nn.Module):
 
     def forward(self, x, context):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        # [B, h, N|L, d]
-        q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, d], scale 1/sqrt(d)
-        return self.to_out(out.transpose(1, 2).flatten(2))  # [B, N, dim]
+        q, k, v = (rearrange(u, "b n (h d) -> b h n d", h=self.heads) for u in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -181,11 +181,10 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
 
     def forward(self, x, context):
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, H*W, inner]
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # H*W tokens
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.transpose(1, 2).unflatten(2, (H, W))  # [B, inner, H, W]
+        h = rearrange(h, "b (h w) c -> b c h w", h=x.shape[2])
         return x + self.proj_out(h)
 
 
@@ -291,91 +290,3 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
-
-
-# ---- diffusers-format weights (the paper's released models) ----
-
-# diffusers ResnetBlock2D names -> LDM ResBlock names; transformer names are the same in both.
-_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                 "norm2": "out_layers.0", "conv2": "out_layers.3",
-                 "conv_shortcut": "skip_connection"}
-
-
-def diffusers_config(c):
-    """The UNet2DConditionModel config equivalent to UNetConfig c (as diffusers' LDM conversion)."""
-    levels = range(len(c.channel_mult))
-    widths = [c.model_channels * m for m in c.channel_mult]
-    return dict(
-        sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
-        flip_sin_to_cos=True, freq_shift=0,
-        down_block_types=["CrossAttnDownBlock2D" if c.has_attention(l) else "DownBlock2D"
-                          for l in levels],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["CrossAttnUpBlock2D" if c.has_attention(l) else "UpBlock2D"
-                        for l in reversed(levels)],
-        block_out_channels=widths, layers_per_block=c.num_res_blocks, downsample_padding=1,
-        act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=c.context_dim,
-        transformer_layers_per_block=c.transformer_depth, use_linear_projection=False,
-        # diffusers reads attention_head_dim as the NUMBER of heads (its LDM conversions do too)
-        attention_head_dim=[1 if c.head_channels == -1 else w // c.head_channels for w in widths],
-    )
-
-
-def diffusers_key_map(config):
-    """{our key: diffusers UNet2DConditionModel key} for every tensor of UNet(config), as diffusers'
-    LDM conversion names them (scripts/convert_ldm_original_checkpoint_to_diffusers.py)."""
-    n, levels = config.num_res_blocks, len(config.channel_mult)
-    blocks = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
-              "time_embed.2": "time_embedding.linear_2", "middle_block.0": "mid_block.resnets.0",
-              "middle_block.1": "mid_block.attentions.0", "middle_block.2": "mid_block.resnets.1",
-              "out.0": "conv_norm_out", "out.2": "conv_out"}  # our block -> diffusers block
-    for level in range(levels):
-        up = levels - 1 - level  # diffusers numbers up-blocks from the lowest resolution
-        for j in range(n):
-            k = 1 + level * (n + 1) + j
-            blocks[f"input_blocks.{k}.0"] = f"down_blocks.{level}.resnets.{j}"
-            blocks[f"input_blocks.{k}.1"] = f"down_blocks.{level}.attentions.{j}"
-        if level < levels - 1:
-            down = f"input_blocks.{(level + 1) * (n + 1)}.0.op"
-            blocks[down] = f"down_blocks.{level}.downsamplers.0.conv"
-        for j in range(n + 1):
-            k = up * (n + 1) + j
-            blocks[f"output_blocks.{k}.0"] = f"up_blocks.{up}.resnets.{j}"
-            blocks[f"output_blocks.{k}.1"] = f"up_blocks.{up}.attentions.{j}"
-        if level > 0:
-            slot = 2 if config.has_attention(level) else 1
-            upsample = f"output_blocks.{up * (n + 1) + n}.{slot}.conv"
-            blocks[upsample] = f"up_blocks.{up}.upsamplers.0.conv"
-
-    with torch.device("meta"):
-        ours = UNet(config).state_dict().keys()
-    key_map = {}
-    for key in ours:
-        parts = key.split(".")
-        i = max(i for i in range(1, len(parts)) if ".".join(parts[:i]) in blocks)  # longest match
-        block, rest = ".".join(parts[:i]), ".".join(parts[i:])
-        if ".resnets." in blocks[block]:
-            for theirs, mine in _RESNET_NAMES.items():
-                if rest.startswith(mine + "."):
-                    rest = theirs + rest[len(mine):]
-        key_map[key] = f"{blocks[block]}.{rest}"
-    return key_map
-
-
-def load_diffusers_state_dict(model, state_dict):
-    """Load a diffusers UNet2DConditionModel state dict into our UNet."""
-    model.load_state_dict(from_diffusers_state_dict(model.config, state_dict))
-
-
-def from_diffusers_state_dict(config, state_dict):
-    """Our state dict for UNet(config) from a diffusers UNet2DConditionModel one (e.g. a released
-    pipeline's unet/diffusion_pytorch_model.safetensors); raises with the missing / unexpected
-    keys on mismatch."""
-    key_map = diffusers_key_map(config)
-    missing = sorted(set(key_map.values()) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(key_map.values()))
-    if missing or unexpected:
-        raise ValueError(f"diffusers U-Net weights do not fit {config}:\n"
-                         f"missing ({len(missing)}): {missing}\n"
-                         f"unexpected ({len(unexpected)}): {unexpected}")
-    return {ours: state_dict[theirs] for ours, theirs in key_map.items()}

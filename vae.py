@@ -1,31 +1,20 @@
-"""LDM's f4 autoencoders (Rombach et al. 2022) and their weights (small ones: train_vae.py).
+"""LDM's f4 autoencoders (Rombach et al. 2022): the first stage of the latent diffusion model.
 
 The paper's LDM-4 models diffuse in the latent space of LDM's VQ-f4 autoencoder (App. B.3,
 Table 3): 256x256x3 images -> 64x64x3 latents. Diffusion uses VQ's *pre-quantization* latents;
 decoding quantizes first. Module names are LDM's own (ldm/modules/diffusionmodules/model.py), so a
-CompVis checkpoint loads key for key; diffusers weights go through `diffusers_key_map`.
-`python vae.py encode` fills the latent cache of data.py.
+CompVis checkpoint loads key for key (support/weights.py reads it, and diffusers' weights).
+Small ones are trained by experiments/train_vae.py; support/encode.py caches a dataset's latents:
 
-    python vae.py encode --dataset folder --data-root IN1K/train --preset vq-f4 \
+    python -m support.encode --dataset folder --data-root IN1K/train --preset vq-f4 \
         --weights vq-f4/model.ckpt --out latents/in1k --batch-size 64      # torchrun-able
 """
-import argparse
-import dataclasses
-import hashlib
-import json
-import os
-import pickle
-import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-import data
-import system
+from einops import rearrange
 
 # ----------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
@@ -81,13 +70,12 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
-        B, C, H, W = x.shape
         h = self.norm(x)
-        # [B, 1, HW, C], contiguous: SDPA's fused kernels need a contiguous last dimension
-        q, k, v = (m(h).flatten(2).transpose(1, 2).contiguous()[:, None] for m in (self.q, self.k,
-                                                                                   self.v))
-        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(h)
+        # one head over the H*W positions; contiguous: SDPA's fused kernels need it
+        q, k, v = (rearrange(m(h), "b c h w -> b 1 (h w) c").contiguous()
+                   for m in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(rearrange(h, "b 1 (h w) c -> b c h w", h=x.shape[2]))
 
 
 class Downsample(nn.Module):
@@ -236,7 +224,7 @@ class Autoencoder(nn.Module):
     def checked_scale(self):
         if self.scale is None:
             raise RuntimeError("KL latent scale not set: model.scale = vae.measure_scale(model, "
-                               "images), or load_autoencoder(..., scale=cache.scale)")
+                               "images), or weights.load_autoencoder(..., scale=cache.scale)")
         return self.scale
 
 
@@ -256,244 +244,3 @@ def measure_scale(model, images, batch_size=64):
     z = torch.cat([model.latent(b.to(next(model.parameters()).device)).float().cpu()
                    for b in images.split(batch_size)])
     return 1.0 / z.flatten().std().item()
-
-
-# ----------------------------------------------------------------------------- weights
-DOWNLOAD_HINT = ("CompVis weights: the LDM repo's model zoo, "
-                 "https://ommer-lab.com/files/latent-diffusion/vq-f4.zip (or kl-f4.zip), unzipped "
-                 "to model.ckpt; diffusers weights: a VQModel / AutoencoderKL directory holding "
-                 "diffusion_pytorch_model.safetensors (e.g. the `vqvae` folder of a DiffusionNoise "
-                 "LDM pipeline)")
-
-
-def weights_hash(path):
-    """sha256 of the autoencoder's weights (a file, or a diffusers directory's weight files): a
-    latent cache, the runs trained on it and their sampling must use the same weights."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-        if f.endswith((".safetensors", ".bin", ".ckpt", ".pt")))
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def torch_load(path, unsafe_pickle=False):
-    """Tensors and plain data only; a file that pickles more (a Lightning checkpoint) is read in
-    full only when the user says so, since unpickling it can run any code it holds."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"autoencoder weights not found: {path}. {DOWNLOAD_HINT}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not unsafe_pickle:
-            raise SystemExit(f"{path} holds pickled objects besides tensors (a Lightning "
-                             f"checkpoint?); reading it can run code. If you trust the file, pass "
-                             f"--unsafe-pickle ({str(e).splitlines()[0][:120]})") from None
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def is_our_checkpoint(ckpt):
-    return isinstance(ckpt, dict) and {"config", "model", "scale"} <= ckpt.keys()
-
-
-def load_exact(model, state_dict, source):
-    """load_state_dict(strict), but a different model gives a readable list of what does not
-    match."""
-    ours = model.state_dict()
-    missing = sorted(ours.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - ours.keys())
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(ours[k].shape)}"
-              for k in ours.keys() & state_dict.keys() if state_dict[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{source} does not hold this autoencoder ({model.config}); is it a different model?\n "
-            f" missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): "
-            f"{unexpected[:8]}\n  shape mismatches ({len(shapes)}): {shapes[:8]}")
-    model.load_state_dict(state_dict)
-
-
-def compvis_state_dict(ckpt):
-    """Our names are LDM's: keep the autoencoder's keys, drop loss.* (LPIPS and discriminator,
-    training only). A full LDM checkpoint holds the autoencoder under first_stage_model.*: take
-    that."""
-    sd = ckpt.get("state_dict", ckpt)
-    prefix = "first_stage_model."
-    if any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in sd.items() if not k.startswith("loss.")}
-
-
-# our (LDM) name -> diffusers name; the decoder's up[i] is diffusers' up_blocks[L-1-i]
-DIFFUSERS_RULES = [
-    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
-    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
-    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
-    (r"\.attentions\.0\.norm\.", ".attentions.0.group_norm."),
-    (r"\.attentions\.0\.(q|k|v)\.", r".attentions.0.to_\1."),
-    (r"\.attentions\.0\.proj_out\.", ".attentions.0.to_out.0."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
-    (r"\.norm_out\.", ".conv_norm_out."),
-]
-# diffusers' pre-0.14 attention names (its own loader renames them the same way)
-DIFFUSERS_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
-                    ".proj_attn.": ".to_out.0."}
-
-
-def diffusers_key_map(config):
-    """{our key: diffusers VQModel / AutoencoderKL key} for every tensor of Autoencoder(config)."""
-    levels = len(config.ch_mult)
-    def up(m):
-        kind = "resnets" if m[2] == "block" else "upsamplers.0"
-        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.{kind}."
-    mapping = {}
-    for key in Autoencoder(config).to("meta").state_dict():
-        name = re.sub(r"^decoder\.up\.(\d+)\.(block|upsample)\.", up, key)
-        for pattern, repl in DIFFUSERS_RULES:
-            name = re.sub(pattern, repl, name)
-        mapping[key] = name
-    return mapping
-
-
-def diffusers_weights_file(path):
-    """A VQModel / AutoencoderKL dir (or a pipeline dir with vqvae/ or vae/, or the file itself)."""
-    for sub in ("", "vqvae", "vae"):
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-            f = os.path.join(path, sub, name)
-            if os.path.isfile(f):
-                return f
-    if os.path.isfile(path):
-        return path
-    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin under {path}. "
-                            f"{DOWNLOAD_HINT}")
-
-
-def load_diffusers_weights(model, path):
-    f = diffusers_weights_file(path)
-    theirs = system.read_weights(f)
-    for old, new in DIFFUSERS_LEGACY.items():
-        theirs = {k.replace(old, new): v for k, v in theirs.items()}
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    sd = {}
-    for ours, name in diffusers_key_map(model.config).items():
-        if name in theirs:  # attention: diffusers' Linear [C,C] is LDM's 1x1 conv [C,C,1,1]
-            v = theirs.pop(name)
-            sd[ours] = v[:, :, None, None] if v.dim() == 2 and len(shapes[ours]) == 4 else v
-    # left-overs are reported as unexpected
-    sd.update({f"(diffusers) {k}": v for k, v in theirs.items()})
-    load_exact(model, sd, f)
-
-
-def diffusers_config(path):
-    """The AutoencoderConfig of a diffusers VQModel / AutoencoderKL folder (its config.json), and
-    the KL scaling_factor (VQ latents are not scaled: LDM's VQ models decode them as they are)."""
-    folder = os.path.dirname(diffusers_weights_file(path))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} has no config.json: name the architecture with a "
-                                f"preset (one of {sorted(PRESETS)})")
-    with open(os.path.join(folder, "config.json")) as f:
-        c = json.load(f)
-    widths = c["block_out_channels"]
-    kind = "vq" if "num_vq_embeddings" in c else "kl"
-    config = AutoencoderConfig(kind, in_channels=c["in_channels"], ch=widths[0],
-                               ch_mult=tuple(w // widths[0] for w in widths),
-                               num_res_blocks=c["layers_per_block"],
-                               z_channels=c["latent_channels"],
-                               embed_dim=c.get("vq_embed_dim") or c["latent_channels"],
-                               n_embed=c.get("num_vq_embeddings", 8192))
-    return config, c.get("scaling_factor") if kind == "kl" else None
-
-
-def load_autoencoder(weights, preset=None, scale=None, unsafe_pickle=False):
-    """Our checkpoint (from `train_vae.py`: knows its config and scale), a CompVis model.ckpt, or a
-    diffusers dir (its config.json names the architecture and the KL scale); a CompVis file needs
-    `preset` (vq-f4 / kl-f4) and, for KL, `scale` (a latent cache's meta["scale"]) or a measured
-    one (measure_scale)."""
-    if os.path.isdir(weights):
-        if preset:
-            model = Autoencoder(preset_config(preset, weights))
-        else:
-            model = Autoencoder(*diffusers_config(weights))
-        load_diffusers_weights(model, weights)
-    else:
-        ckpt = torch_load(weights, unsafe_pickle)
-        if is_our_checkpoint(ckpt):
-            model = from_our_checkpoint(ckpt)
-        else:
-            model = Autoencoder(preset_config(preset, weights))
-            load_exact(model, compvis_state_dict(ckpt), weights)
-    if scale is not None:
-        model.scale = scale
-    return model
-
-
-def preset_config(preset, weights):
-    if preset not in PRESETS:
-        raise ValueError(f"{weights} is CompVis or diffusers weights: name the architecture with a "
-                         f"preset (one of {sorted(PRESETS)}), got {preset!r}")
-    return PRESETS[preset]
-
-
-# ----------------------------------------------------------------------------- CLI
-def encode(args):
-    rank, world, device = system.setup_distributed()  # torchrun sets RANK
-    system.set_threads(args.threads)
-    dataset = data.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
-    model = load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle)
-    model = model.to(device).eval()
-    if dataset[0][0].shape[0] != model.config.in_channels:
-        raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the "
-                         f"autoencoder takes {model.config.in_channels}")
-    preset = args.preset or next((k for k, v in PRESETS.items() if v == model.config), None)
-    meta = {"preset": preset, "config": dataclasses.asdict(model.config),
-            "weights": os.path.abspath(args.weights),
-            "weights_sha256": weights_hash(args.weights),
-            "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
-            "image_size": args.image_size,
-            "pad": args.pad}
-    if model.scale is None and not os.path.exists(data.cache_files(args.out)["meta"]):
-        model.scale = measure_scale(model, data.spread_images(dataset))  # KL: LDM's scale_by_std
-    data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype),
-                        args.num_workers,
-                   rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("encode", formatter_class=system.HelpFormatter,
-                       help="cache the latents of a dataset (data.py's latent cache)")
-    data.add_dataset_arguments(e)
-    e.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="autoencoder architecture: needed for CompVis weights (a diffusers "
-                        "directory's config.json names its own)")
-    e.add_argument("--weights", required=True,
-                   help="our checkpoint (train_vae.py), a CompVis model.ckpt, "
-                        "or a diffusers VQModel/AutoencoderKL directory")
-    e.add_argument("--split", default="train", help="dataset split to encode")
-    e.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
-    e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="stored latent dtype")
-    e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--batch-size", type=int, default=64, help="images per chunk")
-    e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading images")
-    e.add_argument("--threads", type=int, default=0, help=system.THREADS_HELP)
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        encode(args)
-    except FileNotFoundError as e:  # a missing dataset or weights file: one line
-        raise SystemExit(f"vae.py: {e}") from None
-
-
-if __name__ == "__main__":
-    main()

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-import bench
 import unet
+from experiments import bench
 
 
 def test_cpu_smoke(tmp_path, monkeypatch):

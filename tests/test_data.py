@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import corrupt
-import data
+from support import data
 
 
 def test_digits():

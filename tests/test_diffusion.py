@@ -236,20 +236,20 @@ def test_training_loss_oracle_and_ip():
     abar = ABAR[t].view(-1, 1, 1, 1).float()
     seen = {}
 
-    def oracle(x_t, t_, context):  # recovers exactly the noise that built x_t
-        seen["x_t"] = x_t
+    def oracle(x_t, t_, conditions, delta):  # recovers exactly the noise that built x_t
+        seen["x_t"], seen["delta"] = x_t, delta
         return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
-    assert training_loss(oracle, x0, t, noise, ctx, ABAR).item() < 1e-8
+    assert training_loss(oracle, x0, t, noise, ctx, None, ABAR).item() < 1e-8
     # IP: x_t is built from noise + input_noise, the target stays `noise`
     input_noise = 0.1 * xi
-    loss = training_loss(oracle, x0, t, noise, ctx, ABAR, input_noise=input_noise)
+    loss = training_loss(oracle, x0, t, noise, ctx, None, ABAR, input_noise=input_noise)
     assert torch.allclose(seen["x_t"],
                           abar.sqrt() * x0 + (1 - abar).sqrt() * (noise + input_noise), atol=1e-5)
     assert loss.item() == pytest.approx(input_noise.pow(2).mean().item(), rel=1e-3)
     # an arbitrary prediction: plain MSE against `noise`, averaged over all elements
     pred = torch.randn_like(x0)
-    loss = training_loss(lambda *a: pred, x0, t, noise, ctx, ABAR, input_noise=input_noise)
+    loss = training_loss(lambda *a: pred, x0, t, noise, ctx, None, ABAR, input_noise=input_noise)
     assert loss.item() == pytest.approx((pred - noise).pow(2).mean().item(), rel=1e-6)
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-import gmm
 from corrupt import corrupt_labels
+
+from experiments import gmm
 
 
 def random_spd(d, rng):

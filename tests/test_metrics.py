@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import extract
-import features
 import metrics
+from support import extract, features
 
 
 def random_inception_state(seed=0):
@@ -90,7 +89,7 @@ def test_frechet_distance_matches_pytorch_fid_and_closed_form():
 
 def test_streaming_statistics_equal_numpy():
     x = np.random.RandomState(0).randn(103, 12) * 3 + 5
-    stats = extract.FeatureStats(12, "cpu")
+    stats = metrics.FeatureStats(12, "cpu")
     for i in range(0, 103, 25):
         stats.update(torch.from_numpy(x[i:i + 25]).float())
     mu, cov = stats.mean_cov()
@@ -306,8 +305,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "rmd_top1" in rows[0]
     assert os.path.exists(tmp_path / "out2" / "rmd_scores.npz")
     with torch.no_grad():
-        images = torch.from_numpy(np.load(sweep / "s1" / "samples.npz")["arr_0"]).permute(0, 3, 1,
-                                                                                          2)
+        images = np.load(sweep / "s1" / "samples.npz")["arr_0"]
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW
         direct = metrics.sample_entropy(vq.latent(images.float().expand(-1, 3, -1, -1) / 127.5 - 1),
                                         vq.quantize.embedding.weight, tau=0.5)
     assert rows[0]["entropy"] == pytest.approx(direct, rel=1e-6) and 0 < direct <= math.log(64)

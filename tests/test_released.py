@@ -11,15 +11,12 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel, VQModel)
 
-import data
-import denoiser
 import diffusion
-import released
 import sample
-import system
 import train
 import unet
 import vae
+from support import data, released, runs, system, weights
 
 # 16x16 one-channel images -> a 2-level VQ -> 8x8x3 latents -> a one-head U-Net with 32-d context
 TINY_UNET = unet.UNetConfig(3, 3, 32, (1, 2), 1, (4,), 8, 32, head_channels=-1)
@@ -40,7 +37,7 @@ NARROW_LDM4 = dataclasses.replace(unet.PRESETS["ldm4-in1k"], model_channels=32, 
 def write_pipeline(root, timestep_spacing, steps_offset, ucfg=TINY_UNET, scheduler=DDIMScheduler,
                    **scheduler_options):
     """The layout of a DiffusionNoise class model: unet/, vqvae/, class_embedder/, scheduler/."""
-    net = system.randomise_(UNet2DConditionModel(**unet.diffusers_config(ucfg)), seed=1)
+    net = system.randomise_(UNet2DConditionModel(**weights.unet_diffusers_config(ucfg)), seed=1)
     net.save_pretrained(root / "unet")
     levels = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
     vq = VQModel(in_channels=1, out_channels=1, down_block_types=levels[0],
@@ -51,8 +48,8 @@ def write_pipeline(root, timestep_spacing, steps_offset, ucfg=TINY_UNET, schedul
     with open(root / "class_embedder" / "config.json", "w") as f:  # the fork's ClassEmbedder
         json.dump({"_class_name": "ClassEmbedder", "n_classes": CLASSES + 1, "embed_dim": 32}, f)
     table = torch.randn(CLASSES + 1, 32, generator=torch.Generator().manual_seed(3))
-    weights = root / "class_embedder" / "diffusion_pytorch_model.safetensors"
-    safetensors.torch.save_file({"embedding.weight": table}, str(weights))
+    path = root / "class_embedder" / "diffusion_pytorch_model.safetensors"
+    safetensors.torch.save_file({"embedding.weight": table}, str(path))
     betas = diffusion.ldm_linear_betas().tolist()  # stored as the released configs store them
     if scheduler is DDIMScheduler:
         scheduler_options = {"set_alpha_to_one": False, **scheduler_options}
@@ -83,12 +80,12 @@ def test_the_paper_one_head_ldm4_is_read_at_full_size():
     """LDM-4 IN-1K as diffusers stores it (attention_head_dim 1: one head, 384 / 576 / 960 wide):
     our preset, every tensor's name and shape, built on the meta device (1.6 GB otherwise)."""
     ldm4 = unet.PRESETS["ldm4-in1k"]
-    config = unet.diffusers_config(ldm4)
+    config = weights.unet_diffusers_config(ldm4)
     assert released.unet_config({**config, "attention_head_dim": 1}) == ldm4
     with torch.device("meta"):
         theirs = UNet2DConditionModel(**config).state_dict()
         ours = unet.UNet(ldm4).state_dict()
-    mapped = unet.from_diffusers_state_dict(ldm4, theirs)
+    mapped = weights.unet_from_diffusers(ldm4, theirs)
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.items()}
     assert sum(v.numel() for v in ours.values()) == 400_920_579  # Table 3
 
@@ -175,7 +172,7 @@ def test_unsupported_models_and_missing_parts_are_named(tmp_path):
 
 def test_fine_tuning_starts_from_the_released_weights(tmp_path):
     write_pipeline(tmp_path / "model", "leading", 1)
-    start, _, _ = denoiser.load(str(tmp_path / "model"))
+    start, _, _ = runs.load(str(tmp_path / "model"))
     out = str(tmp_path / "tuned")
     train.main(["--init", str(tmp_path / "model"), "--vae", str(tmp_path / "model" / "vqvae"),
                 "--image-size", "16", "--eta", "0.05", "--cep", "gaussian", "--steps", "2",
@@ -198,8 +195,8 @@ def test_ldm_checkpoint_samples_as_the_same_weights_in_a_pipeline(tmp_path, monk
     """LDM's cin256-v2 model.ckpt layout (model.diffusion_model.*, cond_stage_model.embedding,
     first_stage_model.*) at the tiny size: the same weights give the same samples."""
     table = write_pipeline(tmp_path / "model", "linspace", 0)
-    pipeline, _, _ = denoiser.load(str(tmp_path / "model"))
-    vq = vae.load_autoencoder(str(tmp_path / "model" / "vqvae"))
+    pipeline, _, _ = runs.load(str(tmp_path / "model"))
+    vq = weights.load_autoencoder(str(tmp_path / "model" / "vqvae"))
     state = {f"model.diffusion_model.{k[5:]}": v for k, v in pipeline.state_dict().items()
              if k.startswith("unet.")}
     state["cond_stage_model.embedding.weight"] = table
@@ -224,7 +221,7 @@ def write_text_pipeline(root):
     from transformers import BertConfig, BertModel, BertTokenizer
     write_pipeline(root, "leading", 1)
     cfg = dataclasses.replace(TINY_UNET, context_dim=32)
-    net = system.randomise_(UNet2DConditionModel(**unet.diffusers_config(cfg)), seed=4)
+    net = system.randomise_(UNet2DConditionModel(**weights.unet_diffusers_config(cfg)), seed=4)
     net.save_pretrained(root / "unet")
     os.remove(root / "class_embedder" / "config.json")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + \

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import sweep
 import train
+from experiments import sweep
 
 
 def test_sign_flip_p_value_enumerates_all_flips():

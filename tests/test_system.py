@@ -3,7 +3,8 @@ import os
 
 import torch
 
-import system
+from support import system
+
 
 
 def test_threads_requested_then_env_then_cores(monkeypatch, capsys):

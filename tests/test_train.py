@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import data
-import denoiser
 import diffusion
 import sample
 import train
+import cep
+from support import data, runs, weights
 
 TINY = ["--preset", "digits", "--batch-size", "16", "--log-every", "1", "--num-workers", "0"]
 
@@ -115,14 +115,14 @@ def test_sample_writes_outputs_and_is_batch_invariant(tmp_path):
 
 def test_latent_cache_training_and_decoding(tmp_path):
     """The paper's setting: diffusion on cached autoencoder latents, decoded at sampling."""
-    import train_vae
-    import vae
+    from experiments import train_vae
+    from support import encode
     ae, cache = str(tmp_path / "ae"), str(tmp_path / "cache")
     digits16 = ["--dataset", "digits", "--image-size", "16"]
     train_vae.main([*digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
                     "--eval-images", "8", "--out", ae])
-    vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
-              "--num-workers", "0"])
+    encode.main([*digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
+                 "--num-workers", "0"])
     out = run(tmp_path, "latent", "--latents", cache, "--steps", "2")
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["space"], config["channels"], config["size"]) == ("latent", 4, 4)
@@ -130,7 +130,7 @@ def test_latent_cache_training_and_decoding(tmp_path):
     sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"),
                  "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
-    assert config["vae_sha256"] == vae.weights_hash(os.path.join(ae, "ckpt.pt"))
+    assert config["vae_sha256"] == weights.weights_hash(os.path.join(ae, "ckpt.pt"))
     other = str(tmp_path / "other")  # another autoencoder: its latents mean something else
     train_vae.main([*digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
                     "--eval-images", "8", "--out", other, "--seed", "1"])
@@ -141,8 +141,8 @@ def test_latent_cache_training_and_decoding(tmp_path):
     # replaced under the same path
     os.replace(os.path.join(other, "ckpt.pt"), os.path.join(ae, "ckpt.pt"))
     with pytest.raises(SystemExit, match="holds a different cache"):
-        vae.main(["encode", *digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
-                  "--num-workers", "0"])
+        encode.main([*digits16, "--weights", os.path.join(ae, "ckpt.pt"), "--out", cache,
+                     "--num-workers", "0"])
 
 
 def test_train_per_class_is_a_seeded_random_stratified_draw_recorded_in_the_config(tmp_path):
@@ -276,14 +276,14 @@ def test_gpu_code_paths_on_the_cpu_match_fp32_eager(tmp_path, flags, rtol):
 
 
 def test_preset_follows_the_data_size_or_says_which_fit(tmp_path):
-    assert denoiser.choose_preset(None, 8) == "digits"
-    assert denoiser.choose_preset(None, 16) == "tiny"
-    assert denoiser.choose_preset("digits", 8) == "digits"
+    assert runs.choose_preset(None, 8) == "digits"
+    assert runs.choose_preset(None, 16) == "tiny"
+    assert runs.choose_preset("digits", 8) == "digits"
     with pytest.raises(ValueError, match=r"no U-Net preset is made for 256x256.*digits \(8\)"):
-        denoiser.choose_preset(None, 256)
+        runs.choose_preset(None, 256)
     with pytest.raises(ValueError,
                        match="--preset digits does not fit 16x16 inputs.*made for this size: tiny"):
-        denoiser.choose_preset("digits", 16)
+        runs.choose_preset("digits", 16)
     out = str(tmp_path / "auto")
     # digits: 8x8
     train.main(["--steps", "1", "--batch-size", "8", "--out", out, "--num-workers", "0"])
@@ -306,11 +306,11 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
               "--freeze-text-encoder", "--steps", "2", "--batch-size", "4")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["text_length"] == 12 and config["freeze_text_encoder"] is True
-    before = denoiser.Denoiser(config).embedder.encoder.state_dict()
+    before = cep.Denoiser(config).embedder.encoder.state_dict()
     after = {k[len("embedder.encoder."):]: v for k, v in params(out).items()
              if k.startswith("embedder.encoder.")}
     assert_same(before, after)  # the frozen encoder did not move
-    model = denoiser.Denoiser(config)
+    model = cep.Denoiser(config)
     assert model.embedder(["a digit"]).shape == (1, 12, model.unet.config.context_dim)
     (tmp_path / "prompts.txt").write_text("a handwritten digit 3\n\na handwritten digit 7\n")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -520,10 +520,10 @@ def test_a_missing_autoencoder_is_one_line(tmp_path):
     with pytest.raises(SystemExit,
                        match=r"^train.py: autoencoder weights not found: .*nowhere.ckpt"):
         run(tmp_path, "v", "--steps", "1", "--vae", str(tmp_path / "nowhere.ckpt"))
-    import vae
-    with pytest.raises(SystemExit, match=r"^vae.py: autoencoder weights not found"):
-        vae.main(["encode", "--dataset", "digits", "--weights", str(tmp_path / "nowhere.ckpt"),
-                  "--out", str(tmp_path / "cache")])
+    from support import encode
+    with pytest.raises(SystemExit, match=r"^support/encode.py: autoencoder weights not found"):
+        encode.main(["--dataset", "digits", "--weights", str(tmp_path / "nowhere.ckpt"),
+                     "--out", str(tmp_path / "cache")])
 
 
 def test_gradient_accumulation_equals_more_processes(tmp_path):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-import system
-from unet import PRESETS, UNet, diffusers_config, diffusers_key_map, load_diffusers_state_dict
+from unet import PRESETS, UNet
+
+from support import system, weights
 
 
 def num_params(model):
@@ -18,12 +19,12 @@ def num_params(model):
 def random_pair(config, seed=0):
     """(ours, diffusers') with the same random weights; ours is filled only by the key map."""
     with torch.device("meta"):
-        theirs = UNet2DConditionModel(**diffusers_config(config))
+        theirs = UNet2DConditionModel(**weights.unet_diffusers_config(config))
         ours = UNet(config)
     theirs = system.randomise_(theirs.to_empty(device="cpu"), seed).eval()
     ours = ours.to_empty(device="cpu").eval()
     assert not list(theirs.buffers()) and not list(ours.buffers())  # nothing left uninitialised
-    load_diffusers_state_dict(ours, theirs.state_dict())
+    weights.load_unet_diffusers(ours, theirs.state_dict())
     return ours, theirs
 
 
@@ -38,9 +39,9 @@ def test_param_counts():
     for name, config in PRESETS.items():
         with torch.device("meta"):
             ours = UNet(config)
-            theirs = UNet2DConditionModel(**diffusers_config(config))
+            theirs = UNet2DConditionModel(**weights.unet_diffusers_config(config))
         assert num_params(ours) == num_params(theirs) == expected.get(name, num_params(ours))
-        assert set(diffusers_key_map(config).values()) == set(theirs.state_dict())
+        assert set(weights.unet_key_map(config).values()) == set(theirs.state_dict())
 
 
 SMALL = {
@@ -114,9 +115,9 @@ def test_clear_errors():
         model(torch.randn(1, 3, 15, 15), torch.tensor([1]), torch.randn(1, 1, 32))
     with pytest.raises(ValueError, match="not feature-map sizes"):
         dataclasses.replace(c, attention_resolutions=(4,))
-    state = {k: torch.zeros(1) for k in diffusers_key_map(c).values()}
+    state = {k: torch.zeros(1) for k in weights.unet_key_map(c).values()}
     del state["conv_in.weight"]
     state["class_embedding.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing \(1\): \['conv_in.weight'\]") as err:
-        load_diffusers_state_dict(model, state)
+        weights.load_unet_diffusers(model, state)
     assert "class_embedding.weight" in str(err.value)

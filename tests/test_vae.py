@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import system
-import train_vae
 import vae
+from support import data, encode, system, weights
+from experiments import train_vae
 
 
 class TinyData:
@@ -68,13 +67,13 @@ def test_diffusers_oracle_same_random_weights(tmp_path, preset, size):
     src = randomized(preset)
     ref = diffusers_model(src.config)
     theirs = ref.state_dict()
-    mapping = vae.diffusers_key_map(src.config)
+    mapping = weights.autoencoder_key_map(src.config)
     ref.load_state_dict({mapping[k]: v.reshape(theirs[mapping[k]].shape)
                          for k, v in src.state_dict().items()})
     # a real diffusers dir: config.json + diffusion_pytorch_model.safetensors
     ref.save_pretrained(tmp_path)
     model = vae.Autoencoder(src.config, scale=1.0).eval()
-    vae.load_diffusers_weights(model, str(tmp_path))
+    weights.load_diffusers_weights(model, str(tmp_path))
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         if src.config.kind == "vq":
@@ -90,7 +89,7 @@ def test_diffusers_oracle_same_random_weights(tmp_path, preset, size):
 def test_diffusers_legacy_attention_names_and_errors(tmp_path):
     import safetensors.torch
     src = randomized("tiny-kl")
-    mapping = vae.diffusers_key_map(src.config)
+    mapping = weights.autoencoder_key_map(src.config)
     names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
              ".to_out.0.": ".proj_attn."}
     legacy = {}
@@ -101,13 +100,13 @@ def test_diffusers_legacy_attention_names_and_errors(tmp_path):
         legacy[name] = v.squeeze() if v.dim() == 4 and v.shape[-1] == 1 and "attn" in k else v
     safetensors.torch.save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     model = vae.Autoencoder(src.config)
-    vae.load_diffusers_weights(model, str(tmp_path))
+    weights.load_diffusers_weights(model, str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  src.state_dict().values()))
     with pytest.raises(ValueError, match="different model"):  # a KL file into a VQ model
-        vae.load_diffusers_weights(vae.Autoencoder(vae.PRESETS["tiny-vq"]), str(tmp_path))
+        weights.load_diffusers_weights(vae.Autoencoder(vae.PRESETS["tiny-vq"]), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
-        vae.load_diffusers_weights(model, str(tmp_path / "nowhere"))
+        weights.load_diffusers_weights(model, str(tmp_path / "nowhere"))
 
 
 @pytest.mark.parametrize("preset", ["tiny-vq", "tiny-kl"])
@@ -120,13 +119,13 @@ def test_compvis_names_roundtrip(tmp_path, preset):
     sd = {**src.state_dict(), "loss.logvar": torch.zeros(()),
           "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4)}
     torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "model.ckpt")
-    model = vae.load_autoencoder(str(tmp_path / "model.ckpt"), preset, scale=1.0)
+    model = weights.load_autoencoder(str(tmp_path / "model.ckpt"), preset, scale=1.0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  src.state_dict().values()))
     full = {f"first_stage_model.{k}": v
             for k, v in sd.items()} | {"model.diffusion_model.x": torch.zeros(1)}
     torch.save({"state_dict": full}, tmp_path / "ldm.ckpt")
-    loaded = vae.load_autoencoder(str(tmp_path / "ldm.ckpt"), preset)
+    loaded = weights.load_autoencoder(str(tmp_path / "ldm.ckpt"), preset)
     assert loaded.state_dict().keys() == src.state_dict().keys()
 
     ref = diffusers_model(src.config)
@@ -146,12 +145,12 @@ def test_compvis_names_roundtrip(tmp_path, preset):
 
 def test_weight_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="vq-f4.zip"):
-        vae.load_autoencoder(str(tmp_path / "model.ckpt"), "vq-f4")
+        weights.load_autoencoder(str(tmp_path / "model.ckpt"), "vq-f4")
     torch.save({"state_dict": randomized("tiny-kl").state_dict()}, tmp_path / "kl.ckpt")
     with pytest.raises(ValueError, match="quantize.embedding.weight"):  # listed as missing
-        vae.load_autoencoder(str(tmp_path / "kl.ckpt"), "tiny-vq")
+        weights.load_autoencoder(str(tmp_path / "kl.ckpt"), "tiny-vq")
     with pytest.raises(ValueError, match="preset"):
-        vae.load_autoencoder(str(tmp_path / "kl.ckpt"))
+        weights.load_autoencoder(str(tmp_path / "kl.ckpt"))
 
 
 def test_vq_decode_quantizes():
@@ -211,7 +210,7 @@ def test_latent_cache_resume_flips_labels(tmp_path):
 
 def test_latent_cache_kl_scale_and_captions(tmp_path):
     model = randomized("tiny-kl")
-    # external KL weights: the scale is measured on the data first (vae.py encode)
+    # external KL weights: the scale is measured on the data first (support/encode.py)
     model.scale = None
     ds = TinyData(n=6, captions=True)
     with pytest.raises(ValueError, match="scale is not set"):
@@ -260,11 +259,11 @@ def test_cli_train_then_encode(tmp_path, monkeypatch):
                     "4", "--out", str(out), "--eval-images", "6"])
     report = json.load(open(out / "report.json"))
     assert report["steps"] == 3 and report["psnr"] > 0 and (out / "recon.png").exists()
-    model = vae.load_autoencoder(str(out / "ckpt.pt"))
+    model = weights.load_autoencoder(str(out / "ckpt.pt"))
     assert model.scale == report["scale"] and model.config == vae.PRESETS["tiny-kl"]
-    vae.main(["encode", "--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out",
-              str(tmp_path / "cache"),
-              "--batch-size", "4", "--num-workers", "0"])
+    encode.main(["--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out",
+                 str(tmp_path / "cache"),
+                 "--batch-size", "4", "--num-workers", "0"])
     cache = data.LatentCache(str(tmp_path / "cache"))
     assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
     before = (out / "ckpt.pt").read_bytes()
@@ -309,9 +308,9 @@ def test_checkpoints_that_pickle_code_need_an_explicit_flag(tmp_path, capsys):
     src = randomized("tiny-vq")
     torch.save({"state_dict": src.state_dict(), "callbacks": Payload()}, tmp_path / "model.ckpt")
     with pytest.raises(SystemExit, match="pass --unsafe-pickle"):
-        vae.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq")
+        weights.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq")
     assert "payload ran" not in capsys.readouterr().out
-    model = vae.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq", unsafe_pickle=True)
+    model = weights.load_autoencoder(str(tmp_path / "model.ckpt"), "tiny-vq", unsafe_pickle=True)
     assert "payload ran" in capsys.readouterr().out  # what the flag risks
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  src.state_dict().values()))

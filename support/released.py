@@ -25,7 +25,7 @@ names (unet.py), cond_stage_model.embedding.weight [1001, 512] and the VQ-f4 aut
 The other direction: `export` writes a train.py run in the released layout, so that diffusers
 users and the authors' scripts can sample a model trained here (and sample.py --ckpt reads it):
 
-    python released.py export runs/demo runs/demo-pipeline
+    python -m support.released export runs/demo runs/demo-pipeline
 """
 import argparse
 import dataclasses
@@ -37,9 +37,8 @@ import safetensors.torch
 import torch
 
 import diffusion
-import system
 import unet
-import vae
+from support import system, weights
 
 CHECKPOINT_HINT = ("a released pipeline directory (unet/, vqvae/, class_embedder/, scheduler/: "
                    "e.g. a DiffusionNoise LDM model from the Hugging Face hub, downloaded with "
@@ -86,7 +85,7 @@ def read_weights(folder):
 
 def unet_config(c):
     """Our UNetConfig for a diffusers UNet2DConditionModel config, checked by mapping it back
-    (unet.diffusers_config) and comparing every key: a model of another kind is refused."""
+    (weights.unet_diffusers_config) and comparing every key: a model of another kind is refused."""
     widths = list(c["block_out_channels"])
     heads = c["attention_head_dim"]  # diffusers reads it as the number of heads
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
@@ -102,7 +101,7 @@ def unet_config(c):
 
     def same(a, b):
         return list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
-    expected = unet.diffusers_config(ours)
+    expected = weights.unet_diffusers_config(ours)
     expected["attention_head_dim"] = [expected["attention_head_dim"][i] for i in attention]
     stored = {**c, "attention_head_dim": [heads[i] for i in attention]}
     unexpected = {"class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
@@ -209,12 +208,12 @@ def timesteps(config, sampler, num_steps):
 # ----------------------------------------------------------------------------- loading
 
 def pipeline(path):
-    """(run config, state dict of denoiser.Denoiser, scheduler config) of a released pipeline
+    """(run config, state dict of cep.Denoiser, scheduler config) of a released pipeline
     directory: a class model (class_embedder/) or a text model (bert/ and tokenizer/); the run
     config names the autoencoder (vqvae/) the samples decode with."""
     ucfg = unet_config(read_json(os.path.join(path, "unet", "config.json")))
     theirs = read_weights(os.path.join(path, "unet"))
-    state = {f"unet.{k}": v for k, v in unet.from_diffusers_state_dict(ucfg, theirs).items()}
+    state = {f"unet.{k}": v for k, v in weights.unet_from_diffusers(ucfg, theirs).items()}
     autoencoder = next((os.path.join(path, d) for d in ("vqvae", "vae")
                         if os.path.isdir(os.path.join(path, d))), None)
     if autoencoder is None and not is_pixel_export(path):
@@ -297,19 +296,19 @@ def ldm_checkpoint(ckpt, path):
 DIFFUSERS_VERSION = "0.27.0"  # the authors' fork
 
 
-def save_component(folder, config, weights):
+def save_component(folder, config, state):
     """A diffusers model folder: config.json and diffusion_pytorch_model.safetensors."""
     os.makedirs(folder, exist_ok=True)
     system.write_json(os.path.join(folder, "config.json"),
                       {**config, "_diffusers_version": DIFFUSERS_VERSION})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     system.write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
 
 
 def export_autoencoder(autoencoder, folder, scaling_factor):
     """Our Autoencoder as a diffusers VQModel / AutoencoderKL folder (the inverse of
-    vae.load_diffusers_weights: attention 1x1 convs become diffusers' Linear layers)."""
+    weights.load_diffusers_weights: attention 1x1 convs become diffusers' Linear layers)."""
     c = autoencoder.config
     levels = len(c.ch_mult)
     config = {"_class_name": "VQModel" if c.kind == "vq" else "AutoencoderKL",
@@ -322,12 +321,12 @@ def export_autoencoder(autoencoder, folder, scaling_factor):
               "scaling_factor": scaling_factor}
     if c.kind == "vq":
         config.update(num_vq_embeddings=c.n_embed, vq_embed_dim=c.embed_dim)
-    key_map = vae.diffusers_key_map(c)
-    weights = {}
+    key_map = weights.autoencoder_key_map(c)
+    state = {}
     for ours, v in autoencoder.state_dict().items():
         attention = ".attentions." in key_map[ours] and v.dim() == 4
-        weights[key_map[ours]] = v[:, :, 0, 0] if attention else v
-    save_component(folder, config, weights)
+        state[key_map[ours]] = v[:, :, 0, 0] if attention else v
+    save_component(folder, config, state)
 
 
 def export_text_encoder(model, out):
@@ -348,19 +347,19 @@ def export_text_encoder(model, out):
     embedder.tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
 
 
-def export(run, out, weights="ema"):
+def export(run, out, which="ema"):
     """Write the train.py run `run` (its EMA weights) as a pipeline directory `out`: unet/,
     class_embedder/ or bert/ + tokenizer/, vqvae/ (vae/ for a KL autoencoder; none for pixel
     models), scheduler/ (LDM's schedule, stored as trained_betas; timestep_spacing linspace, the
     paper's DPM-Solver protocol) and model_index.json."""
-    import denoiser  # denoiser imports this module
-    model, config, _ = denoiser.load(run, weights)
+    from support import runs  # runs imports this module
+    model, config, _ = runs.load(run, which)
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: choose a new directory")
     ucfg = model.unet.config
-    theirs = unet.diffusers_key_map(ucfg)
+    theirs = weights.unet_key_map(ucfg)
     save_component(os.path.join(out, "unet"),
-                   {"_class_name": "UNet2DConditionModel", **unet.diffusers_config(ucfg)},
+                   {"_class_name": "UNet2DConditionModel", **weights.unet_diffusers_config(ucfg)},
                    {theirs[k]: v for k, v in model.unet.state_dict().items()})
     components = {"unet": ["diffusers", "UNet2DConditionModel"],
                   "scheduler": ["diffusers", "DDIMScheduler"]}
@@ -375,11 +374,11 @@ def export(run, out, weights="ema"):
                         "embed_dim": table.shape[1]}, {"embedding.weight": table})
         components["class_embedder"] = ["diffusers", "ClassEmbedder"]  # the authors' fork
     if config["space"] == "latent":
-        autoencoder = vae.load_autoencoder(config["vae"], config.get("vae_preset"),
+        autoencoder = weights.load_autoencoder(config["vae"], config.get("vae_preset"),
                                            config.get("latent_scale"))
         kind = "vqvae" if autoencoder.config.kind == "vq" else "vae"
         # the text pipeline divides by scaling_factor, the class pipeline does not: a VQ run of
-        # ours (scale 1) stores 1.0; a KL run its measured scale, read by vae.diffusers_config
+        # ours (scale 1) stores 1.0; a KL run its measured scale (read back by weights.py)
         export_autoencoder(autoencoder, os.path.join(out, kind), autoencoder.scale)
         components[kind] = ["diffusers", "VQModel" if kind == "vqvae" else "AutoencoderKL"]
     betas = diffusion.ldm_linear_betas().tolist()

@@ -1,8 +1,9 @@
 """Throughput of training, sampling and FID feature extraction, against diffusers / pytorch-fid.
 
-    python bench.py                                      # all three, ldm4-in1k, batch 64, one GPU
-    python bench.py --only train --lines compile,diffusers --out runs/bench-train-compile.json
-    python bench.py --device cpu --preset tiny --batch-size 4              # CPU smoke check
+    python -m experiments.bench                        # all three, ldm4-in1k, batch 64, one GPU
+    python -m experiments.bench --only train --lines compile,diffusers \
+        --out runs/bench-train-compile.json
+    python -m experiments.bench --device cpu --preset tiny --batch-size 4   # CPU smoke check
 
 What one line of the table times (median of --steps calls after --warmup untimed calls; on CUDA
 each call is bracketed by CUDA events, so a line is GPU time with the launch gaps included):
@@ -12,7 +13,7 @@ each call is bracketed by CUDA events, so a line is GPU time with the launch gap
             foreach AdamW on CPU); every other line changes ONE thing (an ablation).
   sample    --sample-steps DDIM steps with classifier-free guidance (Eq. 2) from noise to latents:
             diffusion.sample + guided_eps against a diffusers DDIMScheduler loop over diffusers'
-            UNet2DConditionModel holding the same weights (loaded through unet.diffusers_key_map).
+            UNet2DConditionModel holding the same weights (loaded through weights.unet_key_map).
   features  FID Inception pool3 features of uint8 256x256 images: features.InceptionV3 against
             pytorch-fid's InceptionV3 holding the same (random) weights, fp32 as metrics.py uses.
 Before timing, each compared pair is checked to compute the same function with the same random
@@ -42,11 +43,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion
-import features
-import system
 import unet
 import vae
 from cep import ClassEmbedder
+
+from support import features, system, weights
 
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH}
@@ -156,6 +157,12 @@ def random_unet_state(config):
     return system.randomise_(model.to_empty(device="cpu"), seed=1).state_dict()
 
 
+def unet_loss(model, x0, t, noise, context, abar):
+    """diffusion.training_loss of a bare U-Net given its context tokens (no embedder, no CEP)."""
+    return diffusion.training_loss(lambda x_t, tt, c, delta: model(x_t, tt, c), x0, t, noise,
+                                   context, None, abar)
+
+
 def build_unet(kind, config, state, device, setup=Setup()):
     """Our U-Net ("ours") or diffusers' ("diffusers") with the weights `state` (our key names)."""
     if setup.head_channels is not None:  # the same weights make a different function
@@ -168,10 +175,10 @@ def build_unet(kind, config, state, device, setup=Setup()):
     else:
         from diffusers import UNet2DConditionModel
         with torch.device("meta"):
-            net = UNet2DConditionModel(**unet.diffusers_config(config))
+            net = UNet2DConditionModel(**weights.unet_diffusers_config(config))
         net = net.to_empty(device=device)
         net.load_state_dict({theirs: state[ours]
-                             for ours, theirs in unet.diffusers_key_map(config).items()})
+                             for ours, theirs in weights.unet_key_map(config).items()})
         model = DiffusersEps(net)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -187,13 +194,13 @@ def step_flops(kind, config, batch_size, head_channels):
             model = unet.UNet(config)
         else:
             from diffusers import UNet2DConditionModel
-            model = DiffusersEps(UNet2DConditionModel(**unet.diffusers_config(config)))
+            model = DiffusersEps(UNet2DConditionModel(**weights.unet_diffusers_config(config)))
         x0 = torch.randn(batch_size, config.in_channels, config.sample_size, config.sample_size)
         t = torch.randint(0, 1000, (batch_size,))
         context = torch.randn(batch_size, 1, config.context_dim)
         abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
     with FlopCounterMode(display=False) as counter:
-        diffusion.training_loss(model, x0, t, torch.randn_like(x0), context, abar).backward()
+        unet_loss(model, x0, t, torch.randn_like(x0), context, abar).backward()
     return counter.get_total_flops()
 
 
@@ -239,8 +246,7 @@ def train_line(kind, setup, config, state, batch, abar, autoencoder, args, devic
             if setup.encode:
                 with torch.no_grad():
                     latents = autoencoder.encode(images).float()
-            loss = diffusion.training_loss(model, latents if setup.encode else x0, t, noise,
-                                           context, abar)
+            loss = unet_loss(model, latents if setup.encode else x0, t, noise, context, abar)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -267,7 +273,7 @@ def check_train(config, state, batch, abar, device):
                     out[kind, name] = model(x0[:n], t[:n], context[:n]).float()
             if kind == "ours":
                 with running(fp32, device):
-                    ref_loss = diffusion.training_loss(model, x0, t, noise, context, abar).item()
+                    ref_loss = unet_loss(model, x0, t, noise, context, abar).item()
             del model
     free(device)
     err = rel_err(out["diffusers", "fp32"], out["ours", "fp32"])
@@ -565,7 +571,8 @@ def gpu_check(device, report, out_dir, compile_=True):
         c = last_loss(runs["compiled"])
         check_line(report, "torch.compile", abs(c - a) <= 1e-3 * a,
                    f"loss {c:.6f} vs eager {a:.6f}")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+    script = os.path.join(root, "train.py")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", script, *base,
                 "--ckpt-every", "3", "--precision", "fp32"]
     for name, steps, extra in (("full", 6, []), ("part", 3, []), ("part", 6, ["--resume"])):

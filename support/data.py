@@ -9,7 +9,7 @@ digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, 
 train.py can index whole batches. __getitem__ reads the condition from `.labels` / `.captions`.
 
 The order in which train.py reads them (one seeded permutation per epoch, the same for any number
-of processes) is here too. The latent cache (`python vae.py encode`) holds both horizontal flips
+of processes) is here too. The latent cache (`python -m support.encode`) holds both horizontal flips
 of every image encoded by an f4 autoencoder, as LDM trains on latents (App. B.3): LatentCache
 reads it.
 """
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import system
+from support import system
+
 
 DATASETS = ("digits", "fashion-mnist", "folder", "captions")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -264,7 +265,7 @@ def load_caption_tsv(path, image_size):
 
 
 def add_dataset_arguments(parser):
-    """The flags of load_dataset on a command line (vae.py encode, train_vae.py)."""
+    """The flags of load_dataset on a command line (support/encode.py, experiments/train_vae.py)."""
     parser.add_argument("--dataset", required=True,
                         help=f"load_dataset name: {', '.join(DATASETS)} (data.py)")
     parser.add_argument("--data-root", default=None, help="dataset location (see data.py)")
@@ -462,18 +463,18 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """What `vae.py encode` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or
+    """What `support/encode.py` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or
     caption); .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale,
     .num_classes, .meta."""
 
     def __init__(self, path):
         files = cache_files(path)
         if not os.path.exists(files["meta"]):
-            raise FileNotFoundError(f"no latent cache at {path}: write one with `python vae.py "
-                                    f"encode ... --out {path}`")
+            raise FileNotFoundError(f"no latent cache at {path}: write one with `python -m "
+                                    f"support.encode ... --out {path}`")
         self.meta = json.load(open(files["meta"]))
         if not self.meta["complete"]:
-            raise ValueError(f"latent cache {path} is incomplete: rerun the same `vae.py encode` "
+            raise ValueError(f"latent cache {path} is incomplete: rerun the same `support.encode` "
                              "command to resume it")
         self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
         self.latents = np.load(files["latents"], mmap_mode="r")

@@ -7,8 +7,10 @@ statistics are summed in float64 on every rank, features are gathered on rank 0 
 features are cached by (file, mtime, network), so a sweep extracts the real images once.
 """
 import concurrent.futures
+import glob
 import hashlib
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -17,8 +19,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-import data
-import system
+from support import data, system
+
 
 # --------------------------------------------------------------------------------------------
 # Image sources: .npz (streamed from the zip, no full load), folders, datasets of data.py
@@ -143,31 +145,33 @@ def open_images(spec, data_root=None, image_size=None):
 # Feature extraction: sharded over ranks, streaming float64 statistics, gathered features
 # --------------------------------------------------------------------------------------------
 
-class FeatureStats:
-    """Running sum and sum of outer products in float64; mean and covariance as np.cov (N - 1)."""
+def run_label(path):
+    """runs/clean/samples -> "clean"; other paths -> their name without extension."""
+    base = os.path.basename(path)
+    if base == "samples":
+        return os.path.basename(os.path.dirname(path))
+    return os.path.splitext(base)[0]
 
-    def __init__(self, dim, device):
-        self.n = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
-    def update(self, f):
-        f = f.double()
-        self.n += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    def all_reduce(self):
-        if system.rank_and_world()[1] > 1:
-            n = torch.tensor([self.n], dtype=torch.float64, device=self.sum.device)
-            for t in (n, self.sum, self.outer):
-                dist.all_reduce(t)
-            self.n = int(n.item())
-
-    def mean_cov(self):
-        mu = self.sum / self.n
-        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        return mu.cpu().numpy(), cov.cpu().numpy()
+def fake_runs(specs):
+    """--fake [LABEL=]PATH -> [(label, scale or None, path)]; a sample.py folder gives one per
+    scale."""
+    rows = []
+    for spec in specs:
+        label, _, path = spec.rpartition("=")
+        path = os.path.normpath(path)
+        scale_dir = re.fullmatch(r"s([0-9.]+)", os.path.basename(os.path.dirname(path)))
+        sweep = sorted(glob.glob(os.path.join(path, "s*", "samples.npz")),
+                       key=lambda p: float(os.path.basename(os.path.dirname(p))[1:]))
+        if os.path.basename(path) == "samples.npz" and scale_dir:  # OUT/s{scale}/samples.npz
+            rows.append((label or run_label(os.path.dirname(os.path.dirname(path))),
+                         float(scale_dir[1]), path))
+        elif os.path.isdir(path) and sweep:
+            rows += [(label or run_label(path), float(os.path.basename(os.path.dirname(p))[1:]), p)
+                     for p in sweep]
+        else:
+            rows.append((label or run_label(path), None, path))
+    return rows
 
 
 def extract(extractor, source, batch_size, desc):
@@ -177,16 +181,17 @@ def extract(extractor, source, batch_size, desc):
     if len(source) < size:  # an empty shard would skip the collectives below: a hang
         raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} "
                          "processes")
+    import metrics  # FID's Gaussian fit (metrics.py imports this module)
     lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
     stats, kept = {}, {"features": [], "logits_unbiased": []}
     for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
-        images = torch.from_numpy(source.read(start, min(start + batch_size, hi))).permute(0, 3, 1,
-                                                                                           2)
+        batch = source.read(start, min(start + batch_size, hi))  # uint8 NHWC
+        images = torch.from_numpy(batch).permute(0, 3, 1, 2)
         out = extractor(images)
         for key in ("features", "spatial"):
             if key in out:
                 if key not in stats:
-                    stats[key] = FeatureStats(out[key].shape[1], extractor.device)
+                    stats[key] = metrics.FeatureStats(out[key].shape[1], extractor.device)
                 stats[key].update(out[key])
         for key in kept:
             if key in out:

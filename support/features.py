@@ -7,7 +7,7 @@
                       the feature space where ImageNet features mean little
     --vq              the VQ autoencoder's encoder (vae.py) for the sample entropy (Eq. 41)
 
-    python features.py train-classifier --dataset fashion-mnist --out fmnist_cls.pt
+    python -m support.features train-classifier --dataset fashion-mnist --out fmnist_cls.pt
 
 Every network takes uint8 images [B, C, H, W] and returns a dict of feature arrays [B, D].
 """
@@ -20,9 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import system
-import vae
+from support import data, system, weights
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -240,8 +238,8 @@ class Classifier(nn.Module):
 
 def load_classifier(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"classifier checkpoint not found at '{path}'; "
-                                "train one with: python features.py train-classifier --out PATH")
+        raise FileNotFoundError(f"classifier checkpoint not found at '{path}'; train one with: "
+                                "python -m support.features train-classifier --out PATH")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = Classifier(ckpt["num_classes"], ckpt["image_size"], ckpt["channels"])
     model.load_state_dict(ckpt["model"])
@@ -289,27 +287,29 @@ class Extractor:
 
     def __init__(self, spec, device):
         kind, _, path = spec.partition(":")
-        loaders = {"inception": lambda: (load_inception(path), "forward"),
-                   "classifier": lambda: (load_classifier(path), "embed"),
-                   "clip": lambda: (CLIP(path), "embed")}
-        if kind not in loaders or not path:
+        if kind not in ("inception", "classifier", "clip") or not path:
             raise ValueError("--features must be inception:PATH, clip:DIR or classifier:PATH, got "
                              f"'{spec}'")
+        if kind == "inception":
+            self.net = load_inception(path)
+        elif kind == "classifier":
+            self.net = load_classifier(path)
+        else:
+            self.net = CLIP(path)
         self.kind, self.device = kind, device
-        self.net, method = loaders[kind]()
         self.net.to(device)
-        self.fn = getattr(self.net, method)
         self.name = f"{kind}:{os.path.basename(os.path.normpath(path))}"  # in every report
         self.cache_id = f"{kind}:{os.path.abspath(path)}|{os.stat(path).st_mtime_ns}"
 
     @torch.no_grad()
     def __call__(self, images):
-        return self.fn(images.to(self.device))
+        images = images.to(self.device)  # Inception's forward gives its features and logits
+        return self.net(images) if self.kind == "inception" else self.net.embed(images)
 
 
 def load_vq(path, preset, device, unsafe_pickle=False):
     """The VQ autoencoder of vae.py and its codebook [K, C] (for the sample entropy)."""
-    model = vae.load_autoencoder(path, preset, unsafe_pickle=unsafe_pickle)
+    model = weights.load_autoencoder(path, preset, unsafe_pickle=unsafe_pickle)
     model = model.to(device).eval().requires_grad_(False)
     if model.config.kind != "vq":
         raise ValueError(f"'{path}' is a {model.config.kind} autoencoder; the sample entropy needs "

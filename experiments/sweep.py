@@ -1,8 +1,8 @@
 """Does slight corruption help? The paper's comparison (Sec. 3, 5) with paired seeds and statistics.
 
-    python sweep.py                               # the CPU experiment: 8x8 digits, 2 cores
-    python sweep.py --setting fmnist --workers 4  # the same design on Fashion-MNIST 32x32 (a GPU)
-    python sweep.py --smoke                       # the same code, tiny (CI, under a minute)
+    python -m experiments.sweep                      # the CPU experiment: 8x8 digits, 2 cores
+    python -m experiments.sweep --setting fmnist --workers 4    # Fashion-MNIST 32x32 (a GPU)
+    python -m experiments.sweep --smoke              # the same code, tiny (CI, under a minute)
 
 Design, fixed before the run. Primary: two contrasts against clean, FID at guidance 2, Holm over
 the two: eta 5 % symmetric label flips (Sec. 3.1) - clean, and CEP-G with gamma 1 (Sec. 5.1,
@@ -43,12 +43,10 @@ import zipfile
 import numpy as np
 import torch
 
-import data
-import features
 import metrics
 import sample
-import system
 import train
+from support import data, features, system
 
 SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the same budget
     "digits": dict(dataset="digits", data_root=None, image_size=None, train_per_class=30,
@@ -107,8 +105,8 @@ def split(size):
     together, and the indices of each part (train = train.py's --train-per-class draw)."""
     full = data.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
     test = data.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
-    images, labels = torch.cat([full.images, test.images]), np.concatenate([full.labels,
-                                                                             test.labels])
+    images = torch.cat([full.images, test.images])
+    labels = np.concatenate([full.labels, test.labels])
     parts = {"train": data.per_class_indices(full.labels, size["train_per_class"], seed=0)}
     rest = np.setdiff1d(np.arange(len(labels)), parts["train"])
     rng = np.random.default_rng(1)  # the thirds of the rest, per class

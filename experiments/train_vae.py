@@ -2,7 +2,7 @@
 32x32 Fashion-MNIST, digits): LDM's first-stage losses without LPIPS and the discriminator,
 held-out reconstruction error, and the KL latent scale measured at the end.
 
-    python train_vae.py --dataset fashion-mnist --pad --preset small-kl \
+    python -m experiments.train_vae --dataset fashion-mnist --pad --preset small-kl \
         --steps 600 --batch-size 16 --eval-images 10000 --out runs/vae-fmnist
 """
 import argparse
@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import system
 import vae
+from support import data, system, weights
 
 
 def training_loss(model, x, kl_weight=1e-6, beta=0.25):
@@ -75,7 +74,7 @@ def train(args):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step = 0
     if args.resume:
-        ckpt = vae.torch_load(ckpt_path)
+        ckpt = weights.torch_load(ckpt_path)
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
     # a resumed run draws new batches

@@ -1,0 +1,72 @@
+"""Cache a dataset's latents once (support/data.py's latent cache, both horizontal flips), as LDM
+trains on precomputed first-stage codes: the VQ-f4 encoder costs more than a U-Net step.
+
+    python -m support.encode --dataset folder --data-root IN1K/train --preset vq-f4 \
+        --weights vq-f4/model.ckpt --out latents/in1k --batch-size 64
+    torchrun --nproc_per_node=8 -m support.encode ...                # sharded over ranks
+"""
+import argparse
+import dataclasses
+import os
+
+import numpy as np
+import torch.distributed as dist
+
+import vae
+from support import data, system, weights
+
+
+def encode(args):
+    rank, world, device = system.setup_distributed()  # torchrun sets RANK
+    system.set_threads(args.threads)
+    dataset = data.load_dataset(args.dataset, args.data_root, args.split, args.image_size, args.pad)
+    model = weights.load_autoencoder(args.weights, args.preset, unsafe_pickle=args.unsafe_pickle)
+    model = model.to(device).eval()
+    if dataset[0][0].shape[0] != model.config.in_channels:
+        raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the "
+                         f"autoencoder takes {model.config.in_channels}")
+    preset = args.preset or next((k for k, v in vae.PRESETS.items() if v == model.config), None)
+    meta = {"preset": preset, "config": dataclasses.asdict(model.config),
+            "weights": os.path.abspath(args.weights),
+            "weights_sha256": weights.weights_hash(args.weights),
+            "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
+            "image_size": args.image_size,
+            "pad": args.pad}
+    if model.scale is None and not os.path.exists(data.cache_files(args.out)["meta"]):
+        model.scale = vae.measure_scale(model, data.spread_images(dataset))  # LDM's scale_by_std
+    data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype),
+                        args.num_workers, rank, world, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    e = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
+    data.add_dataset_arguments(e)
+    e.add_argument("--preset", default=None, choices=sorted(vae.PRESETS),
+                   help="autoencoder architecture: needed for CompVis weights (a diffusers "
+                        "directory's config.json names its own)")
+    e.add_argument("--weights", required=True,
+                   help="our checkpoint (train_vae.py), a CompVis model.ckpt, "
+                        "or a diffusers VQModel/AutoencoderKL directory")
+    e.add_argument("--split", default="train", help="dataset split to encode")
+    e.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="stored latent dtype")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--batch-size", type=int, default=64, help="images per chunk")
+    e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading images")
+    e.add_argument("--threads", type=int, default=0, help=system.THREADS_HELP)
+    return e.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        encode(args)
+    except FileNotFoundError as e:  # a missing dataset or weights file: one line
+        raise SystemExit(f"support/encode.py: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Runs of train.py: their files, the resume contract, --init, and the loop's bookkeeping.
+
+What train.py and sample.py need around the model but a reader of the paper need not open
+first: the training data as a run sees it (images or cached latents, the run config), loading a
+checkpoint or a released model as a Denoiser (cep.py), which flags a resume may change, the
+checks of --init, and the end of every step (log, non-finite checks, checkpoint, stop on a
+signal).
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import cep
+import corrupt
+import unet
+from support import data, released, system, weights
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def choose_preset(name, size):
+    """The --preset, checked against the input size; by default the preset made for that size."""
+    made_for = [k for k, c in unet.PRESETS.items() if c.sample_size == size]
+    listing = ", ".join(f"{k} ({c.sample_size})" for k, c in unet.PRESETS.items())
+    if name is None:
+        if not made_for:
+            raise ValueError(f"no U-Net preset is made for {size}x{size} inputs (presets: "
+                             f"{listing}); choose --image-size, or train on latents")
+        return made_for[0]
+    if name not in unet.PRESETS:
+        raise ValueError(f"unknown --preset {name!r}; presets: {listing}")
+    try:
+        dataclasses.replace(unet.PRESETS[name], sample_size=size)
+    except ValueError as e:
+        raise ValueError(f"--preset {name} does not fit {size}x{size} inputs ({e}); presets made "
+                         f"for this size: {', '.join(made_for) or 'none'}") from None
+    return name
+
+
+def load(path, which="ema", device="cpu", text_encoder=None, unsafe_pickle=False):
+    """(Denoiser, run config, step) of a train.py checkpoint (a file or a run directory; its
+    `which` weights: ema or model), or of a released model (released.py: a pipeline directory or
+    LDM's cin256-v2 model.ckpt; step 0, the
+    run config holds its stored scheduler config). Tensors and plain data only, unless
+    unsafe_pickle (a Lightning model.ckpt): nothing in the file runs on load."""
+    if os.path.isdir(path) and released.is_pipeline(path):
+        return (*from_state(*released.pipeline(path), path, device), 0)
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or give "
+                                f"{released.CHECKPOINT_HINT}")
+    ckpt = weights.torch_load(path, unsafe_pickle)
+    if "config" not in ckpt:  # not a run of train.py
+        return (*from_state(*released.ldm_checkpoint(ckpt, path), path, device), 0)
+    config = dict(ckpt["config"])
+    if config["text"]:
+        config["text_encoder"] = text_encoder or config["text_encoder"]
+        if not os.path.isdir(config["text_encoder"]):
+            raise FileNotFoundError("the text encoder this model was trained with is not at "
+                                    f"{config['text_encoder']}: pass --text-encoder DIR (the same "
+                                    "model)")
+    return (*from_state(config, ckpt[which], None, path, device, which), ckpt["step"])
+
+
+def from_state(config, state, scheduler, path, device, which="ema"):
+    """(Denoiser, run config) holding `state`; non-finite weights are refused."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: the {which} weights are not finite ({bad[0]}, ...): the run "
+                         f"diverged before this checkpoint; nothing to sample")
+    if scheduler is not None:
+        config["scheduler"] = scheduler
+    model = cep.Denoiser(config)
+    if config["text"] and config.get("released"):  # BERT was read from the release's bert/
+        state = {**model.embedder.state_dict(prefix="embedder."), **state}
+    model.load_state_dict(state)
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------- the run's data
+
+
+def load_training_data(args):
+    """Returns (images: an indexable of CHW tensors or a uint8 tensor, conditions, info dict)."""
+    if args.latents:
+        cache = data.LatentCache(args.latents)
+        conditions = cache.captions if cache.captions is not None else cache.labels
+        info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
+                    vae_sha256=cache.meta.get("weights_sha256"),
+                    vae_preset=cache.meta.get("preset"),
+                    num_classes=cache.num_classes)
+        return cache, conditions, info
+    ds = data.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
+    kept = None
+    if args.train_per_class is not None:  # a seeded stratified draw, recorded in the config
+        ds, kept = data.per_class_subset(ds, args.train_per_class, args.split_seed)
+    if args.check_images and getattr(ds, "paths", None):
+        bad = data.unreadable_images(ds.paths)
+        if bad:
+            listing = "; ".join(f"{p} ({e})" for p, e in bad[:5])
+            raise SystemExit(f"{len(bad)} unreadable images: {listing}"
+                             + (" ..." if len(bad) > 5 else ""))
+    text = getattr(ds, "captions", None) is not None
+    info = dict(space="latent" if args.vae else "pixel", vae=args.vae,
+                num_classes=None if text else ds.num_classes,
+                class_names=None if text else ds.class_names,  # labels of the sample grids
+                train_indices=None if kept is None else kept.tolist())
+    return ds, (ds.captions if text else ds.labels), info
+
+
+def build_config(args, images, conditions, info, autoencoder):
+    """All flags plus what the data decides: the diffusion space's channels and size."""
+    # one image (or latent)
+    x = images[0][0][0] if isinstance(images, data.LatentCache) else images[0][0]
+    if autoencoder is not None:
+        with torch.no_grad():
+            x = autoencoder.encode(x[None].to(next(autoencoder.parameters()).device))[0]
+    return {**vars(args), **info, "text": isinstance(conditions, list), "channels": x.shape[0],
+            "size": x.shape[-1], "num_examples": len(conditions),
+            "attention_mask": not args.no_attention_mask,
+            "preset": None if args.init else choose_preset(args.preset, x.shape[-1])}
+
+
+def prepare_data(args, device):
+    """The data (images, latents), its clean conditions, the run config and the frozen
+    autoencoder (when images are encoded on the fly)."""
+    try:  # the user's data and weights: one-line errors that name the file
+        images, clean, info = load_training_data(args)
+        autoencoder = None
+        if args.vae:
+            scale = released.latent_scale(args.init) if args.init else None  # text pipelines
+            autoencoder = weights.load_autoencoder(args.vae, scale=scale,
+                                               unsafe_pickle=args.unsafe_pickle)
+            autoencoder = autoencoder.to(device).eval()
+            info["latent_scale"] = autoencoder.scale
+            info["vae_sha256"] = weights.weights_hash(args.vae)
+        config = build_config(args, images, clean, info, autoencoder)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"train.py: {e}") from None
+    return images, clean, config, autoencoder
+
+
+def batches(args, images, step, world, rank, n, cuda):
+    """This rank's micro-batches of images (or cached latent pairs) in the run's fixed order
+    (support/data.py: one seeded permutation per epoch), from `step` on."""
+    sampler = data.StepBatches(step, args.steps, args.batch_size, world, rank, n, args.seed,
+                               args.grad_accum)
+    workers = 0 if isinstance(images, data.InMemoryDataset) else args.num_workers
+    return iter(torch.utils.data.DataLoader(data.ImagesOnly(images), num_workers=workers,
+                                            batch_sampler=sampler, pin_memory=cuda))
+
+
+def first_stage(x0, images, autoencoder, g, G, mine):
+    """What the U-Net diffuses: cached latents (one of the two cached horizontal flips per
+    sample, drawn from the step's generator g), images encoded on the fly, or pixels."""
+    if isinstance(images, data.LatentCache):  # both horizontal flips are cached [B, 2, C, H, W]
+        flip = torch.randint(0, 2, (G,), generator=g, device=x0.device)[mine]
+        x0 = x0[torch.arange(len(x0), device=x0.device), flip]
+    if autoencoder is not None:
+        with torch.no_grad():
+            x0 = autoencoder.encode(x0)
+    return x0
+
+
+# ----------------------------------------------------------------------------- resuming and --init
+
+
+# Flags that may change when resuming; every other flag must match the checkpoint's config.
+# --batch-size (per process) may change when the number of processes does: the global batch is
+# checked.
+
+
+RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out",
+             "threads",
+             "batch_size", "grad_accum", "class_names", "unsafe_pickle", "check_images",
+             "data_changed_ok",
+             "train_indices"}  # follows from --train-per-class and --split-seed, compared
+
+
+# flags added after runs were made: a checkpoint without one was trained with its default
+ADDED_LATER = {"context_dim": None, "no_attention_mask": False, "attention_mask": True}
+
+
+def check_resumable(saved, config):
+    saved = {**ADDED_LATER, **saved}
+    saved_batch = saved.get("global_batch", saved["batch_size"])
+    if saved_batch != config["global_batch"]:
+        per_step = config["global_batch"] // config["batch_size"]  # processes x grad-accum
+        hint = max(1, saved_batch // per_step)
+        raise SystemExit(f"the checkpoint's global batch is {saved_batch}, this run's "
+                         f"{config['global_batch']} ({per_step} micro-batches of "
+                         f"{config['batch_size']}): keep it with --batch-size and --grad-accum "
+                         f"whose product with the number of processes is {saved_batch} "
+                         f"(e.g. --batch-size {hint})")
+    data_keys = {"num_examples"} if config["data_changed_ok"] else set()  # the user said so
+    diff = {k: (saved.get(k), v) for k, v in config.items()
+            if k not in RESUMABLE | data_keys and saved.get(k) != v}
+    if diff:
+        lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}"
+                          for k, (a, b) in diff.items())
+        raise SystemExit("the checkpoint was trained with another config; refusing to "
+                         f"resume:\n{lines}")
+
+
+def build_model(args, config, device):
+    """Model, EMA and optimizer, fresh (seeded) or restored from the run's checkpoint."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another "
+                         "--out")
+    start = init_weights(args, config) if args.init else None  # sets config's U-Net and classes
+    torch.manual_seed(args.seed)  # the initial weights
+    model = cep.Denoiser(config).to(device)
+    if start is not None:
+        model.load_state_dict(start)
+    ema = cep.Denoiser(config).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    if not args.resume:
+        return model, ema, opt, 0
+    ckpt = system.load_checkpoint(ckpt_path, device)
+    check_resumable(ckpt["config"], config)
+    print(f"resuming at step {ckpt['step']}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    return model, ema, opt, ckpt["step"]
+
+
+def init_weights(args, config):
+    """--init: the weights of a released or earlier model (load); its U-Net and class
+    table go into the run config, after checking that the data fits them."""
+    try:
+        start, start_config, _ = load(args.init, "ema", "cpu", args.text_encoder,
+                                               args.unsafe_pickle)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"train.py: --init: {e}") from None
+    ucfg = cep.unet_config(start_config)
+    data = f"{config['channels']}x{config['size']}x{config['size']}"
+    takes = f"{ucfg.in_channels}x{ucfg.sample_size}x{ucfg.sample_size}"
+    if data != takes:
+        raise SystemExit(f"--init: the data's {config['space']} inputs are {data}; the model "
+                         f"takes {takes} (encode the data with the model's autoencoder: --vae "
+                         f"DIR/vqvae, or python -m support.encode --weights DIR/vqvae)")
+    scale = start_config.get("latent_scale")
+    if scale is not None and config.get("latent_scale") != scale:
+        raise SystemExit(f"--init: the model works on latents x {scale}, the data's are x "
+                         f"{config.get('latent_scale')} (encode with the model's autoencoder: "
+                         "--vae DIR/vqvae)")
+    if start_config["text"] != config["text"]:
+        raise SystemExit("--init: a class model needs class labels, a text model captions")
+    if not config["text"] and config["num_classes"] > start_config["num_classes"]:
+        raise SystemExit(f"--init: the data has {config['num_classes']} classes, the model "
+                         f"{start_config['num_classes']}")
+    config.update(unet=dataclasses.asdict(ucfg), num_classes=start_config["num_classes"],
+                  init=args.init)
+    if config["text"]:  # the model's own text encoder, tokenizer and way of calling it
+        config.update({k: start_config.get(k) for k in ("text_encoder", "tokenizer",
+                                                        "attention_mask", "text_length")})
+    return start.state_dict()
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+def write_run_files(args, config, clean, corrupted, model, step):
+    """The full config and the corruption manifest (which samples, which new condition); a
+    fresh run (step 0) starts a new log."""
+    os.makedirs(args.out, exist_ok=True)
+    if step == 0 and os.path.exists(os.path.join(args.out, "log.jsonl")):
+        os.remove(os.path.join(args.out, "log.jsonl"))  # no lines of a crashed run
+    system.write_json(os.path.join(args.out, "config.json"),
+                      {**config, "parameters": sum(p.numel() for p in model.parameters())})
+    mode = "swap" if config["text"] else args.corruption
+    rate = corrupt.write_manifest(os.path.join(args.out, "corruption.tsv"), clean, corrupted,
+                                  eta=args.eta, seed=args.corruption_seed, mode=mode)
+    print(f"condition corruption: {mode}, eta {args.eta}, realised rate {rate:.4f}")
+
+
+class Bookkeeping:
+    """The end of every training step: the progress bar, the log line, the non-finite checks,
+    the checkpoint (atomic, the previous one kept) and the stop on Ctrl-C / SIGTERM."""
+
+    def __init__(self, args, config, step, global_batch, rank, world, device):
+        self.args, self.config, self.G = args, config, global_batch
+        self.rank, self.world, self.device = rank, world, device
+        self.ckpt_path = os.path.join(args.out, "ckpt.pt")
+        self.bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train",
+                        dynamic_ncols=True)
+        self.loss_sum = torch.zeros((), device=device)  # read at log steps only: no host sync
+        self.t0, self.steps_timed = time.time(), 0
+
+    def after_step(self, step, model, ema, opt, received):
+        """Log, check, save and stop as due after `step` (raises SystemExit to stop)."""
+        args, G = self.args, self.G
+        self.steps_timed += 1
+        self.bar.update(1)
+        stopping = system.stop_requested(received, step, args.log_every, self.world, self.device)
+        save_now = step % args.ckpt_every == 0 or step == args.steps or stopping
+        if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
+            mean_loss = system.all_reduce_mean(self.loss_sum.clone(), self.world)
+            mean_loss /= self.steps_timed
+            if not math.isfinite(mean_loss):
+                raise SystemExit(f"non-finite loss ({mean_loss}) in steps "
+                                 f"{step - self.steps_timed + 1} to {step}; last good "
+                                 f"checkpoint: {self.ckpt_path}")
+        if step % args.log_every == 0 or step == args.steps:
+            if self.rank == 0:
+                rate = self.steps_timed * G / (time.time() - self.t0)
+                log_line(args.out, step, G, mean_loss, rate, self.device, self.bar)
+            self.loss_sum.zero_()
+            self.t0, self.steps_timed = time.time(), 0
+        if save_now and not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
+                             f"checkpoint: {self.ckpt_path}")
+        if self.rank == 0 and save_now:
+            system.save_checkpoint(self.ckpt_path, {
+                "config": self.config, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
+        if stopping:
+            if self.world > 1:
+                dist.barrier()
+            name = signal.Signals(received[0]).name if received else "a signal to another rank"
+            raise SystemExit(f"stopped by {name} after step {step}: checkpoint written; "
+                             f"continue with the same command and --resume")
+
+    def close(self):
+        self.bar.close()
+
+
+def log_line(out, step, global_batch, loss, rate, device, bar):
+    mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    rec = {"step": step, "images_seen": step * global_batch, "loss": loss, "images_per_s": rate,
+           "peak_mem_mb": mem}
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
