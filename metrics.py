@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper (Sec. 3.1, App. B.7, App. C.1), written out by hand.
+r"""Evaluation metrics of the paper (Sec. 3.1, App. B.7, App. C.1), written out by hand.
 
     python metrics.py --real ref.npz --fake runs/clean/samples --fake cep=runs/cep/samples \
         --features inception:pt_inception-2015-12-05-6726825d.pth --metrics fid,is,pr --out eval/
@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import linalg
 
-from support import extract, features, system
+from support import extract, features, report, system
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +50,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    scale = np.trace(sigma1) + np.trace(sigma2) + diff @ diff
+    return 0.0 if abs(distance) <= 1e-9 * max(scale, 1.0) else distance  # rounding, not a value
 
 
 class FeatureStats:
@@ -295,58 +297,24 @@ def check_request(metrics, extractor, sources, args):
         raise ValueError("clip needs --clip DIR (a local CLIP model directory)")
 
 
-COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("precision", "prec"),
-           ("recall", "recall"),
-           ("density", "density"), ("coverage", "cover"), ("rmd_top1", "RMD1%"),
-           ("entropy", "entropy"),
-           ("l2_5nn", "L2-5NN"), ("mem_ratio", "mem"), ("clip_score", "CLIP")]
+def real_vs_real(real, rows):
+    """FID between two disjoint random halves of the reference features at the samples' n (the
+    floor a perfect model reaches), when the reference holds twice that many images."""
+    feats = (real or {}).get("features")
+    n = min((r["n"] for r in rows if "fid" in r), default=0)
+    if feats is None or n < 2 or len(feats) < 2 * n:
+        return None
+    order = np.random.default_rng(0).permutation(len(feats))
+    a, b = (feats[order[k * n:(k + 1) * n]].astype(np.float64) for k in (0, 1))
+    fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return {"n": n, "fid": fid}
 
 
-def print_table(rows, extractor_name):
-    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
-    print(f"features: {extractor_name}")
-    print(f"{'run':<16}{'scale':>7}{'n':>7}" + "".join(f"{h:>9}" for _, h in cols))
-    for r in rows:
-        scale = "-" if r["scale"] is None else f"{r['scale']:g}"
-        print(f"{r['run'][:16]:<16}{scale:>7}{r['n']:>7}"
-              + "".join(f"{r[k]:>9.4g}" if k in r else f"{'':>9}" for k, _ in cols))
-
-
-def plot_sweeps(rows, out, extractor_name):
-    """The paper's two plots: FID against IS (or CLIP score) and precision against recall, one
-    point per guidance scale, one line per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = {}
-    for r in rows:
-        runs.setdefault(r["run"], []).append(r)
-    # FID against IS (class models) or CLIP score (text models); against the scale when neither
-    x_key = next((k for k in ("is", "clip_score") if any(k in r for r in rows)), "scale")
-    x_label = {"is": "IS", "clip_score": "CLIP score", "scale": "guidance scale"}[x_key]
-    plots = {"fid_vs_" + x_key: (x_key, "fid", x_label, "FID"),
-             "precision_recall": ("recall", "precision", "recall", "precision")}
-    for name, (xk, yk, xlabel, ylabel) in plots.items():
-        missing = sorted({r["run"] for r in rows if r.get(xk) is None or r.get(yk) is None})
-        if missing:
-            print(f"note: no {name}.png: {', '.join(missing)} give no "
-                  f"{xlabel if xk == 'scale' else xk} or {yk} (a guidance scale comes from a "
-                  f"sample.py folder OUT/s{{scale}}/samples.npz)")
-            continue
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for run, rs in runs.items():
-            ax.plot([r[xk] for r in rs], [r[yk] for r in rs], "o-", label=run)
-            for r in rs:
-                if r["scale"] is not None:
-                    ax.annotate(f"{r['scale']:g}", (r[xk], r[yk]), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} vs {xlabel} ({extractor_name})", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
-        plt.close(fig)
+def check_reference(real):
+    """A reference set whose features do not vary (all images alike) makes every FID large."""
+    if real is not None and "sigma" in real and np.trace(real["sigma"]) <= 1e-8:
+        print("warning: the reference set's features do not vary (identical or blank images?); "
+              "its FIDs measure the distance to one point")
 
 
 def parse_args(argv=None):
@@ -419,6 +387,7 @@ def main(argv=None):
     if needed:
         source = extract.open_images(args.real, args.data_root, args.image_size)
         real = extract.reference_features(source, extractor, args, "real", needed)
+        check_reference(real)
     if "mem" in metrics:
         source = extract.open_images(args.train, args.data_root, args.image_size)
         train = extract.reference_features(source, extractor, args, "train", ["features"])
@@ -430,21 +399,25 @@ def main(argv=None):
         rows.append({"run": label, "scale": scale, "path": source.path, **row,
                      "seconds": round(time.time() - t0, 1)})
     if rank == 0:
-        print_table(rows, extractor.name)
+        report.print_table(rows, extractor.name)
+        floor = real_vs_real(real, rows)
+        if floor:
+            print(f"real vs real: FID {floor['fid']:.3f} between two disjoint draws of "
+                  f"{floor['n']} reference images (what a perfect model scores at this n)")
         os.makedirs(args.out, exist_ok=True)
-        report = {"features": extractor.name, "real": args.real, "train": args.train,
-                  "metrics": metrics,
-                  "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau,
-                              "mem_threshold": args.mem_threshold,
-                              "mem_features": "L2-normalised",
-                              "clip_score": "100 * max(cos, 0), mean over samples",
-                              "rmd": "mean of the top 1 % scores"},
-                  "rows": rows}
-        system.write_json(os.path.join(args.out, "metrics.json"), report)
+        summary = {"features": extractor.name, "real": args.real, "train": args.train,
+                   "metrics": metrics,
+                   "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau,
+                               "mem_threshold": args.mem_threshold,
+                               "mem_features": "L2-normalised",
+                               "clip_score": "100 * max(cos, 0), mean over samples",
+                               "rmd": "mean of the top 1 % scores"},
+                   "rows": rows, "real_vs_real": floor}
+        system.write_json(os.path.join(args.out, "metrics.json"), summary)
         if "rmd_scores" in extras:
             np.savez(os.path.join(args.out, "rmd_scores.npz"),
                      **{f"{r['run']}_s{r['scale']}": s for r, s in zip(rows, extras["rmd_scores"])})
-        plot_sweeps(rows, args.out, extractor.name)
+        report.plot_sweeps(rows, args.out, extractor.name)
         print(f"wrote {os.path.join(args.out, 'metrics.json')}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -45,10 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--ddim-eta", type=float, default=0.0,
                    help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of "
                         "train.py)")
-    p.add_argument("--clip-denoised", action="store_true",
-                   help="clip every step's x0 prediction to [-1, 1] (pixel-space models, as DDPM / "
-                        "ADM sample; bounds the samples of an undertrained model, does not fix "
-                        "them)")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip every step's x0 prediction to the data range [-1, 1], as DDPM, ADM "
+                        "and diffusers' schedulers sample pixels (default: on for pixel-space "
+                        "models, off for latent ones, whose latents are unbounded)")
     p.add_argument("--cads", action="store_true",
                    help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the "
                         "condition embedding, strong at high noise levels and gone at the end")
@@ -106,6 +106,13 @@ def conditions_to_sample(args, config):
     return [c for c in classes for _ in range(args.per_class or 10)]
 
 
+def epochs_seen(config, step):
+    """Passes over the training set a train.py run made by `step` (None: a released model)."""
+    if not config.get("num_examples") or not config.get("global_batch"):
+        return None
+    return step * config["global_batch"] / config["num_examples"]
+
+
 def initial_noise(indices, seed, shape):
     """x_T and a generator per sample, both from the seed (seed, index)."""
     gens = [torch.Generator().manual_seed(system.seed_of(seed, i)) for i in indices]
@@ -113,17 +120,22 @@ def initial_noise(indices, seed, shape):
 
 
 OUT_OF_RANGE = 3.0  # |value| beyond this is far outside the data range [-1, 1]
+SATURATED = 0.95  # a sample set with more of its values at -1 or +1 is all black / white / noise
 
 
-def range_warning(outside):
-    """A sample set with more than 1 % of its values far outside [-1, 1] comes from a model that is
-    not ready: say so (the images are clamped, so they would look like saturated noise). Trained
-    pixel models overshoot saturated backgrounds a little (digits: 0.25 % of values beyond 3)."""
+def range_warning(outside, saturated=0.0, epochs=None):
+    """A sample set with more than 1 % of its values far outside [-1, 1] (unclipped), or almost
+    all of them at the ends of the range (clipped, or a diverged model's black images), comes
+    from a model that is not ready: say so, with the epochs it saw. Trained pixel models
+    overshoot saturated backgrounds a little (digits: 0.25 % of values beyond 3)."""
+    seen = f"this run saw {epochs:.3g} epochs; " if epochs else ""
+    advice = f"the model is not ready: {seen}train longer (README, 'Your own data')."
     if outside > 0.01:
         return (f"warning: {100 * outside:.1f} % of the sample values lie outside "
-                f"[-{OUT_OF_RANGE}, {OUT_OF_RANGE}] (the data lies in [-1, 1]): the model is not "
-                f"ready. Train longer (README, 'Your own data'); --clip-denoised bounds the "
-                f"samples but does not fix them.")
+                f"[-{OUT_OF_RANGE}, {OUT_OF_RANGE}] (the data lies in [-1, 1]): {advice}")
+    if saturated > SATURATED:
+        return (f"warning: {100 * saturated:.1f} % of the sample values sit at -1 or +1 (all "
+                f"black, all white or clipped noise): {advice}")
     return None
 
 
@@ -148,7 +160,7 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, schedule, auto
                 args.cads_psi))
     else:
         conditioned = functools.partial(eps_fn, context=context)
-    if args.clip_denoised:
+    if args.clip_denoised:  # x0 predictions inside the data range (pixel models, by default)
         conditioned = diffusion.clip_denoised(conditioned, abar)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     # bf16 for the U-Net's matmuls and convolutions; the sampler's arithmetic stays fp32
@@ -157,8 +169,9 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, schedule, auto
                              eta=args.ddim_eta, generators=gens, timesteps=timesteps)
     if autoencoder is not None:
         x = autoencoder.decode(x)
-    outside = (x.abs() > OUT_OF_RANGE).float().mean().item()  # data lies in [-1, 1]
-    return data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy(), outside  # NHWC
+    counts = [(x.abs() > OUT_OF_RANGE).float().mean().item(),  # data lies in [-1, 1]
+              (x.abs() >= 1 - 1 / 255).float().mean().item()]  # at an end of the range
+    return data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy(), counts  # NHWC
 
 
 def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
@@ -194,11 +207,16 @@ def write_outputs(out, images, conds, scale, config, args, step):
     system.write_atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez(  # never truncated
         tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)), seed=args.seed,
         guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads, ckpt_step=step,
+        clip_denoised=args.clip_denoised,
         weights=args.weights, timesteps=args.timesteps if config.get("scheduler") else "paper"))
     if config["text"]:  # up to 64 samples, row-major; their prompts in grid_prompts.txt
-        save_grid(images[:64], min(8, len(images)), os.path.join(out, "grid.png"))
-        with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
-            f.write("".join(f"{i // 8 + 1},{i % 8 + 1}\t{p}\n" for i, p in enumerate(conds[:64])))
+        shown = images[:64]
+        rows = math.ceil(len(shown) / 8)
+        cols = math.ceil(len(shown) / rows)  # as save_grid lays them out: 8 a row at most
+        save_grid(shown, rows, os.path.join(out, "grid.png"))
+        with open(os.path.join(out, "grid_prompts.txt"), "w") as f:  # row,column<TAB>prompt
+            f.write("".join(f"{i // cols + 1},{i % cols + 1}\t{p}\n"
+                            for i, p in enumerate(conds[:64])))
     else:  # one row per class, up to 10 samples each, labelled with the class names
         classes = sorted(set(conds))
         per = [np.flatnonzero(np.asarray(conds) == c)[:10] for c in classes]
@@ -228,6 +246,8 @@ def check_args(args):
         raise SystemExit(f"--guidance scales must be >= 0, got {args.guidance}")
     if not 0 <= args.ddim_eta <= 1:
         raise SystemExit(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
+    if args.ddim_eta and args.sampler != "ddim":
+        raise SystemExit(f"--ddim-eta applies to --sampler ddim, not {args.sampler}")
     if args.cads:
         try:
             tau = [float(v) for v in args.cads_tau.split(",")]
@@ -284,31 +304,37 @@ def main(argv=None):
         schedule = sampling_schedule(args, config)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sample.py: {e}") from None
+    if args.clip_denoised is None:  # clip pixels, never latents
+        args.clip_denoised = config["space"] == "pixel"
+    elif args.clip_denoised and config["space"] == "latent":
+        raise SystemExit("sample.py: --clip-denoised applies to pixel-space models; latents are "
+                         "not bounded")
     conds = conditions_to_sample(args, config)
     mine = list(range(rank, len(conds), world))  # this process's sample indices
     run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     out_root = args.out or os.path.join(run_dir, "samples")
     shape = (config["channels"], config["size"], config["size"])
     for scale in [float(s) for s in args.guidance.split(",")]:
-        images, outside = [], 0.0
+        images, counts = [], np.zeros(2)  # samples x (share outside, share saturated)
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
             idx = mine[b:b + args.batch_size]
             noise, gens = initial_noise(idx, args.seed, shape)
-            batch, out_of_range = sample_batch(model, [conds[i] for i in idx], idx, noise, gens,
-                                               scale, args, schedule, autoencoder)
+            batch, shares = sample_batch(model, [conds[i] for i in idx], idx, noise, gens,
+                                         scale, args, schedule, autoencoder)
             images.append(batch)
-            outside += out_of_range * len(idx)
+            counts += np.array(shares) * len(idx)
         out = os.path.join(out_root, f"s{scale:g}")
         # a rank may get none
         images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
         images = system.gather_rows(images, np.asarray(mine, np.int64))
-        outside = system.gather_rows(np.array([outside]))  # rank 0: every rank's count
+        counts = system.gather_rows(counts[None])  # rank 0: every rank's counts
         if rank == 0:
-            outside = outside.sum() / len(conds)
+            outside, saturated = counts.sum(0) / len(conds)
             write_outputs(out, images, conds, scale, config, args, step)
             print(f"wrote {len(images)} samples to {out}")
-            if range_warning(outside):
-                print(range_warning(outside))
+            warning = range_warning(outside, saturated, epochs_seen(config, step))
+            if warning:
+                print(warning)
     if world > 1:
         dist.destroy_process_group()
 

@@ -39,7 +39,7 @@ def main(argv=None):
     B, accum = args.batch_size, args.grad_accum
     G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's
     config["global_batch"] = G  # a resume keeps it
-    model, ema, opt, step = runs.build_model(args, config, device)
+    model, ema, opt, step, lowest_loss = runs.build_model(args, config, device)
     if rank == 0:
         runs.write_run_files(args, config, clean, conditions, model, step)
     ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
@@ -51,7 +51,8 @@ def main(argv=None):
         prior = prior.float().to(device)
         conditions = torch.as_tensor(conditions, dtype=torch.int64).to(device)
     loader = runs.batches(args, images, step, world, rank, len(conditions), cuda)
-    books = runs.Bookkeeping(args, config, step, G, rank, world, device)
+    books = runs.Bookkeeping(args, config, step, G, rank, world, device, autoencoder,
+                             captions=clean if text else None, lowest_loss=lowest_loss)
     with system.stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
         while step < args.steps:
             # one step: every draw for the global batch of G from the (seed, step) generator
@@ -117,7 +118,11 @@ def corrupt_conditions(args, conditions, num_classes):
         return corrupt.swap_captions(conditions, args.eta, args.corruption_seed)
     if args.eta == 0 or args.corruption == "resample":
         return conditions
-    subset = [int(c) for c in args.corrupt_classes.split(",")] if args.corrupt_classes else None
+    try:
+        subset = [int(c) for c in args.corrupt_classes.split(",")] if args.corrupt_classes else None
+    except ValueError:
+        raise SystemExit("--corrupt-classes takes comma-separated class indices, e.g. 0,2,4,6; "
+                         f"got {args.corrupt_classes!r}") from None
     if args.corruption == "asymmetric" and not subset:
         raise SystemExit("--corruption asymmetric needs --corrupt-classes, e.g. 0,2,4,6")
     return corrupt.corrupt_labels(conditions, args.eta, args.corruption_seed, num_classes,
@@ -233,6 +238,9 @@ def parse_args(argv=None):
                    help="write the checkpoint every N steps and at the end; the previous one is "
                         "kept as ckpt.prev.pt, so saving needs room for three checkpoints")
     s.add_argument("--log-every", type=int, default=50, help="log a JSON line every N steps")
+    s.add_argument("--sample-every", type=int, default=0,
+                   help="write OUT/preview/stepN.png every N steps: the EMA model from fixed "
+                        "noise (0 = never); the end of a run writes OUT/loss.png")
     s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     s.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
@@ -255,6 +263,7 @@ def check_args(args):
               ("--steps", args.steps, 1, inf), ("--batch-size", args.batch_size, 1, inf),
               ("--grad-accum", args.grad_accum, 1, inf),
               ("--ckpt-every", args.ckpt_every, 1, inf), ("--log-every", args.log_every, 1, inf),
+              ("--sample-every", args.sample_every, 0, inf),
               ("--text-length", args.text_length, 1, inf), ("--lr", args.lr, 0, inf),
               ("--ema-decay", args.ema_decay, 0, 1),
               ("--context-dim", 1 if args.context_dim is None else args.context_dim, 1, inf)]
@@ -263,6 +272,9 @@ def check_args(args):
             raise SystemExit(f"{flag} must be in [{lo}, {hi}], got {value}")
     if args.corrupt_classes and args.corruption != "asymmetric":
         raise SystemExit("--corrupt-classes applies to --corruption asymmetric")
+    if args.latents and args.vae:
+        raise SystemExit("--latents holds the latents of the autoencoder its cache names; --vae "
+                         "encodes images on the fly: give one of the two")
     if args.dataset == "captions" and not (args.text_encoder or args.init):
         raise SystemExit("--dataset captions needs --text-encoder DIR (a local BERT-family model)")
 

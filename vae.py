@@ -1,4 +1,4 @@
-"""LDM's f4 autoencoders (Rombach et al. 2022): the first stage of the latent diffusion model.
+r"""LDM's f4 autoencoders (Rombach et al. 2022): the first stage of the latent diffusion model.
 
 The paper's LDM-4 models diffuse in the latent space of LDM's VQ-f4 autoencoder (App. B.3,
 Table 3): 256x256x3 images -> 64x64x3 latents. Diffusion uses VQ's *pre-quantization* latents;

@@ -1,4 +1,4 @@
-"""Throughput of training, sampling and FID feature extraction, against diffusers / pytorch-fid.
+r"""Throughput of training, sampling and FID feature extraction, against diffusers / pytorch-fid.
 
     python -m experiments.bench                        # all three, ldm4-in1k, batch 64, one GPU
     python -m experiments.bench --only train --lines compile,diffusers \

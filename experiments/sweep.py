@@ -31,7 +31,7 @@ the samples' recorded settings, the metrics' config), so a killed sweep resumes 
 import argparse
 import concurrent.futures
 import csv
-import itertools
+import json
 import math
 import multiprocessing
 import os
@@ -46,6 +46,7 @@ import torch
 import metrics
 import sample
 import train
+from experiments import latent, paired
 from support import data, features, system
 
 SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the same budget
@@ -55,9 +56,18 @@ SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the sam
     "fmnist": dict(dataset="fashion-mnist", data_root="/usr/share/datasets/fashion-mnist",
                    image_size=32, train_per_class=500, preset="fmnist", steps=12000, batch=128,
                    lr=2e-4, samples={2.0: 1000, 1.0: 500}, sample_steps=50, classifier_epochs=3),
+    # the paper's LDM pipeline (experiments/latent.py): a KL-f4 autoencoder, 4x8x8 latents
+    "fmnist-latent": dict(dataset="fashion-mnist", data_root="/usr/share/datasets/fashion-mnist",
+                          image_size=None, train_per_class=100, preset="digits", steps=1000,
+                          batch=64, lr=1e-3, samples={2.0: 100, 1.0: 100}, sample_steps=50,
+                          classifier_epochs=3, reference_per_class=500, floor_per_class=100,
+                          first_stage=dict(preset="small-kl", steps=2000, batch=16,
+                                           eval_images=10000), seeds=8, mechanism_seeds=0),
 }  # samples: per class, per guidance scale
 SMOKE = dict(train_per_class=3, steps=4, batch=8, samples={2.0: 3, 1.0: 2}, sample_steps=3,
-             classifier_epochs=1)
+             classifier_epochs=1, classifier_max_steps=5, reference_per_class=3,
+             floor_per_class=3)
+SMOKE_FIRST_STAGE = dict(preset="small-kl", steps=2, batch=4, eval_images=8)
 GAMMA_1 = ["--gamma", "1"]
 PRIMARY = {"clean": [], "eta5": ["--eta", "0.05"], "cep-g": ["--cep", "gaussian", *GAMMA_1]}
 CONTRASTS = ("eta5", "cep-g")  # each - clean, FID at s = 2, Holm over the two
@@ -70,7 +80,7 @@ OTHER = {**{f"eta{e:g}": ["--eta", str(e / 100)] for e in (2.5, 10, 20)},
 ARMS = {**PRIMARY, **MECHANISM, **OTHER}
 BASELINE = {"clean-d16": None, "cep-g-d16": "clean-d16", "clean": None}  # others: clean
 CADS = ["--cads", "--cads-tau", "0.6,0.9", "--cads-scale", "0.25"]  # Sadat et al.'s defaults
-METRICS = ("fid", "kid", "fid_train", "precision", "recall", "class_acc", "rmd_top1",
+METRICS = ("fid", "kid", "fid_floor_n", "fid_train", "precision", "recall", "class_acc", "rmd_top1",
            "copy_share", "copy_ratio", "nn_train")
 EMBEDDING = ("emb_norm", "emb_dist", "delta_rms", "delta_over_dist")
 MIN_SEEDS_TO_BOLD = 4  # intervals from fewer seeds are printed, never marked
@@ -83,14 +93,20 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="sweep directory, resumable (default runs/sweep-SETTING, with --smoke "
                         "runs/sweep-SETTING-smoke)")
-    p.add_argument("--seeds", type=int, default=7, help="paired seeds of clean, eta 5 %% and CEP-G")
-    p.add_argument("--mechanism-seeds", type=int, default=4,
-                   help="paired seeds of the 16-d embedding pair (0: not run)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="paired seeds of clean, eta 5 %% and CEP-G (default 7; fmnist-latent 8)")
+    p.add_argument("--mechanism-seeds", type=int, default=None,
+                   help="paired seeds of the 16-d embedding pair (0: not run; default 4, "
+                        "fmnist-latent 0)")
     p.add_argument("--other-seeds", type=int, default=0,
                    help="seeds of every further arm (0: not run, reported as not measured)")
     p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
     p.add_argument("--smoke", action="store_true", help="the same code, tiny (CI)")
     args = p.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    args.seeds = setting.get("seeds", 7) if args.seeds is None else args.seeds
+    if args.mechanism_seeds is None:
+        args.mechanism_seeds = setting.get("mechanism_seeds", 4)
     if args.seeds < 2 or min(args.mechanism_seeds, args.other_seeds) < 0 or args.workers < 1:
         raise SystemExit("--seeds must be >= 2, --mechanism-seeds and --other-seeds >= 0, "
                          "--workers >= 1")
@@ -103,6 +119,8 @@ def parse_args(argv=None):
 def split(size):
     """The fixed split: images uint8 NCHW and labels of the dataset's train and test splits
     together, and the indices of each part (train = train.py's --train-per-class draw)."""
+    if "first_stage" in size:
+        return latent.split(size)
     full = data.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
     test = data.load_dataset(size["dataset"], size["data_root"], "test", size["image_size"])
     images = torch.cat([full.images, test.images])
@@ -121,7 +139,9 @@ def split(size):
 
 
 def reference(out, size):
-    """Split, feature classifier, reference features and the floor rows, made once."""
+    """Split, feature classifier, reference features and the floor rows, made once. The latent
+    setting also trains its autoencoder, caches the training latents and scores against
+    reconstructions (experiments/latent.py)."""
     path = os.path.join(out, "reference.npz")
     if os.path.exists(path):
         return dict(np.load(path))
@@ -130,14 +150,19 @@ def reference(out, size):
     names = [str(c) for c in range(int(labels.max()) + 1)]
     fit, check = (data.InMemoryDataset(images[torch.from_numpy(parts[k])], labels[parts[k]], names)
                   for k in ("classifier", "floor"))
-    opts = types.SimpleNamespace(epochs=size["classifier_epochs"], max_steps=None, lr=1e-3,
-                                 batch_size=128, seed=0)
+    opts = types.SimpleNamespace(epochs=size["classifier_epochs"], lr=1e-3, batch_size=128,
+                                 max_steps=size.get("classifier_max_steps"), seed=0)
     clf, accuracy = features.fit_classifier(fit, check, len(names), opts)
     state = {"model": clf.state_dict(), "num_classes": len(names),
              "dataset": size["dataset"], "image_size": clf.image_size,
              "channels": clf.channels, "test_accuracy": accuracy}
     system.write_atomic(os.path.join(out, "classifier.pt"), lambda tmp: torch.save(state, tmp))
-    ref = {f"{k}_images": nhwc(images[torch.from_numpy(v)]) for k, v in parts.items()}
+    scored = {k: images[torch.from_numpy(v)] for k, v in parts.items() if k != "classifier"}
+    if "first_stage" in size:  # the paper's pipeline: the first stage on both sides
+        autoencoder = latent.first_stage(out, size)
+        latent.cache_training_set(autoencoder, scored["train"], labels[parts["train"]], size, out)
+        scored = {k: latent.reconstruct(autoencoder, v) for k, v in scored.items()}
+    ref = {f"{k}_images": nhwc(v) for k, v in scored.items()}
     ref.update({f"{k}_labels": labels[v] for k, v in parts.items()}, classifier_accuracy=accuracy)
     for k in ("reference", "train"):
         ref[f"{k}_features"] = classifier_features(clf, ref[f"{k}_images"])
@@ -179,7 +204,9 @@ def evaluate(images, labels, ref, clf):
     to_train = nn_distance(images, ref["train_images"])
     ratio = to_train / np.maximum(nn_distance(images, ref["unseen_images"]), 1e-12)
     pr = metrics.precision_recall(real, feats, k=3)
+    same_n = floor_sized(labels, ref["floor_labels"])  # FID's bias depends on n
     return {"fid": fid(feats, real), "kid": metrics.kernel_inception_distance(real, feats),
+            "fid_floor_n": fid(feats[same_n], real),
             "fid_train": fid(feats, ref["train_features"]),
             "precision": pr["precision"], "recall": pr["recall"],
             "class_acc": float((predicted == labels).mean()),
@@ -188,9 +215,19 @@ def evaluate(images, labels, ref, clf):
             "nn_train": float(to_train.mean()), "n": len(images)}
 
 
-def floor_rows(ref, clf):
-    """What 'perfect model' and 'copies its training set' score on the same yardstick."""
-    return [{"arm": name, **evaluate(ref[f"{part}_images"], ref[f"{part}_labels"], ref, clf)}
+def floor_sized(labels, floor_labels):
+    """Indices of a subset with the floor set's class counts (each class's first samples): its
+    FID has the floor row's n, so the two compare without the estimator's bias in n."""
+    wanted = np.bincount(floor_labels, minlength=labels.max() + 1)
+    return np.concatenate([np.flatnonzero(labels == c)[:k] for c, k in enumerate(wanted)])
+
+
+def floor_rows(ref, clf, latent_setting=False):
+    """What 'perfect model' and 'copies its training set' score on the same yardstick (the
+    latent setting: their reconstructions, what a perfect latent model would decode)."""
+    kind = " (reconstructed)" if latent_setting else ""
+    return [{"arm": name + kind, **evaluate(ref[f"{part}_images"], ref[f"{part}_labels"], ref,
+                                            clf)}
             for name, part in (("real held-out", "floor"), ("training set", "train"))]
 
 
@@ -210,11 +247,14 @@ def embedding_diagnostics(run_dir):
 # ----------------------------------------------------------------------------- one job
 
 def train_flags(arm_flags, seed, size, run_dir):
-    data = ["--dataset", size["dataset"]] \
-        + (["--data-root", size["data_root"]] if size["data_root"] else []) \
-        + (["--image-size", str(size["image_size"])] if size["image_size"] else [])
-    return [*data, "--train-per-class", str(size["train_per_class"]), "--split-seed", "0",
-            "--preset", size["preset"],
+    if "first_stage" in size:  # the cache holds exactly the training set
+        data = ["--latents", os.path.join(os.path.dirname(run_dir), "latents")]
+    else:
+        data = ["--dataset", size["dataset"], "--train-per-class", str(size["train_per_class"]),
+                "--split-seed", "0"]
+        data += ["--data-root", size["data_root"]] if size["data_root"] else []
+        data += ["--image-size", str(size["image_size"])] if size["image_size"] else []
+    return [*data, "--preset", size["preset"],
             "--steps", str(size["steps"]), "--batch-size", str(size["batch"]),
             "--lr", str(size["lr"]), "--ema-decay", "0.999",
             "--seed", str(seed), "--corruption-seed", str(seed),
@@ -242,6 +282,7 @@ def samples_done(out, size, cads):
                 same = (str(f["sampler"]) == f"dpm:{size['sample_steps']}"
                         and "ckpt_step" in f.files and int(f["ckpt_step"]) == size["steps"]
                         and (str(f["cads"]) != "off") == cads
+                        and not ("clip_denoised" in f.files and bool(f["clip_denoised"]))
                         and np.bincount(f["labels"]).min() == per_class)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # cut short or foreign: redo
             return False
@@ -270,6 +311,7 @@ def run_job(job):
                          "--guidance", f"{scale:g}", "--sampler", "dpm",
                          "--steps", str(size["sample_steps"]), "--batch-size", "250",
                          "--no-images", "--seed", str(seed), "--threads", "1",
+                         "--no-clip-denoised",  # as the committed results were sampled
                          *(CADS if arm == "cads" else [])])
     ref = dict(np.load(os.path.join(out, "reference.npz")))
     clf = features.load_classifier(os.path.join(out, "classifier.pt"))
@@ -284,38 +326,6 @@ def run_job(job):
 
 
 # ----------------------------------------------------------------------------- statistics
-
-def sign_flip_p(d):
-    """Exact two-sided sign-flip p-value of the mean of paired differences d (all 2^n flips)."""
-    d = np.asarray(d, float)
-    flips = np.array(list(itertools.product([1, -1], repeat=len(d))))
-    return float((np.abs(flips @ d) >= abs(d.sum()) - 1e-12).mean())
-
-
-def paired_stats(arm_values, clean_values):
-    """Mean paired difference arm - clean, its 95 % t-interval, the sign-flip p-value and the
-    smallest true difference the design detects with power 0.8 (two-sided 5 %)."""
-    from scipy import stats
-    d = np.asarray(arm_values, float) - np.asarray(clean_values, float)
-    n = len(d)
-    if n < 2:
-        return dict(n=n, diff=float(d.mean()), lo=math.nan, hi=math.nan, p=math.nan, mde=math.nan)
-    se = d.std(ddof=1) / math.sqrt(n)
-    t = stats.t.ppf(0.975, n - 1)
-    mde = (t + stats.t.ppf(0.8, n - 1)) * se
-    return dict(n=n, diff=float(d.mean()), lo=float(d.mean() - t * se), hi=float(d.mean() + t * se),
-                p=sign_flip_p(d), mde=float(mde))
-
-
-def holm(p_values):
-    """Holm's step-down adjusted p-values (family-wise error), in the order given."""
-    order = np.argsort(p_values)
-    adjusted, running = np.empty(len(p_values)), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
-
 
 def summarise(rows):
     """Per (arm, scale, metric): mean, seed-to-seed std, and the paired comparison with the
@@ -334,12 +344,12 @@ def summarise(rows):
                        mean=float(np.mean(values)),
                        std=float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
             if base_arm is not None and m in METRICS:
-                row.update(paired_stats([seeds[s][m] for s in shared],
+                row.update(paired.paired_stats([seeds[s][m] for s in shared],
                                         [base[s][m] for s in shared]))
             out.append(row)
     primary = [r for r in out if r["arm"] in CONTRASTS and r["scale"] == 2.0
                and r["metric"] == "fid" and r.get("n", 0) >= 2]
-    for r, p in zip(primary, holm([r["p"] for r in primary])):
+    for r, p in zip(primary, paired.holm([r["p"] for r in primary])):
         r["p_holm"] = p
     return out
 
@@ -386,8 +396,8 @@ def primary_table(summary):
 
 
 def floor_table(floors):
-    keys = ("fid", "kid", "fid_train", "precision", "recall", "class_acc", "copy_share",
-            "copy_ratio", "n")
+    keys = ("fid", "kid", "fid_floor_n", "fid_train", "precision", "recall", "class_acc",
+            "copy_share", "copy_ratio", "n")
     lines = ["**Floor rows** (real images on the same yardstick)", "",
              "| images | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for r in floors:
@@ -478,7 +488,15 @@ def run_all(jobs, args, t_start):
 def main(argv=None):
     args = parse_args(argv)
     size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
+    if args.smoke and "first_stage" in size:
+        size["first_stage"] = SMOKE_FIRST_STAGE
     os.makedirs(args.out, exist_ok=True)
+    with system.folder_lock(args.out, "sweep"):
+        return run_sweep(args, size)
+
+
+def run_sweep(args, size):
+    """Every job of the design, then the report and the plot."""
     system.write_json(os.path.join(args.out, "sweep.json"),
                       {**vars(args), **size, "samples": {f"{k:g}": v for k, v in
                                                          size["samples"].items()},
@@ -491,13 +509,20 @@ def main(argv=None):
     jobs += [(arm, seed, size, args.out) for seed in range(args.other_seeds) for arm in OTHER]
     rows = run_all(jobs, args, t_start)
     clf = features.load_classifier(os.path.join(args.out, "classifier.pt"))
-    floors = floor_rows(ref, clf)
+    floors = floor_rows(ref, clf, "first_stage" in size)
     summary = summarise(rows)
     minutes = (time.time() - t_start) / 60
     meta = (f"{args.setting}: {size['train_per_class']} training images per class, "
             f"{size['steps']} steps x {size['batch']}, samples per class "
             + ", ".join(f"{v} at s={k:g}" for k, v in size["samples"].items())
-            + f", DPM-Solver++ {size['sample_steps']} steps; this run took {minutes:.0f} min")
+            + f", DPM-Solver++ {size['sample_steps']} steps; this invocation took {minutes:.1f} min "
+            "(a job whose model and samples were complete was evaluated only)")
+    if "first_stage" in size:
+        stage = size["first_stage"]
+        report = json.load(open(os.path.join(args.out, "autoencoder", "report.json")))
+        meta += (f"; autoencoder {stage['preset']}, {stage['steps']} steps of {stage['batch']}, "
+                 f"held-out PSNR {report['psnr']:.2f} dB on {report['held_out_images']} images, "
+                 f"latent scale {report['scale']:.4f}")
     print(write_report(rows, summary, floors, args.out, ref, meta))
     plot(rows, summary, floors, args.out)
     print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png "

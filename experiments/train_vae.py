@@ -1,4 +1,4 @@
-"""Train a small autoencoder of vae.py for data where LDM's f4 weights do not fit (one-channel
+r"""Train a small autoencoder of vae.py for data where LDM's f4 weights do not fit (one-channel
 32x32 Fashion-MNIST, digits): LDM's first-stage losses without LPIPS and the discriminator,
 held-out reconstruction error, and the KL latent scale measured at the end.
 
@@ -67,6 +67,11 @@ def train(args):
                          f"pass --resume to continue it, or choose another --out")
     cfg = vae.PRESETS[args.preset]
     train_set = data.load_dataset(args.dataset, args.data_root, "train", args.image_size, args.pad)
+    channels = train_set[0][0].shape[0]
+    if channels != cfg.in_channels:
+        raise SystemExit(f"--preset {args.preset} takes {cfg.in_channels}-channel images; "
+                         f"{args.dataset} has {channels} (presets: " + ", ".join(
+                             f"{k} ({c.in_channels})" for k, c in vae.PRESETS.items()) + ")")
     test_set = data.load_dataset(args.dataset, args.data_root, "test", args.image_size, args.pad)
     model = vae.Autoencoder(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's betas
@@ -74,6 +79,8 @@ def train(args):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step = 0
     if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no autoencoder checkpoint at {ckpt_path} to continue")
         ckpt = weights.torch_load(ckpt_path)
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]

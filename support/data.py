@@ -249,18 +249,26 @@ def load_caption_tsv(path, image_size):
                                 f"image_path<TAB>caption lines, e.g. a CC3M export)")
     base = os.path.dirname(os.path.abspath(path))
     paths, captions = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            if "\t" not in line:
-                raise ValueError(f"{path}:{line_number}: expected image_path<TAB>caption")
-            image_path, caption = line.split("\t", 1)
-            paths.append(os.path.join(base, image_path))
-            captions.append(caption)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a path
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 ({e.reason} at byte {e.start}): save it as "
+                         "UTF-8") from None
+    for line_number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        if "\t" not in line:
+            raise ValueError(f"{path}:{line_number}: expected image_path<TAB>caption")
+        image_path, caption = line.split("\t", 1)
+        paths.append(os.path.join(base, image_path))
+        captions.append(caption)
     if not paths:
         raise ValueError(f"caption file {path} has no entries")
+    empty = sum(not c.strip() for c in captions)
+    if empty:
+        print(f"note: {empty} of the {len(captions)} captions in {path} are empty: they train as "
+              "the null condition of classifier-free guidance")
     return FileDataset(paths, image_size, captions=captions)
 
 

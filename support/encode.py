@@ -1,4 +1,4 @@
-"""Cache a dataset's latents once (support/data.py's latent cache, both horizontal flips), as LDM
+r"""Cache a dataset's latents once (support/data.py's latent cache, both horizontal flips), as LDM
 trains on precomputed first-stage codes: the VQ-f4 encoder costs more than a U-Net step.
 
     python -m support.encode --dataset folder --data-root IN1K/train --preset vq-f4 \

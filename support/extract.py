@@ -51,6 +51,12 @@ class NpzSource:
                 raise ValueError(f"{path}: arr_0 {self.shape} looks channel-first [N, C, H, W]; "
                                  f"images must be channel-last [N, H, W, C] "
                                  f"(np.transpose(x, (0, 2, 3, 1)))")
+            if len(self.shape) == 4 and self.shape[-1] not in (1, 3):
+                raise ValueError(f"{path}: arr_0 {self.shape} has {self.shape[-1]} channels; "
+                                 "images must be grey (1) or RGB (3)")
+            if self.shape[0] and min(self.shape[1:3]) < 4:
+                raise ValueError(f"{path}: arr_0 {self.shape} holds images under 4x4 pixels: "
+                                 "too small for a feature network (a wrong shape?)")
             self.length = self.shape[0]
             self.fh, self.pos = None, None
 
@@ -226,12 +232,17 @@ def reference_features(source, extractor, args, desc, needed):
     hit = [bool(path) and os.path.exists(path)]
     if world > 1:  # rank 0 decides: a hit on some ranks only would split the collectives
         dist.broadcast_object_list(hit, src=0)
+    feats = None
     if hit[0]:
-        if rank == 0:
-            print(f"{desc}: cached features {path} (--cache '' recomputes them)")
-        with np.load(path) as f:
-            feats = {k: f[k] for k in f.files}
-    else:
+        try:
+            with np.load(path) as f:
+                feats = {k: f[k] for k in f.files}
+            if rank == 0:
+                print(f"{desc}: cached features {path} (--cache '' recomputes them)")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged entry
+            print(f"{desc}: the cached features {path} cannot be read ({type(e).__name__}); "
+                  "recomputing them")
+    if feats is None:
         feats = extract(extractor, source, args.batch_size, desc)
         if path and rank == 0:
             os.makedirs(args.cache, exist_ok=True)

@@ -66,8 +66,11 @@ def is_pixel_export(path):
 def read_json(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: expected {CHECKPOINT_HINT}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # cut short or not JSON
+        raise ValueError(f"{path} is not a readable JSON file ({e}): download it again") from None
 
 
 def read_weights(folder):
@@ -76,16 +79,26 @@ def read_weights(folder):
                  "diffusion_pytorch_model.bin", "pytorch_model.bin"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            return system.read_weights(path)
+            try:
+                return system.read_weights(path)
+            except Exception as e:  # safetensors and torch raise several kinds for a cut file
+                raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}): "
+                                 "cut short or not a weights file; download it again") from None
     raise FileNotFoundError(f"no weights (diffusion_pytorch_model.safetensors) in {folder}: "
                             f"expected {CHECKPOINT_HINT}")
 
 
 # ----------------------------------------------------------------------------- the U-Net
 
-def unet_config(c):
+def unet_config(c, source="the U-Net config"):
     """Our UNetConfig for a diffusers UNet2DConditionModel config, checked by mapping it back
     (weights.unet_diffusers_config) and comparing every key: a model of another kind is refused."""
+    missing = [k for k in ("block_out_channels", "attention_head_dim", "down_block_types",
+                           "in_channels", "out_channels", "layers_per_block", "sample_size",
+                           "cross_attention_dim") if k not in c]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}: not a "
+                         "UNet2DConditionModel config of a released model")
     widths = list(c["block_out_channels"])
     heads = c["attention_head_dim"]  # diffusers reads it as the number of heads
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
@@ -211,7 +224,8 @@ def pipeline(path):
     """(run config, state dict of cep.Denoiser, scheduler config) of a released pipeline
     directory: a class model (class_embedder/) or a text model (bert/ and tokenizer/); the run
     config names the autoencoder (vqvae/) the samples decode with."""
-    ucfg = unet_config(read_json(os.path.join(path, "unet", "config.json")))
+    config_path = os.path.join(path, "unet", "config.json")
+    ucfg = unet_config(read_json(config_path), config_path)
     theirs = read_weights(os.path.join(path, "unet"))
     state = {f"unet.{k}": v for k, v in weights.unet_from_diffusers(ucfg, theirs).items()}
     autoencoder = next((os.path.join(path, d) for d in ("vqvae", "vae")

@@ -7,6 +7,7 @@ checks of --init, and the end of every step (log, non-finite checks, checkpoint,
 signal).
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,7 +34,8 @@ def choose_preset(name, size):
     if name is None:
         if not made_for:
             raise ValueError(f"no U-Net preset is made for {size}x{size} inputs (presets: "
-                             f"{listing}); choose --image-size, or train on latents")
+                             f"{listing}); choose --image-size (folders and caption files "
+                             "default to 256), or train on latents")
         return made_for[0]
     if name not in unet.PRESETS:
         raise ValueError(f"unknown --preset {name!r}; presets: {listing}")
@@ -57,7 +59,7 @@ def load(path, which="ema", device="cpu", text_encoder=None, unsafe_pickle=False
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or give "
                                 f"{released.CHECKPOINT_HINT}")
-    ckpt = weights.torch_load(path, unsafe_pickle)
+    ckpt = readable_checkpoint(path, unsafe_pickle)
     if "config" not in ckpt:  # not a run of train.py
         return (*from_state(*released.ldm_checkpoint(ckpt, path), path, device), 0)
     config = dict(ckpt["config"])
@@ -68,6 +70,19 @@ def load(path, which="ema", device="cpu", text_encoder=None, unsafe_pickle=False
                                     f"{config['text_encoder']}: pass --text-encoder DIR (the same "
                                     "model)")
     return (*from_state(config, ckpt[which], None, path, device, which), ckpt["step"])
+
+
+def readable_checkpoint(path, unsafe_pickle):
+    """The checkpoint at `path`, or (with a message) the previous one train.py kept beside it
+    when this one cannot be read (cut short, damaged)."""
+    previous = system.previous_checkpoint(path) if path.endswith(".pt") else None
+    try:
+        return weights.torch_load(path, unsafe_pickle)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if not (previous and os.path.exists(previous)):
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]})") from None
+        print(f"cannot read {path} ({type(e).__name__}); using the previous checkpoint {previous}")
+        return weights.torch_load(previous, unsafe_pickle)
 
 
 def from_state(config, state, scheduler, path, device, which="ema"):
@@ -155,7 +170,8 @@ def batches(args, images, step, world, rank, n, cuda):
                                args.grad_accum)
     workers = 0 if isinstance(images, data.InMemoryDataset) else args.num_workers
     return iter(torch.utils.data.DataLoader(data.ImagesOnly(images), num_workers=workers,
-                                            batch_sampler=sampler, pin_memory=cuda))
+                                            batch_sampler=sampler, pin_memory=cuda,
+                                            worker_init_fn=system.ignore_stop_signals))
 
 
 def first_stage(x0, images, autoencoder, g, G, mine):
@@ -178,10 +194,9 @@ def first_stage(x0, images, autoencoder, g, G, mine):
 # checked.
 
 
-RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "num_workers", "compile", "out",
-             "threads",
-             "batch_size", "grad_accum", "class_names", "unsafe_pickle", "check_images",
-             "data_changed_ok",
+RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "sample_every", "num_workers",
+             "compile", "out", "threads", "batch_size", "grad_accum", "class_names",
+             "unsafe_pickle", "check_images", "data_changed_ok",
              "train_indices"}  # follows from --train-per-class and --split-seed, compared
 
 
@@ -211,7 +226,8 @@ def check_resumable(saved, config):
 
 
 def build_model(args, config, device):
-    """Model, EMA and optimizer, fresh (seeded) or restored from the run's checkpoint."""
+    """Model, EMA and optimizer, fresh (seeded) or restored from the run's checkpoint, its step
+    and the lowest loss it logged."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another "
@@ -226,14 +242,17 @@ def build_model(args, config, device):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     if not args.resume:
-        return model, ema, opt, 0
+        return model, ema, opt, 0, None
     ckpt = system.load_checkpoint(ckpt_path, device)
     check_resumable(ckpt["config"], config)
+    if ckpt["step"] > args.steps:
+        raise SystemExit(f"{ckpt_path} is at step {ckpt['step']}, past --steps {args.steps}: "
+                         "nothing to do (raise --steps to train on)")
     print(f"resuming at step {ckpt['step']}")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
-    return model, ema, opt, ckpt["step"]
+    return model, ema, opt, ckpt["step"], ckpt.get("lowest_loss")  # the loss history
 
 
 def init_weights(args, config):
@@ -276,6 +295,7 @@ def write_run_files(args, config, clean, corrupted, model, step):
     """The full config and the corruption manifest (which samples, which new condition); a
     fresh run (step 0) starts a new log."""
     os.makedirs(args.out, exist_ok=True)
+    system.remove_stale_temporaries(args.out)
     if step == 0 and os.path.exists(os.path.join(args.out, "log.jsonl")):
         os.remove(os.path.join(args.out, "log.jsonl"))  # no lines of a crashed run
     system.write_json(os.path.join(args.out, "config.json"),
@@ -284,48 +304,67 @@ def write_run_files(args, config, clean, corrupted, model, step):
     rate = corrupt.write_manifest(os.path.join(args.out, "corruption.tsv"), clean, corrupted,
                                   eta=args.eta, seed=args.corruption_seed, mode=mode)
     print(f"condition corruption: {mode}, eta {args.eta}, realised rate {rate:.4f}")
+    print(summary(args, config, model, step))
+
+
+def summary(args, config, model, step):
+    """One line before the progress bar: the data, the space, the model and the budget."""
+    n, size = config["num_examples"], config["size"]
+    conditions = "captions" if config["text"] else f"{config['num_classes']} classes"
+    epochs = args.steps * config["global_batch"] / n
+    unet_name = config["preset"] or "the --init model's U-Net"
+    start = f", from step {step}" if step else ""
+    return (f"run {args.out}: {n:,} training examples ({conditions}), diffusing "
+            f"{config['channels']}x{size}x{size} {config['space']}s, {unet_name} "
+            f"({sum(p.numel() for p in model.parameters()):,} parameters), {args.steps:,} steps "
+            f"of {config['global_batch']} = {epochs:.1f} epochs{start}, "
+            f"{torch.get_num_threads()} CPU thread(s)")
 
 
 class Bookkeeping:
-    """The end of every training step: the progress bar, the log line, the non-finite checks,
-    the checkpoint (atomic, the previous one kept) and the stop on Ctrl-C / SIGTERM."""
+    """The end of every training step: the progress bar, the log line, the checks of the loss
+    and weights, the checkpoint (atomic, the previous one kept) and the stop on Ctrl-C / SIGTERM.
+    A loss is refused as blown up when a logged mean exceeds BLOWN_UP times the lowest logged
+    so far in the run (kept in the checkpoint), or is not finite. The loss of a step measures
+    the weights before it, so a checkpoint saved at or after the step before the bad interval
+    holds the weights that went wrong: it is set aside as ckpt.bad.pt and the previous one, if it
+    predates them, becomes ckpt.pt again; ckpt.pt is then always the last good checkpoint."""
+    BLOWN_UP = 10.0
 
-    def __init__(self, args, config, step, global_batch, rank, world, device):
+    def __init__(self, args, config, step, global_batch, rank, world, device, autoencoder,
+                 captions=None, lowest_loss=None):
         self.args, self.config, self.G = args, config, global_batch
+        self.autoencoder, self.captions = autoencoder, captions  # for the previews
         self.rank, self.world, self.device = rank, world, device
         self.ckpt_path = os.path.join(args.out, "ckpt.pt")
         self.bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train",
                         dynamic_ncols=True)
         self.loss_sum = torch.zeros((), device=device)  # read at log steps only: no host sync
         self.t0, self.steps_timed = time.time(), 0
+        self.first_step, self.clock = step, None  # the wall-time estimate after a few steps
+        self.lowest, self.saved = lowest_loss, [step] if step else []  # ckpt.pt, ckpt.prev.pt
 
     def after_step(self, step, model, ema, opt, received):
         """Log, check, save and stop as due after `step` (raises SystemExit to stop)."""
-        args, G = self.args, self.G
+        args = self.args
         self.steps_timed += 1
         self.bar.update(1)
+        if self.rank == 0:
+            self.estimate(step)
+        if self.rank == 0 and args.sample_every and step % args.sample_every == 0:
+            preview(ema, self.config, self.autoencoder, step, args.out, self.captions)
         stopping = system.stop_requested(received, step, args.log_every, self.world, self.device)
         save_now = step % args.ckpt_every == 0 or step == args.steps or stopping
-        if step % args.log_every == 0 or save_now:  # never save weights after a non-finite loss
-            mean_loss = system.all_reduce_mean(self.loss_sum.clone(), self.world)
-            mean_loss /= self.steps_timed
-            if not math.isfinite(mean_loss):
-                raise SystemExit(f"non-finite loss ({mean_loss}) in steps "
-                                 f"{step - self.steps_timed + 1} to {step}; last good "
-                                 f"checkpoint: {self.ckpt_path}")
+        if step % args.log_every == 0 or save_now:  # never save weights after a bad loss
+            mean_loss = self.checked_loss(step)
         if step % args.log_every == 0 or step == args.steps:
             if self.rank == 0:
-                rate = self.steps_timed * G / (time.time() - self.t0)
-                log_line(args.out, step, G, mean_loss, rate, self.device, self.bar)
+                rate = self.steps_timed * self.G / (time.time() - self.t0)
+                log_line(args.out, step, self.G, mean_loss, rate, self.device, self.bar)
             self.loss_sum.zero_()
             self.t0, self.steps_timed = time.time(), 0
-        if save_now and not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
-                             f"checkpoint: {self.ckpt_path}")
-        if self.rank == 0 and save_now:
-            system.save_checkpoint(self.ckpt_path, {
-                "config": self.config, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "step": step, "images_seen": step * G})
+        if save_now:
+            self.save(step, model, ema, opt)
         if stopping:
             if self.world > 1:
                 dist.barrier()
@@ -333,8 +372,115 @@ class Bookkeeping:
             raise SystemExit(f"stopped by {name} after step {step}: checkpoint written; "
                              f"continue with the same command and --resume")
 
+    def checked_loss(self, step):
+        """The mean loss since the last log, refused when non-finite or blown up."""
+        mean_loss = system.all_reduce_mean(self.loss_sum.clone(), self.world) / self.steps_timed
+        first = step - self.steps_timed + 1
+        steps = f"steps {first} to {step}"
+        if not math.isfinite(mean_loss):
+            raise SystemExit(f"non-finite loss ({mean_loss}) in {steps}; {self.last_good(first)}")
+        if self.lowest is not None and mean_loss > self.BLOWN_UP * self.lowest:
+            raise SystemExit(f"the loss blew up in {steps}: {mean_loss:.4g}, over "
+                             f"{self.BLOWN_UP:g}x the lowest logged so far ({self.lowest:.4g}); "
+                             f"not saved (a lower --lr?); {self.last_good(first)}")
+        self.lowest = mean_loss if self.lowest is None else min(self.lowest, mean_loss)
+        return mean_loss
+
+    def last_good(self, first_bad):
+        """Set aside the checkpoints whose weights gave the bad steps (saved at step
+        first_bad - 1 or later); say which one is good."""
+        bad = [s for s in self.saved if s >= first_bad - 1]
+        good = [s for s in self.saved if s < first_bad - 1]
+        if bad and self.rank == 0:
+            os.replace(self.ckpt_path, self.ckpt_path[:-3] + ".bad.pt")
+            if good:
+                os.replace(system.previous_checkpoint(self.ckpt_path), self.ckpt_path)
+        if not good:
+            moved = " (its weights, now ckpt.bad.pt, gave these steps)" if bad else ""
+            return f"no good checkpoint was written{moved}"
+        moved = f"; ckpt.pt of step {bad[0]} gave these steps: now ckpt.bad.pt" if bad else ""
+        return f"last good checkpoint: {self.ckpt_path} (step {good[0]}){moved}"
+
+    def save(self, step, model, ema, opt):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise SystemExit(f"non-finite weights at step {step}; not saved. Last good "
+                             f"checkpoint: {self.ckpt_path}")
+        if self.rank == 0:
+            system.save_checkpoint(self.ckpt_path, {
+                "config": self.config, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "step": step, "images_seen": step * self.G,
+                "lowest_loss": self.lowest})
+        self.saved = [step] + self.saved[:1]
+
+    def estimate(self, step):
+        """Once, after three steps past the first (compile and warm-up excluded): the wall time
+        the run will take, and a word when that is over an hour on a CPU."""
+        if step == self.first_step + 1:
+            self.clock = time.time()
+        elif self.clock and step == self.first_step + 4:
+            per_step = (time.time() - self.clock) / 3
+            minutes = per_step * (self.args.steps - step) / 60
+            self.bar.write(f"about {minutes:.1f} min for the {self.args.steps - step:,} steps "
+                           f"left ({per_step:.2f} s per step)")
+            if minutes > 60 and self.device.type == "cpu":
+                cheaper = (" (captions: --freeze-text-encoder --text-length 16 cost about 8x "
+                           "less)" if self.config["text"] else "")
+                self.bar.write(f"note: over an hour on this CPU; fewer --steps, a smaller "
+                               f"--image-size or a GPU{cheaper}")
+
     def close(self):
         self.bar.close()
+        if self.rank == 0:
+            plot_loss(self.args.out)
+
+
+@torch.no_grad()
+def preview(ema, config, autoencoder, step, out, captions=None):
+    """OUT/preview/stepN.png: the EMA model's samples from fixed noise (DPM-Solver++, 20 steps,
+    guidance 2; pixels clipped as sample.py does): up to 10 classes x 4, or 8 captions x 2."""
+    import torchvision
+    import diffusion
+    device = next(ema.parameters()).device
+    if config["text"]:
+        conditions = list(dict.fromkeys(captions))[:8] * 2  # the first distinct captions
+    else:
+        conditions = torch.arange(min(config["num_classes"], 10), device=device).repeat(4)
+    g = torch.Generator().manual_seed(0)
+    shape = (len(conditions), config["channels"], config["size"], config["size"])
+    x_T = torch.randn(shape, generator=g).to(device)
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
+    context, null = ema.embedder(conditions), ema.embedder(ema.null_conditions(len(conditions)))
+    eps = functools.partial(diffusion.guided_eps, ema.unet, context=context, null_context=null,
+                            scale=2.0)
+    if config["space"] == "pixel":
+        eps = diffusion.clip_denoised(eps, abar)
+    x = diffusion.sample(eps, x_T, "dpm", 20, abar)
+    x = autoencoder.decode(x) if autoencoder is not None else x
+    zoom = max(1, 32 // x.shape[-1])  # small images enlarged (nearest) to be seen
+    x = x.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
+    os.makedirs(os.path.join(out, "preview"), exist_ok=True)
+    rows = 4 if not config["text"] else 2
+    torchvision.utils.save_image((x.clamp(-1, 1) + 1) / 2, os.path.join(
+        out, "preview", f"step{step:07d}.png"), nrow=len(conditions) // rows, padding=1)
+
+
+def plot_loss(out):
+    """OUT/loss.png from OUT/log.jsonl: the training loss against images seen."""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["images_seen"] for r in lines], [r["loss"] for r in lines])
+    ax.set(xlabel="images seen", ylabel="loss (mean over the log interval)", yscale="log",
+           title=os.path.basename(os.path.normpath(out)))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=100)
+    plt.close(fig)
 
 
 def log_line(out, step, global_batch, loss, rate, device, bar):

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 
@@ -147,6 +148,54 @@ def load_checkpoint(path, device):
     raise SystemExit(f"--resume: no readable checkpoint at {path} or {previous_checkpoint(path)}")
 
 
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers leave SIGINT / SIGTERM to the main process: a Ctrl-C or a SIGTERM to the
+    whole process group (Slurm's scancel, `timeout`) then stops the run after its step, with a
+    checkpoint, instead of killing the workers mid-batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files of atomic writes (NAME.tmpPID.EXT) whose process is gone: what
+    a save killed by SIGKILL leaves behind."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = re.fullmatch(r".+\.tmp(\d+)(\.\w+)?", name)
+        if not match or pid_alive(int(match[1])):
+            continue
+        path = os.path.join(folder, name)
+        print(f"removing {path} ({os.path.getsize(path) / 2**20:.1f} MiB), left by a killed save")
+        os.remove(path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """One process at a time in `folder`: a second one stops with a message, instead of both
+    writing the same files. A lock left by a killed process (its PID gone) is taken over."""
+    path = os.path.join(folder, f".{what}.lock")
+    if os.path.exists(path):
+        pid = int(open(path).read().strip() or 0)
+        if pid and pid != os.getpid() and pid_alive(pid):
+            raise SystemExit(f"another {what} (pid {pid}) is running in {folder}: wait for it, or "
+                             "choose another folder")
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """Collects SIGINT and SIGTERM (a cluster's pre-emption notice) instead of dying mid-step;
@@ -210,4 +259,11 @@ def set_threads(requested=0):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the module docstring's layout and shows every flag's default."""
+    """--help keeps the module docstring's layout and shows every flag's default, once: not
+    where the help text names it already, nor for a flag that is off or unset by default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "(default" in text:
+            return text
+        return super()._get_help_string(action)

@@ -1,5 +1,6 @@
 """sweep.py: its statistics against closed forms and scipy; the whole experiment, tiny."""
 import csv
+import json
 import os
 import shutil
 
@@ -8,24 +9,24 @@ import pytest
 from scipy import stats
 
 import train
-from experiments import sweep
+from experiments import paired, sweep
 
 
 def test_sign_flip_p_value_enumerates_all_flips():
-    assert sweep.sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)  # only +++ and --- reach 6
-    assert sweep.sign_flip_p([1, -1]) == 1.0
-    assert sweep.sign_flip_p([0.5] * 6) == pytest.approx(2 / 64)  # the smallest p with 6 seeds
+    assert paired.sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)  # only +++ and --- reach 6
+    assert paired.sign_flip_p([1, -1]) == 1.0
+    assert paired.sign_flip_p([0.5] * 6) == pytest.approx(2 / 64)  # the smallest p with 6 seeds
     d = [0.3, -0.1, 0.7, 0.2, 0.4]
     sums = [abs(sum(s * x for s, x in zip(signs, d))) for signs in np.ndindex(*(2,) * 5)
             for signs in [[1 - 2 * b for b in signs]]]
-    assert sweep.sign_flip_p(d) == pytest.approx(np.mean(np.array(sums) >= sum(d) - 1e-12))
+    assert paired.sign_flip_p(d) == pytest.approx(np.mean(np.array(sums) >= sum(d) - 1e-12))
 
 
 def test_paired_stats_interval_matches_scipy_and_mde_has_power_080():
     rng = np.random.default_rng(0)
     clean = rng.normal(10, 1, 6)
     arm = clean + rng.normal(-0.5, 0.3, 6)
-    s = sweep.paired_stats(arm, clean)
+    s = paired.paired_stats(arm, clean)
     ci = stats.ttest_rel(arm, clean).confidence_interval(0.95)
     assert (s["lo"], s["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
     assert s["diff"] == pytest.approx(np.mean(arm - clean))
@@ -38,9 +39,9 @@ def test_paired_stats_interval_matches_scipy_and_mde_has_power_080():
 
 
 def test_holm_adjusts_step_down():
-    assert sweep.holm([0.01, 0.04]) == pytest.approx([0.02, 0.04])
-    assert sweep.holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # monotone in the p order
-    assert sweep.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])
+    assert paired.holm([0.01, 0.04]) == pytest.approx([0.02, 0.04])
+    assert paired.holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # monotone in the p order
+    assert paired.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 def test_the_split_is_stratified_seeded_disjoint_and_shared_with_train():
@@ -117,4 +118,33 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     again, _ = sweep.main(argv)  # every artefact is complete: nothing is trained or sampled again
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
     assert os.path.getmtime(npz) == sample_time
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_latent_setting_smoke_runs_the_paper_pipeline_and_resumes(tmp_path):
+    """Fashion-MNIST through the LDM pipeline, tiny: autoencoder, the training set cached as
+    latents (both flips), training on latents, sampling and decoding, metrics against
+    reconstructed held-out images; a second run redoes nothing."""
+    out = str(tmp_path / "latent")
+    argv = ["--setting", "fmnist-latent", "--smoke", "--out", out, "--workers", "1", "--seeds", "2"]
+    rows, summary = sweep.main(argv)
+    report = json.load(open(os.path.join(out, "autoencoder", "report.json")))
+    assert report["steps"] == sweep.SMOKE_FIRST_STAGE["steps"] and report["scale"] > 0
+    cache = sweep.data.LatentCache(os.path.join(out, "latents"))
+    assert cache.latents.shape == (30, 2, 4, 8, 8)  # the training set, both flips
+    split = dict(np.load(os.path.join(out, "split.npz")))
+    parts = [split[k] for k in ("train", "unseen", "classifier", "reference", "floor")]
+    assert sum(map(len, parts)) == len(set(np.concatenate(parts).tolist()))  # disjoint
+    assert sum(map(len, parts[:3])) == 60000  # the training split, whole
+    assert min(split["reference"].min(), split["floor"].min()) >= 60000  # the test split
+    assert np.array_equal(cache.labels, sweep.data.load_dataset(
+        "fashion-mnist", sweep.SETTINGS["fmnist-latent"]["data_root"]).labels[split["train"]])
+    config = json.load(open(os.path.join(out, "clean-s0", "config.json")))
+    assert config["space"] == "latent" and config["vae_sha256"] == cache.meta["weights_sha256"]
+    with np.load(os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")) as f:
+        assert f["arr_0"].shape == (30, 32, 32, 1)  # decoded by the autoencoder
+    assert {r["arm"] for r in rows} == set(sweep.PRIMARY) and len(rows) == 12
+    results = open(os.path.join(out, "results.md")).read()
+    assert "real held-out (reconstructed)" in results and "held-out PSNR" in results
+    again, _ = sweep.main(argv)
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]

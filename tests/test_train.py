@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on the embedded digits, tiny shapes, CPU."""
 import json
 import os
+import re
 import shutil
 import socket
 
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
+import cep
 import diffusion
 import sample
 import train
-import cep
 from support import data, runs, weights
 
 TINY = ["--preset", "digits", "--batch-size", "16", "--log-every", "1", "--num-workers", "0"]
@@ -64,6 +66,27 @@ def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="non-finite loss.*in steps 1 to 1;"):
         run(tmp_path, "nan", "--steps", "3", "--log-every", "2", "--ckpt-every", "1")
     assert not os.path.exists(tmp_path / "nan" / "ckpt.pt")  # checked before the save of step 1
+
+
+def test_a_blown_up_loss_sets_its_checkpoints_aside(tmp_path, monkeypatch):
+    """The loss of steps 5-6 blows up (1000x): the checkpoint of step 4 holds the weights that
+    gave it and is set aside; the one of step 2 becomes ckpt.pt, so 'last good' is true."""
+    loss, calls = diffusion.training_loss, []
+
+    def blowing_up(*a, **k):
+        calls.append(1)
+        return loss(*a, **k) * (1000.0 if len(calls) > 4 else 1.0)
+    monkeypatch.setattr(diffusion, "training_loss", blowing_up)
+    with pytest.raises(SystemExit, match=r"blew up in steps 5 to 6.*last good checkpoint: .*"
+                                         r"ckpt.pt \(step 2\); ckpt.pt of step 4 .*ckpt.bad.pt"):
+        run(tmp_path, "up", "--steps", "8", "--log-every", "2", "--ckpt-every", "2")
+    kept = torch.load(tmp_path / "up" / "ckpt.pt", weights_only=True)
+    assert kept["step"] == 2 and kept["lowest_loss"] < 2
+    assert torch.load(tmp_path / "up" / "ckpt.bad.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(diffusion, "training_loss", loss)
+    with pytest.raises(SystemExit, match="(blew up|non-finite).*no good checkpoint"):
+        run(tmp_path, "lr", "--steps", "6", "--lr", "1e6", "--log-every", "1", "--ckpt-every", "1")
+    assert not os.path.exists(tmp_path / "lr" / "ckpt.pt")
 
 
 def test_corruption_manifest_written(tmp_path):
@@ -130,6 +153,10 @@ def test_latent_cache_training_and_decoding(tmp_path):
     sample.main(["--ckpt", out, "--per-class", "1", "--steps", "3", "--out", str(tmp_path / "s"),
                  "--no-images"])
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (10, 16, 16, 1)
+    assert not bool(np.load(tmp_path / "s/s2/samples.npz")["clip_denoised"])  # latents: never
+    with pytest.raises(SystemExit, match="applies to pixel-space models"):
+        sample.main(["--ckpt", out, "--per-class", "1", "--out", str(tmp_path / "c"),
+                     "--clip-denoised"])
     assert config["vae_sha256"] == weights.weights_hash(os.path.join(ae, "ckpt.pt"))
     other = str(tmp_path / "other")  # another autoencoder: its latents mean something else
     train_vae.main([*digits16, "--preset", "small-kl", "--steps", "2", "--batch-size", "8",
@@ -163,7 +190,8 @@ def test_train_per_class_is_a_seeded_random_stratified_draw_recorded_in_the_conf
 
 def test_cads_sampling_is_seeded_batch_invariant_and_recorded(tmp_path):
     out = run(tmp_path, "c", "--steps", "2")
-    common = ["--ckpt", out, "--per-class", "1", "--steps", "6", "--guidance", "2", "--no-images"]
+    common = ["--ckpt", out, "--per-class", "1", "--steps", "6", "--guidance", "2", "--no-images",
+              "--no-clip-denoised"]  # clipped, a 2-step model's samples saturate either way
     sample.main([*common, "--out", str(tmp_path / "plain")])
     sample.main([*common, "--out", str(tmp_path / "a"), "--cads", "--batch-size", "3"])
     sample.main([*common, "--out", str(tmp_path / "b"), "--cads", "--batch-size", "10"])
@@ -209,12 +237,32 @@ def test_grey_folder_saved_as_rgb_trains_as_one_channel_and_samples_in_range(tmp
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape == (50, 8, 8, 1)
 
 
-def test_sampling_an_untrained_model_warns(tmp_path, capsys):
+def test_the_run_summary_estimate_previews_and_loss_plot(tmp_path, capsys):
+    out = run(tmp_path, "summary", "--steps", "10", "--sample-every", "5", "--log-every", "2")
+    printed = capsys.readouterr()
+    assert "1,617 training examples (10 classes), diffusing 1x8x8 pixels" in printed.out
+    assert "10 steps of 16 = 0.1 epochs" in printed.out  # 160 of 1,617 images
+    assert re.search(r"about [0-9.]+ min for the 6 steps left", printed.out + printed.err)
+    assert sorted(os.listdir(os.path.join(out, "preview"))) == ["step0000005.png",
+                                                                 "step0000010.png"]
+    assert Image.open(os.path.join(out, "preview", "step0000010.png")).size[0] >= 4 * 32
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 0
+
+
+def test_sampling_an_untrained_model_warns_clipped_or_not(tmp_path, capsys):
+    """Pixel models clip x0 by default: an untrained model's values then pile up at -1 and +1;
+    unclipped, they run far outside the range. Both say so, with the epochs seen."""
     out = run(tmp_path, "raw", "--steps", "1")
-    sample.main(["--ckpt", out, "--per-class", "2", "--steps", "5", "--out", str(tmp_path / "s"),
-                 "--no-images"])
-    assert "the model is not ready" in capsys.readouterr().out
+    common = ["--ckpt", out, "--per-class", "2", "--steps", "5", "--no-images"]
+    sample.main([*common, "--out", str(tmp_path / "s")])
+    printed = capsys.readouterr().out
+    assert "sit at -1 or +1" in printed and "saw 0.00989 epochs" in printed  # 16 of 1,617
+    assert bool(np.load(tmp_path / "s/s2/samples.npz")["clip_denoised"])
+    sample.main([*common, "--out", str(tmp_path / "u"), "--no-clip-denoised"])
+    assert "lie outside [-3.0, 3.0]" in capsys.readouterr().out
+    assert not bool(np.load(tmp_path / "u/s2/samples.npz")["clip_denoised"])
     assert sample.range_warning(0.005) is None and "12.0 %" in sample.range_warning(0.12)
+    assert sample.range_warning(0.0, 0.9) is None and "99.0 %" in sample.range_warning(0.0, 0.99)
 
 
 def test_clip_denoised_bounds_every_x0_prediction():
@@ -327,6 +375,12 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
     assert np.load(tmp_path / "s/s2/samples.npz")["arr_0"].shape[0] == 2
     assert (tmp_path
             / "s/s2/grid_prompts.txt").read_text().splitlines()[1] == "1,2\ta handwritten digit 7"
+    for n, last in ((12, "2,6"), (20, "3,6")):  # 2 rows of 6; 3 rows of 7
+        (tmp_path / "many.txt").write_text("".join(f"prompt {i}\n" for i in range(n)))
+        sample.main([*common[:2], "--prompts", str(tmp_path / "many.txt"), "--steps", "1",
+                     "--out", str(tmp_path / "m"), "--no-images", "--text-encoder", encoder])
+        index = (tmp_path / "m/s2/grid_prompts.txt").read_text().splitlines()
+        assert index[-1] == f"{last}\tprompt {n - 1}" and len(index) == n
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -510,7 +564,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
         before = params(out)
         with pytest.raises(SystemExit, match="previous checkpoint is intact"):
             train.main([*TINY, "--out", out, "--steps", "2", "--resume"])
-        assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "corruption.tsv", "log.jsonl"]
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "corruption.tsv", "log.jsonl",
+                                           "loss.png"]  # the first run's plot
         assert_same(before, params(out))
     finally:
         subprocess.run(["umount", str(disk)])
@@ -611,3 +666,32 @@ def test_text_model_two_processes_equal_one_with_a_frozen_encoder(tmp_path):
     losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "log.jsonl"))]
               for r in (one, two)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_a_sigterm_to_the_process_group_saves_and_the_resume_is_exact(tmp_path):
+    """What `timeout`, Slurm's scancel and job limits send: SIGTERM to every process of the
+    group, DataLoader workers included. The workers leave it to the main process, which saves
+    after its step; the resumed run ends with the weights of an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = digit_folder(tmp_path / "folder", colour=False)
+    flags = [*TINY, "--dataset", "folder", "--data-root", root, "--image-size", "8",
+             "--num-workers", "2", "--steps", "40", "--ckpt-every", "1000", "--threads", "1"]
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+    part = str(tmp_path / "part")
+    job = subprocess.Popen([sys.executable, script, *flags, "--out", part], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(part, "log.jsonl")
+    while job.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)  # the whole group: main process and workers
+    output = job.communicate(timeout=120)[0]
+    assert "stopped by SIGTERM" in output and job.returncode != 0, output[-500:]
+    stopped = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"]
+    assert 3 <= stopped < 40
+    train.main([*flags, "--out", part, "--resume"])
+    full = str(tmp_path / "full")
+    train.main([*flags, "--out", full])
+    assert_same(params(full), params(part))

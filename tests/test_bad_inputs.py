@@ -1,0 +1,192 @@
+"""The bad-input audit as a table: each row a bad input a careful user tried (its audit ID), the
+script it went to, and what must happen: a one-line error with these words (SystemExit), or a
+note with these words and the right result. A regression shows as the row's name."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+import sample
+import train
+from experiments import sweep, train_vae
+from support import data, system
+from test_released import write_pipeline
+
+TINY = ["--preset", "digits", "--batch-size", "16", "--log-every", "1", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step digits run (checkpoints at steps 2 and 4) and a released-layout pipeline."""
+    root = tmp_path_factory.mktemp("bad")
+    train.main([*TINY, "--steps", "4", "--ckpt-every", "2", "--out", str(root / "run")])
+    write_pipeline(root / "model", "leading", 1)
+    return root
+
+
+def copy(root, name, tmp_path):
+    shutil.copytree(root / name, tmp_path / name)
+    return tmp_path / name
+
+
+def train_run(root, tmp_path, *flags):
+    train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "new"), *flags])
+
+
+def resume_shorter(root, tmp_path):  # C06: a step-4 run resumed with --steps 2
+    run = copy(root, "run", tmp_path)
+    train.main([*TINY, "--steps", "2", "--ckpt-every", "2", "--resume", "--out", str(run)])
+
+
+def latents_and_vae(root, tmp_path):  # LC2
+    train_run(root, tmp_path, "--latents", str(tmp_path / "cache"), "--vae", str(tmp_path / "v"))
+
+
+def sample_run(root, tmp_path, *flags):
+    sample.main(["--ckpt", str(root / "run"), "--steps", "2", "--per-class", "1",
+                 "--no-images", "--out", str(tmp_path / "s"), *flags])
+
+
+def unreadable_newest(root, tmp_path):  # C01: sample.py falls back to ckpt.prev.pt
+    run = copy(root, "run", tmp_path)
+    with open(run / "ckpt.pt", "r+b") as f:
+        f.truncate(200)
+    sample.main(["--ckpt", str(run), "--steps", "2", "--per-class", "1", "--no-images"])
+
+
+def pipeline_with(root, tmp_path, part, change):
+    """The released pipeline with one file changed by change(path)."""
+    model = copy(root, "model", tmp_path)
+    change(model / part)
+    sample.main(["--ckpt", str(model), "--steps", "2", "--per-class", "1", "--no-images",
+                 "--out", str(tmp_path / "s"), "--classes", "1"])
+
+
+def drop_key(path):  # R06
+    config = json.load(open(path))
+    del config["block_out_channels"]
+    path.write_text(json.dumps(config))
+
+
+def cut(path):  # R08, R09
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def replace_with_text(path):  # R10
+    path.write_text("not weights")
+
+
+def scheduler_change(**change):  # R19, R22
+    def apply(path):
+        config = json.load(open(path))
+        config.update({k: v(config) if callable(v) else v for k, v in change.items()})
+        path.write_text(json.dumps(config))
+    return apply
+
+
+def vae_on(root, tmp_path, *flags):  # TV1, V02
+    train_vae.main(["--dataset", "digits", "--image-size", "16", "--steps", "1",
+                    "--batch-size", "4", "--eval-images", "4", "--out", str(tmp_path / "ae"),
+                    *flags])
+
+
+def captions(root, tmp_path, text, encoding):  # CP5, CP8, CP1: what train.py reads first
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "c.tsv").write_bytes(text.encode(encoding))
+    try:
+        ds = data.load_caption_tsv(str(tmp_path / "c.tsv"), 8)
+    except ValueError as e:  # as train.py reports it
+        raise SystemExit(f"train.py: {e}") from None
+    assert os.path.exists(ds.paths[0]), ds.paths[0]  # no mark in the path
+
+
+def metrics_on(root, tmp_path, fake, real=None):  # ME4, ME7, ME8
+    np.savez(tmp_path / "fake.npz", arr_0=fake)
+    np.savez(tmp_path / "real.npz", arr_0=fake if real is None else real)
+    from support import features
+    clf = features.Classifier(10, 8, 1)
+    torch.save({"model": clf.state_dict(), "num_classes": 10, "image_size": 8, "channels": 1},
+               tmp_path / "clf.pt")
+    metrics.main(["--real", str(tmp_path / "real.npz"), "--fake", str(tmp_path / "fake.npz"),
+                  "--features", f"classifier:{tmp_path / 'clf.pt'}", "--metrics", "fid",
+                  "--out", str(tmp_path / "m"), "--cache", ""])
+
+
+def two_sweeps(root, tmp_path):  # SW5: a second sweep into a folder that one is running in
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / ".sweep.lock").write_text(str(os.getppid()))  # a live process
+    sweep.main(["--smoke", "--out", str(tmp_path / "sw"), "--workers", "1"])
+
+
+def stale_temporary(root, tmp_path):  # a save killed by SIGKILL left its temporary file
+    run = copy(root, "run", tmp_path)
+    (run / "ckpt.tmp999999999.pt").write_bytes(b"0" * 1000)
+    train.main([*TINY, "--steps", "5", "--resume", "--ckpt-every", "5", "--out", str(run)])
+    assert not os.path.exists(run / "ckpt.tmp999999999.pt")
+
+
+GREY = np.zeros((20, 8, 8, 1), np.uint8)
+NOISE = np.random.default_rng(0).integers(0, 255, (20, 8, 8, 1), dtype=np.uint8)
+ROWS = [  # (ID, call, 'error' or 'note', words)
+    ("F13", lambda r, t: train_run(r, t, "--eta", "0.1", "--corruption", "asymmetric",
+                                   "--corrupt-classes", "a,b"), "error", "comma-separated class"),
+    ("F20", lambda r, t: train_run(r, t, "--ema-decay", "1.5"), "error", "--ema-decay must be"),
+    ("F23", lambda r, t: train_run(r, t, "--ema-decay", "-1"), "error", "--ema-decay must be"),
+    ("C06", resume_shorter, "error", "past --steps 2: nothing to do"),
+    ("LC2", latents_and_vae, "error", "give one of the two"),
+    ("S12", lambda r, t: sample_run(r, t, "--sampler", "dpm", "--ddim-eta", "0.5"), "error",
+     "--ddim-eta applies to --sampler ddim"),
+    ("C01", unreadable_newest, "note", "using the previous checkpoint"),
+    ("R06", lambda r, t: pipeline_with(r, t, "unet/config.json", drop_key), "error",
+     "config.json lacks block_out_channels"),
+    ("R08", lambda r, t: pipeline_with(r, t, "unet/config.json", cut), "error",
+     "config.json is not a readable JSON file"),
+    ("R09", lambda r, t: pipeline_with(r, t, "unet/diffusion_pytorch_model.safetensors", cut),
+     "error", "diffusion_pytorch_model.safetensors cannot be read"),
+    ("R10", lambda r, t: pipeline_with(r, t, "unet/diffusion_pytorch_model.safetensors",
+                                       replace_with_text), "error", "cannot be read"),
+    ("R19", lambda r, t: pipeline_with(r, t, "scheduler/scheduler_config.json", scheduler_change(
+        prediction_type="v_prediction")), "error", "v_prediction.*cannot be sampled here"),
+    ("R22", lambda r, t: pipeline_with(r, t, "scheduler/scheduler_config.json", scheduler_change(
+        trained_betas=lambda c: c["trained_betas"][:10])), "error", "10 trained_betas"),
+    ("TV1", lambda r, t: vae_on(r, t, "--preset", "tiny-kl"), "error",
+     "takes 3-channel images; digits has 1"),
+    ("V02", lambda r, t: vae_on(r, t, "--preset", "small-kl", "--resume"), "error",
+     "no autoencoder checkpoint"),
+    ("CP5", lambda r, t: captions(r, t, "a.png\tcafé\n", "latin-1"), "error", "is not UTF-8"),
+    ("CP8", lambda r, t: captions(r, t, "\ufeffa.png\ta dog\n", "utf-8"), "note", ""),
+    ("CP1", lambda r, t: captions(r, t, "a.png\t\na.png\ta dog\n", "utf-8"), "note",
+     "1 of the 2 captions .* are empty"),
+    ("ME7", lambda r, t: metrics_on(r, t, np.zeros((20, 8, 8, 5), np.uint8)), "error",
+     "has 5 channels"),
+    ("ME4", lambda r, t: metrics_on(r, t, np.zeros((20, 1, 1, 1), np.uint8)), "error",
+     "under 4x4"),
+    ("ME8", lambda r, t: metrics_on(r, t, NOISE, GREY), "note", "do not vary"),
+    ("SW5", two_sweeps, "error", "another sweep .* is running"),
+    ("T01", stale_temporary, "note", "left by a killed save"),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input(row, trained, tmp_path, capsys):
+    _, call, outcome, words = row
+    if outcome == "error":
+        with pytest.raises(SystemExit, match=words):
+            call(trained, tmp_path)
+    else:
+        call(trained, tmp_path)
+        printed = capsys.readouterr()
+        assert re.search(words, printed.out + printed.err), printed
+
+
+def test_identical_statistics_give_an_fid_of_exactly_zero():  # a negative FID printed -8.7e-11
+    x = np.random.default_rng(0).normal(size=(200, 16))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == 0.0
+    assert system.pid_alive(os.getpid()) and not system.pid_alive(999999999)
