@@ -27,181 +27,29 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import gc
 import importlib.metadata
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 import unittest.mock
 
-import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion
 import unet
 import vae
 from cep import ClassEmbedder
+from experiments import gpu_check
+from experiments.measure import (SDPA, Setup, build_unet, free, median_seconds, peak_memory_gib,
+                                  random_unet_state, reference_setup, rel_err, running,
+                                  step_flops, unet_loss)
+from support import features, system
 
-from support import features, system, weights
-
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH}
 # "no latent cache" line
 AUTOENCODER = {"ldm4-in1k": "vq-f4", "ldm4-text": "vq-f4", "tiny": "tiny-vq"}
 # feature extraction input (ImageNet 256x256 samples); the Inception resizes to 299
 IMAGE_SIZE = 256
 
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """How a step runs. Each ablation line changes one field of the reference setup."""
-    bf16: bool = True  # bf16 autocast (CUDA); False = fp32
-    tf32: bool = True  # TF32 for fp32 matmuls and convolutions (CUDA)
-    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms (CUDA)
-    channels_last: bool = False  # NHWC memory format for the model and its input
-    sdpa: str = "auto"  # attention kernel: auto (PyTorch picks) | flash | efficient | math
-    head_channels: int = None  # None: the preset's (ldm4-in1k: one head, Table 3); N: N-wide heads
-    compile: bool = False  # torch.compile of the denoiser (default mode)
-    fused_adamw: bool = True  # fused AdamW kernel; False = foreach
-    encode: bool = False  # encode 256x256 images with the autoencoder every step (no latent cache)
-
-
-def reference_setup(device):
-    cuda = device.type == "cuda"
-    return Setup(bf16=cuda, tf32=cuda, fused_adamw=cuda)
-
-
-def running(setup, device):
-    """Apply a setup's switches: TF32 flags (global), attention kernel and autocast (context)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setup.tf32
-    torch.backends.cudnn.benchmark = setup.cudnn_benchmark
-    stack = contextlib.ExitStack()
-    if setup.sdpa != "auto":
-        stack.enter_context(sdpa_kernel(SDPA[setup.sdpa]))
-    if setup.bf16:
-        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    return stack
-
-
-# ----------------------------------------------------------------------------- measuring
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, warmup, repeats, device):
-    """Median wall time of one fn() call after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_memory_gib(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b|; NaN (which fails every `err <= tol`) when b is all zeros."""
-    scale = b.float().abs().max().item()
-    return (a.float() - b.float()).abs().max().item() / scale if scale > 0 else float("nan")
-
-
-# ----------------------------------------------------------------------------- the two U-Nets
-
-
-class DiffusersEps(torch.nn.Module):
-    """diffusers' U-Net behind our denoiser signature model(x, t, context) -> eps."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, t, context):
-        return self.net(x, t, encoder_hidden_states=context, return_dict=False)[0]
-
-
-def random_unet_state(config):
-    """The random U-Net weights every line of a section starts from (CPU, our key names)."""
-    with torch.device("meta"):
-        model = unet.UNet(config)
-    return system.randomise_(model.to_empty(device="cpu"), seed=1).state_dict()
-
-
-def unet_loss(model, x0, t, noise, context, abar):
-    """diffusion.training_loss of a bare U-Net given its context tokens (no embedder, no CEP)."""
-    return diffusion.training_loss(lambda x_t, tt, c, delta: model(x_t, tt, c), x0, t, noise,
-                                   context, None, abar)
-
-
-def build_unet(kind, config, state, device, setup=Setup()):
-    """Our U-Net ("ours") or diffusers' ("diffusers") with the weights `state` (our key names)."""
-    if setup.head_channels is not None:  # the same weights make a different function
-        config = dataclasses.replace(config, head_channels=setup.head_channels)
-    if kind == "ours":
-        with torch.device("meta"):
-            model = unet.UNet(config)
-        model = model.to_empty(device=device)
-        model.load_state_dict(state)
-    else:
-        from diffusers import UNet2DConditionModel
-        with torch.device("meta"):
-            net = UNet2DConditionModel(**weights.unet_diffusers_config(config))
-        net = net.to_empty(device=device)
-        net.load_state_dict({theirs: state[ours]
-                             for ours, theirs in weights.unet_key_map(config).items()})
-        model = DiffusersEps(net)
-    if setup.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if setup.compile else model
-
-
-def step_flops(kind, config, batch_size, head_channels):
-    """FLOPs of one training step (forward + backward), counted on the meta device."""
-    if head_channels is not None:
-        config = dataclasses.replace(config, head_channels=head_channels)
-    with torch.device("meta"):
-        if kind == "ours":
-            model = unet.UNet(config)
-        else:
-            from diffusers import UNet2DConditionModel
-            model = DiffusersEps(UNet2DConditionModel(**weights.unet_diffusers_config(config)))
-        x0 = torch.randn(batch_size, config.in_channels, config.sample_size, config.sample_size)
-        t = torch.randint(0, 1000, (batch_size,))
-        context = torch.randn(batch_size, 1, config.context_dim)
-        abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
-    with FlopCounterMode(display=False) as counter:
-        unet_loss(model, x0, t, torch.randn_like(x0), context, abar).backward()
-    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- 1. training
@@ -517,92 +365,6 @@ def bench_features(args, device, report):
 # ----------------------------------------------------------------------------- report
 
 
-# ----------------------------------------------------------------------------- --gpu-check
-
-def last_loss(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return json.loads(f.readlines()[-1])["loss"]
-
-
-def check_line(report, name, ok, detail):
-    """One line of the GPU check: printed and kept in the report."""
-    print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    report.setdefault("gpu_check", []).append({"check": name, "ok": bool(ok), "detail": detail})
-
-
-def sdpa_kernels(device, dims):
-    """The SDPA backends that accept one-head attention of these widths in bf16 (CUDA only)."""
-    found = {}
-    for dim, tokens in dims:
-        q = torch.randn(2, 1, tokens, dim, device=device, dtype=torch.bfloat16)
-        ok = []
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
-            with contextlib.suppress(RuntimeError), sdpa_kernel([backend]):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q)
-                ok.append(backend.name.lower())
-        found[f"head {dim}, {tokens} tokens"] = ok
-    return found
-
-
-def gpu_check(device, report, out_dir, compile_=True):
-    """The paths only a GPU run takes, each against its fp32 / eager / uninterrupted twin: bf16
-    training, torch.compile, torchrun with NCCL stopped and resumed, bf16 sampling, SDPA kernels.
-    On the CPU the same checks run with gloo and CPU autocast (the kernel list is CUDA only)."""
-    import sample
-    import subprocess
-    import train
-    cuda = device.type == "cuda"  # the CPU runs the same code paths at a smaller size
-    steps, batch, per_class = (20, 32, 4) if cuda else (10, 16, 2)
-    header(f"GPU check (tiny preset, 16x16 digits, {steps} steps)", device)
-    base = ["--preset", "tiny", "--image-size", "16", "--batch-size", str(batch), "--log-every",
-            "5",
-            "--num-workers", "0", "--threads", "0"]
-    runs = {name: os.path.join(out_dir, name) for name in ("fp32", "bf16", "compiled", "full",
-                                                           "part")}
-    train.main([*base, "--steps", str(steps), "--precision", "fp32", "--out", runs["fp32"]])
-    train.main([*base, "--steps", str(steps), "--precision", "bf16", "--out", runs["bf16"]])
-    a, b = last_loss(runs["fp32"]), last_loss(runs["bf16"])
-    check_line(report, "bf16 training", abs(b - a) <= 0.05 * a,
-               f"loss {b:.6f} vs fp32 {a:.6f} (rel diff {abs(b - a) / a:.1e})")
-    if compile_:
-        train.main([*base, "--steps", str(steps), "--precision", "fp32", "--compile", "--out",
-                    runs["compiled"]])
-        c = last_loss(runs["compiled"])
-        check_line(report, "torch.compile", abs(c - a) <= 1e-3 * a,
-                   f"loss {c:.6f} vs eager {a:.6f}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-    script = os.path.join(root, "train.py")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", script, *base,
-                "--ckpt-every", "3", "--precision", "fp32"]
-    for name, steps, extra in (("full", 6, []), ("part", 3, []), ("part", 6, ["--resume"])):
-        subprocess.run([*launcher, "--steps", str(steps), "--out", runs[name], *extra], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    full, part = (torch.load(os.path.join(runs[n], "ckpt.pt"), weights_only=True)["model"]
-                  for n in runs
-                  if n in ("full", "part"))
-    worst = max((full[k] - part[k]).abs().max().item() for k in full)
-    backend = "nccl" if cuda else "gloo"
-    check_line(report, f"torchrun ({backend}) stopped at step 3 and resumed", worst == 0.0,
-               f"max |weight difference| {worst:.1e} after 6 steps")
-    outs = {}
-    for precision in ("fp32", "bf16"):
-        outs[precision] = os.path.join(out_dir, f"samples-{precision}")
-        sample.main(["--ckpt", runs["fp32"], "--per-class", str(per_class), "--guidance", "2",
-                     "--no-images",
-                     "--precision", precision, "--out", outs[precision]])
-    x, y = (np.load(os.path.join(o, "s2", "samples.npz"))["arr_0"].astype(float)
-            for o in outs.values())
-    check_line(report, "bf16 sampling", np.abs(x - y).mean() < 2.0,
-               f"mean |bf16 - fp32| {np.abs(x - y).mean():.2f} of 255 levels")
-    if cuda:  # one-head U-Net widths at their maps (64x64 latents), VQ-f4's middle
-        kernels = sdpa_kernels(device, [(192, 1024), (384, 256), (576, 64), (960, 64), (512, 4096)])
-        report["sdpa_kernels"] = kernels
-        for shape, ok in kernels.items():
-            print(f"  SDPA {shape}: {', '.join(ok)}")
-    return all(c["ok"] for c in report["gpu_check"])
-
-
 def header(title, device):
     mfu = "MFU" if device.type == "cuda" else ""
     print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} "
@@ -679,7 +441,7 @@ def main():
     if args.gpu_check:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            passed = gpu_check(device, report, tmp, compile_=args.compile != "off")
+            passed = gpu_check.gpu_check(device, report, tmp, compile_=args.compile != "off")
         if not passed:
             print("GPU check FAILED: see the lines above; timing anyway")
     if args.only in (None, "train"):

@@ -515,8 +515,8 @@ def run_sweep(args, size):
     meta = (f"{args.setting}: {size['train_per_class']} training images per class, "
             f"{size['steps']} steps x {size['batch']}, samples per class "
             + ", ".join(f"{v} at s={k:g}" for k, v in size["samples"].items())
-            + f", DPM-Solver++ {size['sample_steps']} steps; this invocation took {minutes:.1f} min "
-            "(a job whose model and samples were complete was evaluated only)")
+            + f", DPM-Solver++ {size['sample_steps']} steps; this invocation took "
+            f"{minutes:.1f} min (a job whose model and samples were complete was evaluated only)")
     if "first_stage" in size:
         stage = size["first_stage"]
         report = json.load(open(os.path.join(args.out, "autoencoder", "report.json")))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unet
-from experiments import bench
+from experiments import bench, gpu_check
 
 
 def test_cpu_smoke(tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     """The GPU command's checks, on the CPU (gloo, CPU autocast; compile is tested in
     test_train)."""
     report = {}
-    assert bench.gpu_check(torch.device("cpu"), report, str(tmp_path), compile_=False)
+    assert gpu_check.gpu_check(torch.device("cpu"), report, str(tmp_path), compile_=False)
     names = [c["check"] for c in report["gpu_check"]]
     assert names == ["bf16 training", "torchrun (gloo) stopped at step 3 and resumed",
                      "bf16 sampling"]
