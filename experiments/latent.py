@@ -8,7 +8,6 @@ flips, as LDM caches first-stage codes. Every image the sweep scores samples aga
 reconstruction (decode of encode), so the autoencoder's blur is on both sides of FID and KID and
 the metrics see the diffusion model only. Used by experiments/sweep.py (--setting fmnist-latent).
 """
-import dataclasses
 import json
 import os
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from experiments import train_vae
-from support import data, weights
+from support import data, encode, weights
 
 
 def first_stage(out, size):
@@ -38,11 +37,9 @@ def cache_training_set(autoencoder, images, labels, size, out):
     """The diffusion model's training images as a latent cache (both flips): OUT/latents."""
     folder = os.path.join(out, "latents")
     path = os.path.join(out, "autoencoder", "ckpt.pt")
-    meta = {"preset": size["first_stage"]["preset"],
-            "config": dataclasses.asdict(autoencoder.config),
-            "weights": os.path.abspath(path), "weights_sha256": weights.weights_hash(path),
-            "dataset": size["dataset"], "data_root": size["data_root"], "split": "train",
-            "image_size": None, "pad": True, "subset": "split.npz: train"}
+    meta = {**encode.cache_meta(autoencoder, size["first_stage"]["preset"], path, size["dataset"],
+                                size["data_root"], "train", None, True),
+            "subset": "split.npz: train"}
     names = [str(c) for c in range(int(labels.max()) + 1)]
     data.encode_dataset(autoencoder, data.InMemoryDataset(images, labels, names), folder, meta)
     return folder

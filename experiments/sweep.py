@@ -153,10 +153,7 @@ def reference(out, size):
     opts = types.SimpleNamespace(epochs=size["classifier_epochs"], lr=1e-3, batch_size=128,
                                  max_steps=size.get("classifier_max_steps"), seed=0)
     clf, accuracy = features.fit_classifier(fit, check, len(names), opts)
-    state = {"model": clf.state_dict(), "num_classes": len(names),
-             "dataset": size["dataset"], "image_size": clf.image_size,
-             "channels": clf.channels, "test_accuracy": accuracy}
-    system.write_atomic(os.path.join(out, "classifier.pt"), lambda tmp: torch.save(state, tmp))
+    features.save_classifier(os.path.join(out, "classifier.pt"), clf, accuracy, size["dataset"])
     scored = {k: images[torch.from_numpy(v)] for k, v in parts.items() if k != "classifier"}
     if "first_stage" in size:  # the paper's pipeline: the first stage on both sides
         autoencoder = latent.first_stage(out, size)

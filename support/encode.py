@@ -16,6 +16,16 @@ import vae
 from support import data, system, weights
 
 
+def cache_meta(model, preset, weights_path, dataset, data_root, split, image_size, pad):
+    """What a latent cache records of its autoencoder (and the content hash of its weights,
+    which runs and their sampling check) and of the images it encodes."""
+    return {"preset": preset, "config": dataclasses.asdict(model.config),
+            "weights": os.path.abspath(weights_path),
+            "weights_sha256": weights.weights_hash(weights_path),
+            "dataset": dataset, "data_root": data_root, "split": split,
+            "image_size": image_size, "pad": pad}
+
+
 def encode(args):
     rank, world, device = system.setup_distributed()  # torchrun sets RANK
     system.set_threads(args.threads)
@@ -26,12 +36,8 @@ def encode(args):
         raise SystemExit(f"{args.dataset} images have {dataset[0][0].shape[0]} channels, the "
                          f"autoencoder takes {model.config.in_channels}")
     preset = args.preset or next((k for k, v in vae.PRESETS.items() if v == model.config), None)
-    meta = {"preset": preset, "config": dataclasses.asdict(model.config),
-            "weights": os.path.abspath(args.weights),
-            "weights_sha256": weights.weights_hash(args.weights),
-            "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
-            "image_size": args.image_size,
-            "pad": args.pad}
+    meta = cache_meta(model, preset, args.weights, args.dataset, args.data_root, args.split,
+                      args.image_size, args.pad)
     if model.scale is None and not os.path.exists(data.cache_files(args.out)["meta"]):
         model.scale = vae.measure_scale(model, data.spread_images(dataset))  # LDM's scale_by_std
     data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype),

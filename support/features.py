@@ -351,6 +351,14 @@ def fit_classifier(train, test, num_classes, args):
     return model.cpu().requires_grad_(False), correct / len(test)
 
 
+def save_classifier(path, model, accuracy, dataset):
+    """The checkpoint load_classifier reads (written atomically)."""
+    state = {"model": model.cpu().state_dict(), "num_classes": model.head.out_features,
+             "dataset": dataset, "image_size": model.image_size, "channels": model.channels,
+             "test_accuracy": accuracy}
+    system.write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
 def train_classifier(args):
     """Train the CNN on the dataset's train split and report its accuracy on the test split."""
     system.set_threads(args.threads)
@@ -367,10 +375,7 @@ def train_classifier(args):
         test = data.load_dataset(args.dataset, args.data_root, split="test",
                                  image_size=args.image_size)
     model, accuracy = fit_classifier(train, test, train.num_classes, args)
-    state = {"model": model.cpu().state_dict(), "num_classes": train.num_classes,
-             "dataset": args.dataset, "image_size": model.image_size,
-             "channels": model.channels, "test_accuracy": accuracy}
-    system.write_atomic(args.out, lambda tmp: torch.save(state, tmp))
+    save_classifier(args.out, model, accuracy, args.dataset)
     print(f"test accuracy {accuracy:.4f} ({len(test)} images); wrote {args.out}")
     return accuracy
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import cep
 import corrupt
+import diffusion
 import unet
 from support import data, released, system, weights
 
@@ -438,8 +439,7 @@ class Bookkeeping:
 def preview(ema, config, autoencoder, step, out, captions=None):
     """OUT/preview/stepN.png: the EMA model's samples from fixed noise (DPM-Solver++, 20 steps,
     guidance 2; pixels clipped as sample.py does): up to 10 classes x 4, or 8 captions x 2."""
-    import torchvision
-    import diffusion
+    import torchvision  # imported when a preview is due
     device = next(ema.parameters()).device
     if config["text"]:
         conditions = list(dict.fromkeys(captions))[:8] * 2  # the first distinct captions
