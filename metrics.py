@@ -230,7 +230,7 @@ def clip_score_sum(clip, images, captions):
 # Evaluation of one sample set, sweeps, table, JSON and plots
 # --------------------------------------------------------------------------------------------
 
-METRICS = ("fid", "sfid", "is", "pr", "rmd", "entropy", "mem", "clip")
+METRICS = ("fid", "sfid", "is", "pr", "acc", "rmd", "entropy", "mem", "clip")
 
 
 def evaluate(source, extractor, real, train, metrics, args, extras, desc):
@@ -262,6 +262,12 @@ def evaluate(source, extractor, real, train, metrics, args, extras, desc):
             return h.sum().item(), h.numel()
         row["entropy"] = extract.distributed_pass(source, args.batch_size, entropy_sum,
                                                   desc + " entropy")
+    if "acc" in metrics:  # how often the feature classifier sees the class a sample was drawn for
+        def correct(x, start, stop):
+            with torch.no_grad():
+                predicted = extractor.net.predict(x.to(device)).cpu()
+            return (predicted == torch.as_tensor(source.labels[start:stop])).sum().item(), len(x)
+        row["class_acc"] = extract.distributed_pass(source, args.batch_size, correct, desc + " acc")
     if "clip" in metrics:
         clip = extras["clip"]
         row["clip_score"] = extract.distributed_pass(source, args.batch_size,
@@ -278,7 +284,12 @@ def check_request(metrics, extractor, sources, args):
     if {"is", "sfid"} & set(metrics) and extractor.kind != "inception":
         raise ValueError("IS and sFID need --features inception:PATH (its logits / mixed_6 "
                          "features)")
+    if "acc" in metrics and extractor.kind != "classifier":
+        raise ValueError("acc needs --features classifier:PATH (a classifier of the sampled "
+                         "classes: python -m support.features train-classifier)")
     for label, _, src in sources:
+        if "acc" in metrics and src.labels is None:
+            raise ValueError(f"acc needs the conditioning labels: '{src.path}' has no 'labels'")
         if "rmd" in metrics and src.labels is None:
             raise ValueError(f"RMD needs the conditioning labels: '{src.path}' has no 'labels'")
         if "clip" in metrics and src.captions is None:
@@ -295,6 +306,19 @@ def check_request(metrics, extractor, sources, args):
         raise ValueError("entropy needs --vq (the VQ autoencoder checkpoint of vae.py)")
     if "clip" in metrics and not args.clip:
         raise ValueError("clip needs --clip DIR (a local CLIP model directory)")
+
+
+def size_notes(reference, runs):
+    """Samples of another size than the reference are resized to the feature network's input
+    like any image, so the score holds, but the mismatch is usually a wrong reference: say so."""
+    def size(source):
+        return tuple(source.read(0, 1).shape[1:3]) if len(source) else None
+    want = size(reference)
+    for label, _, source in runs:
+        if size(source) not in (want, None):
+            print(f"note: {source.path} holds {'x'.join(map(str, size(source)))} images, the "
+                  f"reference {reference.path} {'x'.join(map(str, want))}: both are resized to "
+                  "the feature network's input; is this the reference these samples belong to?")
 
 
 def real_vs_real(real, rows):
@@ -329,7 +353,7 @@ def parse_args(argv=None):
                    help="inception:PATH (pytorch-fid's .pth), clip:DIR or classifier:PATH")
     p.add_argument("--metrics", default="fid,pr",
                    help=f"comma-separated subset of {','.join(METRICS)} (pr = precision, recall, "
-                        "density, coverage)")
+                        "density, coverage; acc = class accuracy through --features classifier)")
     p.add_argument("--train", default=None,
                    help="training images for 'mem' (distance to the 5 nearest, memorization ratio)")
     p.add_argument("--vq", default=None, help="VQ autoencoder checkpoint (vae.py) for 'entropy'")
@@ -388,6 +412,7 @@ def main(argv=None):
         source = extract.open_images(args.real, args.data_root, args.image_size)
         real = extract.reference_features(source, extractor, args, "real", needed)
         check_reference(real)
+        size_notes(source, runs)
     if "mem" in metrics:
         source = extract.open_images(args.train, args.data_root, args.image_size)
         train = extract.reference_features(source, extractor, args, "train", ["features"])

@@ -9,12 +9,18 @@ Sampler: DPM-Solver++ 2M, 50 steps (the paper's protocol, App. B.7) by default; 
 Sample i always starts from the noise of seed (seed, i), so the same index gives the same image
 whatever the batch size or the number of processes. One folder per guidance scale:
 OUT/s{scale}/samples.npz (arr_0 uint8 NHWC, labels or captions, index, seed), grid.png, images/.
+Every finished batch is kept in OUT/s{scale}/partial until the scale is written, so a stopped run
+(Ctrl-C, SIGTERM, a job limit) continues where it stopped when the same command is run again, and
+a scale whose samples.npz already holds these samples is kept.
 """
 import argparse
 import functools
+import glob
 import math
 import os
 import shutil
+import signal
+import zipfile
 
 import numpy as np
 import torch
@@ -169,9 +175,9 @@ def sample_batch(model, conds, indices, noise, gens, scale, args, schedule, auto
                              eta=args.ddim_eta, generators=gens, timesteps=timesteps)
     if autoencoder is not None:
         x = autoencoder.decode(x)
-    counts = [(x.abs() > OUT_OF_RANGE).float().mean().item(),  # data lies in [-1, 1]
-              (x.abs() >= 1 - 1 / 255).float().mean().item()]  # at an end of the range
-    return data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy(), counts  # NHWC
+    shares = torch.stack([(x.abs() > OUT_OF_RANGE).float().mean((1, 2, 3)),  # data: [-1, 1]
+                          (x.abs() >= 1 - 1 / 255).float().mean((1, 2, 3))], 1)  # at an end
+    return data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy(), shares.cpu().numpy()  # NHWC, [N, 2]
 
 
 def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
@@ -199,16 +205,65 @@ def save_grid(images, rows, path, row_labels=None, min_cell=64, gap=2):
     picture.save(path)
 
 
-def write_outputs(out, images, conds, scale, config, args, step):
+def sample_settings(args, config, scale, step):
+    """What decides the images of one scale besides the conditions: stored in samples.npz and in
+    every shard, and compared before either is reused."""
+    cads = f"tau={args.cads_tau},s={args.cads_scale},psi={args.cads_psi}" if args.cads else "off"
+    return dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=step, seed=args.seed, guidance=scale,
+                sampler=f"{args.sampler}:{args.steps}", cads=cads,
+                clip_denoised=args.clip_denoised, weights=args.weights,
+                timesteps=args.timesteps if config.get("scheduler") else "paper")
+
+
+def drawn_with(f, settings, key, conds, index):
+    """Whether the open npz `f` holds samples `index` of `conds` drawn with `settings`."""
+    return (all(k in f.files and f[k].item() == v for k, v in settings.items())
+            and key in f.files and np.array_equal(f[key], np.asarray(conds)[index]))
+
+
+def already_written(out, settings, key, conds):
+    """OUT/samples.npz holds every sample of this scale, drawn with these settings."""
+    try:
+        with np.load(os.path.join(out, "samples.npz")) as f:  # arrays are read when asked for
+            return drawn_with(f, settings, key, conds, np.arange(len(conds)))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, cut short or foreign
+        return False
+
+
+def finished_shards(partial, settings, key, conds, mine):
+    """{index: (image, shares)} of this rank's samples in the shards of PARTIAL drawn with these
+    settings (a stopped run's), and how many shards were drawn otherwise or are unreadable."""
+    done, foreign, wanted = {}, 0, set(mine)
+    for path in sorted(glob.glob(os.path.join(partial, "[0-9]*.npz"))):
+        try:
+            with np.load(path) as f:
+                index = f["index"]
+                if not drawn_with(f, settings, key, conds, index):
+                    foreign += 1
+                    continue
+                for i, image, shares in zip(index.tolist(), f["arr_0"], f["shares"]):
+                    if i in wanted:
+                        done[i] = (image, shares)
+        except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile):
+            foreign += 1
+    return done, foreign
+
+
+def write_shard(partial, index, images, shares, key, conds, settings):
+    """One finished batch: PARTIAL/{first index}.npz, written atomically."""
+    os.makedirs(partial, exist_ok=True)
+    path = os.path.join(partial, f"{index[0]:08d}.npz")
+    system.write_atomic(path, lambda tmp: np.savez(
+        tmp, arr_0=images, shares=shares, index=np.asarray(index),
+        **{key: np.asarray(conds)[index]}, **settings))
+
+
+def write_outputs(out, images, conds, settings, config, args):
     """samples.npz (sample i started from the seed (seed, i)), the grid, and one PNG per sample."""
     os.makedirs(out, exist_ok=True)
     key = "captions" if config["text"] else "labels"
-    cads = f"tau={args.cads_tau},s={args.cads_scale},psi={args.cads_psi}" if args.cads else "off"
     system.write_atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez(  # never truncated
-        tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)), seed=args.seed,
-        guidance=scale, sampler=f"{args.sampler}:{args.steps}", cads=cads, ckpt_step=step,
-        clip_denoised=args.clip_denoised,
-        weights=args.weights, timesteps=args.timesteps if config.get("scheduler") else "paper"))
+        tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)), **settings))
     if config["text"]:  # up to 64 samples, row-major; their prompts in grid_prompts.txt
         shown = images[:64]
         rows = math.ceil(len(shown) / 8)
@@ -290,6 +345,36 @@ def sampling_schedule(args, config):
     return released.alphas_cumprod(scheduler), timesteps
 
 
+def draw_scale(draw, conds, mine, settings, args, shape, partial, received):
+    """This rank's samples of one scale, {index: (image NHWC uint8, shares)}; draw(conditions,
+    indices, noise, generators) samples a batch. Every finished batch is written to PARTIAL as a
+    shard and the shards a stopped run left are used, so the same command continues where it
+    stopped and gives the samples of an uninterrupted run."""
+    rank, scale = system.rank_and_world()[0], settings["guidance"]
+    key = "captions" if isinstance(conds[0], str) else "labels"
+    if rank == 0:
+        system.remove_stale_temporaries(partial)
+    done, foreign = finished_shards(partial, settings, key, conds, mine)
+    if rank == 0 and (done or foreign):
+        print(f"s={scale:g}: {len(done)} samples of a stopped run found in {partial}"
+              + (f"; {foreign} shards of other settings ignored" if foreign else ""))
+    todo = [i for i in mine if i not in done]
+    bar = tqdm(total=len(mine), initial=len(done), disable=rank != 0, desc=f"s={scale:g}")
+    for b in range(0, len(todo), args.batch_size):
+        idx = todo[b:b + args.batch_size]
+        noise, gens = initial_noise(idx, args.seed, shape)
+        images, shares = draw([conds[i] for i in idx], idx, noise, gens)
+        write_shard(partial, idx, images, shares, key, conds, settings)
+        done.update(zip(idx, zip(images, shares)))
+        bar.update(len(idx))
+        if received:
+            raise SystemExit(f"sample.py: stopped by {signal.Signals(received[0]).name} after "
+                             f"{len(done)} of {len(mine)} samples of s={scale:g}: they are kept "
+                             f"in {partial}; the same command continues from there")
+    bar.close()
+    return done
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -314,27 +399,31 @@ def main(argv=None):
     run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     out_root = args.out or os.path.join(run_dir, "samples")
     shape = (config["channels"], config["size"], config["size"])
-    for scale in [float(s) for s in args.guidance.split(",")]:
-        images, counts = [], np.zeros(2)  # samples x (share outside, share saturated)
-        for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc=f"s={scale:g}"):
-            idx = mine[b:b + args.batch_size]
-            noise, gens = initial_noise(idx, args.seed, shape)
-            batch, shares = sample_batch(model, [conds[i] for i in idx], idx, noise, gens,
-                                         scale, args, schedule, autoencoder)
-            images.append(batch)
-            counts += np.array(shares) * len(idx)
-        out = os.path.join(out_root, f"s{scale:g}")
-        # a rank may get none
-        images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
-        images = system.gather_rows(images, np.asarray(mine, np.int64))
-        counts = system.gather_rows(counts[None])  # rank 0: every rank's counts
-        if rank == 0:
-            outside, saturated = counts.sum(0) / len(conds)
-            write_outputs(out, images, conds, scale, config, args, step)
-            print(f"wrote {len(images)} samples to {out}")
-            warning = range_warning(outside, saturated, epochs_seen(config, step))
-            if warning:
-                print(warning)
+    key = "captions" if config["text"] else "labels"
+    with system.stop_on_signals() as received:  # Ctrl-C / SIGTERM: keep the finished batches
+        for scale in [float(s) for s in args.guidance.split(",")]:
+            out = os.path.join(out_root, f"s{scale:g}")
+            settings = sample_settings(args, config, scale, step)
+            if already_written(out, settings, key, conds):
+                if rank == 0:
+                    print(f"{out}/samples.npz already holds these {len(conds)} samples (same "
+                          "checkpoint and settings): kept; delete it to draw them again")
+                continue
+            partial = os.path.join(out, "partial")
+            draw = functools.partial(sample_batch, model, scale=scale, args=args,
+                                     schedule=schedule, autoencoder=autoencoder)
+            done = draw_scale(draw, conds, mine, settings, args, shape, partial, received)
+            images = system.gather_rows(np.stack([done[i][0] for i in mine]) if mine else
+                                        np.zeros((0,), np.uint8), np.asarray(mine, np.int64))
+            shares = system.gather_rows(np.stack([done[i][1] for i in mine]) if mine else
+                                        np.zeros((0, 2)))  # rank 0: every sample's shares
+            if rank == 0:
+                write_outputs(out, images, conds, settings, config, args)
+                shutil.rmtree(partial, ignore_errors=True)  # the shards are in samples.npz now
+                print(f"wrote {len(images)} samples to {out}")
+                warning = range_warning(*shares.mean(0), epochs_seen(config, step))
+                if warning:
+                    print(warning)
     if world > 1:
         dist.destroy_process_group()
 

@@ -235,6 +235,9 @@ class Classifier(nn.Module):
                               align_corners=False)
         return {"features": self.body(x)}
 
+    def predict(self, images):  # uint8 images -> the predicted class of each
+        return self.head(self.embed(images)["features"]).argmax(1)
+
 
 def load_classifier(path):
     if not os.path.isfile(path):

@@ -4,7 +4,8 @@ import os
 
 COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("precision", "prec"),
            ("recall", "recall"),
-           ("density", "density"), ("coverage", "cover"), ("rmd_top1", "RMD1%"),
+           ("density", "density"), ("coverage", "cover"), ("class_acc", "acc"),
+           ("rmd_top1", "RMD1%"),
            ("entropy", "entropy"),
            ("l2_5nn", "L2-5NN"), ("mem_ratio", "mem"), ("clip_score", "CLIP")]
 

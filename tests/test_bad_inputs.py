@@ -59,6 +59,22 @@ def unreadable_newest(root, tmp_path):  # C01: sample.py falls back to ckpt.prev
     sample.main(["--ckpt", str(run), "--steps", "2", "--per-class", "1", "--no-images"])
 
 
+def saturating_model(root, tmp_path):  # N01b: a diverged model's weights give all-black images
+    run = copy(root, "run", tmp_path)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["ema"]["unet.out.2.bias"].fill_(1e4)  # eps = 1e4 everywhere: x0 far below -1
+    torch.save(ckpt, run / "ckpt.pt")
+    sample.main(["--ckpt", str(run), "--steps", "2", "--per-class", "1", "--no-images"])
+
+
+def damaged_cache(root, tmp_path):  # M17: a metrics cache entry cut short is recomputed
+    metrics_on(root, tmp_path, NOISE)
+    score(tmp_path, tmp_path / "cache")
+    for entry in (tmp_path / "cache").iterdir():
+        cut(entry)
+    score(tmp_path, tmp_path / "cache")
+
+
 def pipeline_with(root, tmp_path, part, change):
     """The released pipeline with one file changed by change(path)."""
     model = copy(root, "model", tmp_path)
@@ -106,16 +122,20 @@ def captions(root, tmp_path, text, encoding):  # CP5, CP8, CP1: what train.py re
     assert os.path.exists(ds.paths[0]), ds.paths[0]  # no mark in the path
 
 
-def metrics_on(root, tmp_path, fake, real=None):  # ME4, ME7, ME8
+def metrics_on(root, tmp_path, fake, real=None):  # ME4, ME7, ME8, M05
     np.savez(tmp_path / "fake.npz", arr_0=fake)
     np.savez(tmp_path / "real.npz", arr_0=fake if real is None else real)
     from support import features
     clf = features.Classifier(10, 8, 1)
     torch.save({"model": clf.state_dict(), "num_classes": 10, "image_size": 8, "channels": 1},
                tmp_path / "clf.pt")
+    score(tmp_path)
+
+
+def score(tmp_path, cache=""):
     metrics.main(["--real", str(tmp_path / "real.npz"), "--fake", str(tmp_path / "fake.npz"),
                   "--features", f"classifier:{tmp_path / 'clf.pt'}", "--metrics", "fid",
-                  "--out", str(tmp_path / "m"), "--cache", ""])
+                  "--out", str(tmp_path / "m"), "--cache", str(cache)])
 
 
 def two_sweeps(root, tmp_path):  # SW5: a second sweep into a folder that one is running in
@@ -168,6 +188,12 @@ ROWS = [  # (ID, call, 'error' or 'note', words)
     ("ME4", lambda r, t: metrics_on(r, t, np.zeros((20, 1, 1, 1), np.uint8)), "error",
      "under 4x4"),
     ("ME8", lambda r, t: metrics_on(r, t, NOISE, GREY), "note", "do not vary"),
+    ("M17", damaged_cache, "note", "cannot be read .*recomputing them"),
+    ("N01", lambda r, t: train_run(r, t, "--lr", "1e6", "--steps", "6"), "error",
+     "(blew up|non-finite loss) in steps"),
+    ("N01b", saturating_model, "note", "sit at -1 or \\+1 .*train longer"),
+    ("M05", lambda r, t: metrics_on(r, t, NOISE, NOISE[:, :4, :4]), "note",
+     "holds 8x8 images, the reference .* 4x4: both are resized"),
     ("SW5", two_sweeps, "error", "another sweep .* is running"),
     ("T01", stale_temporary, "note", "left by a killed save"),
 ]

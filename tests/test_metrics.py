@@ -398,3 +398,22 @@ def test_two_processes_give_the_single_process_metrics(tmp_path):
     two = json.load(open(tmp_path / "two" / "metrics.json"))["rows"][0]
     for k in ("fid", "precision", "recall", "l2_5nn", "mem_ratio"):  # other batch boundaries and
         assert two[k] == pytest.approx(one[k], rel=1e-6), k            # sum orders: rounding only
+
+
+def test_class_accuracy_counts_the_classifier_agreeing_with_the_labels(tmp_path):
+    clf = features.Classifier(4, 8, 1)
+    with torch.no_grad():
+        clf.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1e6]))  # it always says class 3
+    torch.save({"model": clf.state_dict(), "num_classes": 4, "image_size": 8, "channels": 1},
+               tmp_path / "c.pt")
+    images = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 1), dtype=np.uint8)
+    labels = np.repeat([3, 0, 3, 1, 3], 8)  # 24 of 40 are class 3
+    np.savez(tmp_path / "s.npz", arr_0=images, labels=labels)
+    args = ["--real", str(tmp_path / "s.npz"), "--fake", str(tmp_path / "s.npz"),
+            "--features", f"classifier:{tmp_path / 'c.pt'}", "--batch-size", "16", "--cache", "",
+            "--out", str(tmp_path / "m")]
+    rows = metrics.main([*args, "--metrics", "acc"])
+    assert rows[0]["class_acc"] == 24 / 40
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    with pytest.raises(SystemExit, match="acc needs the conditioning labels"):
+        metrics.main([*args, "--metrics", "acc"])

@@ -136,6 +136,46 @@ def test_sample_writes_outputs_and_is_batch_invariant(tmp_path):
     assert float(a["guidance"]) == 2.5 and list(a["index"]) == list(range(20))
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stopped_sample_run_continues_to_the_uninterrupted_samples(tmp_path, monkeypatch, sig,
+                                                                     capsys):
+    import signal
+    out = run(tmp_path, "s", "--steps", "2")
+    common = ["--ckpt", out, "--per-class", "2", "--steps", "3", "--guidance", "1,2",
+              "--batch-size", "6", "--no-images"]
+    sample.main([*common, "--out", str(tmp_path / "full")])
+    draw, calls = diffusion.sample, []
+
+    def draw_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:  # s=2's second batch (s=1 took four): a pre-emption notice
+            os.kill(os.getpid(), getattr(signal, sig))
+        return draw(*a, **k)
+    monkeypatch.setattr(diffusion, "sample", draw_then_signal)
+    part = tmp_path / "part"
+    with pytest.raises(SystemExit, match=f"stopped by {sig} after 12 of 20 samples of s=2"):
+        sample.main([*common, "--out", str(part)])
+    assert sorted(os.listdir(part / "s2/partial")) == ["00000000.npz", "00000006.npz"]
+    assert not (part / "s2/samples.npz").exists() and not (part / "s1/partial").exists()
+    shutil.copytree(part, tmp_path / "other")
+    sample.main([*common, "--seed", "1", "--out", str(tmp_path / "other")])  # other settings
+    assert "2 shards of other settings ignored" in capsys.readouterr().out
+    monkeypatch.setattr(diffusion, "sample", draw)
+    sample.main([*common, "--out", str(part)])  # the same command: s=1 kept, s=2 from 12 on
+    printed = capsys.readouterr().out
+    assert "s1/samples.npz already holds these 20 samples" in printed
+    assert "12 samples of a stopped run found" in printed and "ignored" not in printed
+    for scale in ("s1", "s2"):
+        full, resumed = np.load(tmp_path / "full" / scale / "samples.npz"), np.load(part / scale /
+                                                                                    "samples.npz")
+        assert full.files == resumed.files
+        for k in full.files:
+            if k != "ckpt":
+                np.testing.assert_array_equal(full[k], resumed[k])
+    assert not (part / "s2/partial").exists()  # the shards are in samples.npz
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_latent_cache_training_and_decoding(tmp_path):
     """The paper's setting: diffusion on cached autoencoder latents, decoded at sampling."""
     from experiments import train_vae
