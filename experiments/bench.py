@@ -24,10 +24,8 @@ diffusers and pytorch-fid are imported only inside the baseline functions: they 
 this benchmark, not dependencies of the product. Method and results: BENCHMARKS.md.
 """
 import argparse
-import contextlib
 import dataclasses
 import datetime
-import importlib.metadata
 import os
 import platform
 import sys
@@ -40,10 +38,12 @@ import unet
 import vae
 from cep import ClassEmbedder
 from experiments import gpu_check
-from experiments.measure import (SDPA, Setup, build_unet, free, median_seconds, peak_memory_gib,
-                                  random_unet_state, reference_setup, rel_err, running,
-                                  step_flops, unet_loss)
-from support import features, system
+from experiments.measure import (SDPA, Setup, build_unet, cpu_name, cpu_peaks,
+                                  diffusers_autoencoder, forward_flops, free, header,
+                                  median_seconds, package_version, peak_memory_gib, print_row,
+                                  random_unet_state, reference_setup, rel_err, running, step_flops,
+                                  throughput, unet_loss)
+from support import features, system, weights
 
 # "no latent cache" line
 AUTOENCODER = {"ldm4-in1k": "vq-f4", "ldm4-text": "vq-f4", "tiny": "tiny-vq"}
@@ -67,6 +67,10 @@ def train_lines(ref, device, compile_, wide):
                   ("fp32, TF32 on", "ours", r(ref, bf16=False, tf32=True)),
                   ("bf16, TF32 off", "ours", r(ref, tf32=False)),
                   ("cudnn.benchmark on", "ours", r(ref, cudnn_benchmark=True))]
+    else:  # the CPU's own switches: bf16 autocast (AVX-512 BF16 / AMX) and the thread count
+        lines += [("bf16 autocast", "ours", r(ref, bf16=True))]
+        if torch.get_num_threads() > 1:
+            lines += [("1 thread", "ours", r(ref, threads=1))]
     lines += [("channels-last", "ours", r(ref, channels_last=True))]
     lines += [(f"SDPA {name} only", "ours", r(ref, sdpa=name)) for name in SDPA]
     lines += [("AdamW foreach" if ref.fused_adamw else "AdamW fused", "ours",
@@ -184,15 +188,14 @@ def bench_train(config, args, device, report):
             ref_seconds = ref_seconds or seconds
             f = flops[kind, setup.head_channels]
             row.update(images_per_s=B / seconds, ms_per_step=1e3 * seconds,
-                       tflops=f / seconds / 1e12,
-                       mfu=f / seconds / 1e12 / args.peak_tflops if device.type == "cuda" else None,
+                       **throughput(f, seconds, setup, args, device, report),
                        peak_memory_gib=memory, speedup_vs_reference=ref_seconds / seconds,
                        first_loss=loss, loss_rel_err=abs(loss - ref_loss) / ref_loss)
             note = f"loss rel err {row['loss_rel_err']:.1e}" + (" (different model)"
                                                                 if setup.head_channels else "")
             if setup.encode:  # a slow-down line: what the latent cache saves
                 row["loss_rel_err"], note = None, "latents from the autoencoder: loss not compared"
-            print_row(row, note)
+            print_row(row, note, device)
         rows.append(row)
         if setup.compile:
             torch._dynamo.reset()
@@ -269,14 +272,18 @@ def bench_sample(config, args, device, report):
     x_T = torch.randn(shape, generator=gen).to(device)
     # on the CPU, as sample.py: no sync per step
     abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
-    samplers = {"ours": lambda m: our_ddim(m, x_T, context, null_context, args.guidance,
-                                           args.sample_steps, abar),
-                "diffusers": lambda m: diffusers_ddim(m, x_T, context, null_context, args.guidance,
-                                                      args.sample_steps)}
+    samplers = {"ours": lambda m, x: our_ddim(m, x, context, null_context, args.guidance,
+                                              args.sample_steps, abar),
+                "diffusers": lambda m, x: diffusers_ddim(m, x, context, null_context,
+                                                         args.guidance, args.sample_steps)}
     fp32, bf16 = Setup(bf16=False, tf32=False), Setup(bf16=True, tf32=True)
+    flops = step_flops("ours", config, 2 * B, None, backward=False) * args.sample_steps
     lines = [(f"{k} fp32", k, fp32) for k in samplers]
-    if device.type == "cuda":
-        lines += [(f"{k} bf16 autocast", k, bf16) for k in samplers]
+    lines += [(f"{k} bf16 autocast", k, bf16) for k in samplers]
+    if device.type == "cpu":
+        lines += [("ours channels-last", "ours", dataclasses.replace(fp32, channels_last=True))]
+        if torch.get_num_threads() > 1:
+            lines += [("ours 1 thread", "ours", dataclasses.replace(fp32, threads=1))]
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
         compiled = dataclasses.replace(bf16 if device.type == "cuda" else fp32, compile=True)
         lines += [(f"{k} + torch.compile", k, compiled) for k in samplers]
@@ -288,8 +295,9 @@ def bench_sample(config, args, device, report):
         row = {"name": label, "model": kind, "setup": dataclasses.asdict(setup)}
         try:
             model = build_unet(kind, config, state, device, setup).eval()
+            x = x_T.to(memory_format=torch.channels_last) if setup.channels_last else x_T
             with running(setup, device):
-                out = samplers[kind](model)  # the warm-up run (it compiles), checked before timing
+                out = samplers[kind](model, x)  # the warm-up run (it compiles), checked first
                 reference = out if reference is None else reference  # the first line: ours fp32
                 err = rel_err(out, reference)
                 if label == "diffusers fp32":
@@ -298,17 +306,18 @@ def bench_sample(config, args, device, report):
                     if not err <= 1e-3:
                         raise SystemExit("our DDIM sampler and diffusers' disagree (rel err "
                                          f"{err:.1e})")
-                seconds = median_seconds(lambda: samplers[kind](model), 0, args.sample_repeats,
-                                         device)
+                seconds = median_seconds(lambda: samplers[kind](model, x), 0,
+                                         args.sample_repeats, device)
         except (RuntimeError, NotImplementedError) as e:
             row["failed"] = str(e).strip().splitlines()[0][:200]
             print(f"  {label:<44} failed: {row['failed']}")
         else:
             ref_seconds = ref_seconds or seconds
             row.update(images_per_s=B / seconds, ms_per_batch=1e3 * seconds,
+                       **throughput(flops, seconds, setup, args, device, report),
                        peak_memory_gib=peak_memory_gib(device),
                        speedup_vs_reference=ref_seconds / seconds, rel_err_vs_ours_fp32=err)
-            print_row(row, f"rel err vs ours fp32 {err:.1e}")
+            print_row(row, f"rel err vs ours fp32 {err:.1e}", device)
         rows.append(row)
         if setup.compile:
             torch._dynamo.reset()
@@ -356,30 +365,79 @@ def bench_features(args, device, report):
                    "ms_per_batch": 1e3 * seconds,
                    "peak_memory_gib": peak_memory_gib(device),
                    "speedup_vs_reference": ref_seconds / seconds}
-            print_row(row, "")
+            print_row(row, "", device)
             rows.append(row)
     report["features"] = rows
     report["features_rel_err"] = err
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- 4. autoencoder
 
 
-def header(title, device):
-    mfu = "MFU" if device.type == "cuda" else ""
-    print(f"\n== {title}\n  {'line':<44} {'img/s':>9} {'ms':>9} {'TFLOP/s':>8} {mfu:>6} "
-          f"{'mem GiB':>8} {'x ref':>6}  check")
+def autoencoder_pair(config, device):
+    """Ours (random weights, latent scale 1) and diffusers' model holding the same weights."""
+    ours = system.randomise_(vae.Autoencoder(config, scale=1.0), seed=5).eval()
+    theirs = diffusers_autoencoder(config)
+    shapes, mapping = theirs.state_dict(), weights.autoencoder_key_map(config)
+    theirs.load_state_dict({mapping[k]: v.reshape(shapes[mapping[k]].shape)
+                            for k, v in ours.state_dict().items()})
+    return ours.to(device), theirs.to(device)
 
 
-def print_row(row, note):
-    def fmt(key, spec, width):
-        value = row.get(key)
-        return f"{value:{width}{spec}}" if value is not None else " " * (width - 1) + "-"
-    ms = row.get("ms_per_step", row.get("ms_per_batch"))
-    mfu = fmt('mfu', '.1%', 6) if 'mfu' in row and row['mfu'] is not None else ''
-    print(f"  {row['name']:<44} {row['images_per_s']:9.1f} {ms:9.1f} {fmt('tflops', '.3g', 8)} "
-          f"{mfu:>6} {fmt('peak_memory_gib', '.1f', 8)} {row['speedup_vs_reference']:5.2f}x  "
-          f"{note}", flush=True)
+def bench_autoencoder(config, args, device, report):
+    """Encode (the posterior's mode) and decode of a KL first stage whose latents have the
+    U-Net preset's size, ours against diffusers' AutoencoderKL with the same weights, fp32."""
+    ae = vae.PRESETS[args.autoencoder]
+    size = config.sample_size * 2 ** (len(ae.ch_mult) - 1)
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(args.batch_size, ae.in_channels, size, size, generator=gen) * 2 - 1)
+    ours, theirs = autoencoder_pair(ae, device)
+    with torch.no_grad():
+        latents = ours.encode(images.to(device))
+    calls = {("encode", "ours"): ours.encode,
+             ("encode", "diffusers"): lambda x: theirs.encode(x).latent_dist.mode(),
+             ("decode", "ours"): ours.decode,
+             ("decode", "diffusers"): lambda z: theirs.decode(z).sample}
+    fp32 = Setup(bf16=False, tf32=False)
+    lines = [("ours fp32", "ours", fp32), ("diffusers fp32", "diffusers", fp32),
+             ("ours bf16 autocast", "ours", dataclasses.replace(fp32, bf16=True))]
+    if device.type == "cpu":
+        lines += [("ours channels-last", "ours", dataclasses.replace(fp32, channels_last=True))]
+        if torch.get_num_threads() > 1:
+            lines += [("ours 1 thread", "ours", dataclasses.replace(fp32, threads=1))]
+    rows = []
+    for op, x in (("encode", images.to(device)), ("decode", latents)):
+        flops = forward_flops(calls[op, "ours"], x[:1]) * args.batch_size  # linear in the batch
+        header(f"autoencoder {op} ({args.autoencoder}, {size}x{size} images, "
+               f"{config.sample_size}x{config.sample_size} latents)", device)
+        first = None
+        for label, kind, setup in lines:
+            model = {"ours": ours, "diffusers": theirs}[kind]
+            seconds, out = time_call(calls[op, kind], x, model, setup, args, device)
+            first = first or (seconds, out)
+            err = rel_err(out, first[1])
+            if kind == "diffusers" and not err <= 1e-4:
+                raise SystemExit(f"vae.py's {op} and diffusers' disagree (rel err {err:.1e})")
+            row = {"name": f"{op}: {label}", "model": kind, "setup": dataclasses.asdict(setup),
+                   "images_per_s": args.batch_size / seconds, "ms_per_batch": 1e3 * seconds,
+                   **throughput(flops, seconds, setup, args, device, report),
+                   "peak_memory_gib": peak_memory_gib(device),
+                   "speedup_vs_reference": first[0] / seconds, "rel_err_vs_ours_fp32": err}
+            print_row(row, f"rel err vs ours fp32 {err:.1e}", device)
+            rows.append(row)
+    report["autoencoder"] = rows
+
+
+def time_call(call, x, model, setup, args, device):
+    """(median seconds, fp32 output) of call(x) under `setup`, without gradients."""
+    layout = torch.channels_last if setup.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
+    x = x.contiguous(memory_format=layout)
+    with torch.no_grad(), running(setup, device):
+        out = call(x).float()
+        seconds = median_seconds(lambda: call(x), args.warmup - 1, args.steps, device)
+    model.to(memory_format=torch.contiguous_format)
+    return seconds, out
 
 
 def main():
@@ -398,7 +456,7 @@ def main():
     parser.add_argument("--warmup", type=int,
                         help="untimed iterations before timing, >= 1; the first also "
                         "compiles (default: 5 on CUDA, 1 on CPU)")
-    parser.add_argument("--only", choices=["train", "sample", "features"],
+    parser.add_argument("--only", choices=["train", "sample", "features", "autoencoder"],
                         help="run one section only")
     parser.add_argument("--lines",
                         help="comma-separated substrings: run only the lines whose label contains "
@@ -413,6 +471,10 @@ def main():
     parser.add_argument("--sample-repeats", type=int,
                         help="timed sampling runs per line, after one "
                         "untimed run (default: 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--autoencoder", default="small-kl",
+                        choices=[k for k, c in vae.PRESETS.items() if c.kind == "kl"],
+                        help="KL first stage of the autoencoder section (vae.py; its images are "
+                             "the U-Net preset's latent size times its downsampling)")
     parser.add_argument("--guidance", type=float, default=2.0,
                         help="guidance scale s (Eq. 2; Table 1: 2.0)")
     parser.add_argument("--gpu-check", action="store_true",
@@ -444,29 +506,21 @@ def main():
             passed = gpu_check.gpu_check(device, report, tmp, compile_=args.compile != "off")
         if not passed:
             print("GPU check FAILED: see the lines above; timing anyway")
+    if device.type == "cpu":
+        report["cpu_peak_gflops"] = cpu_peaks()
+        print("measured peak (2048^3 matmul): " + ", ".join(
+            f"{k} {v:.0f} GFLOP/s" for k, v in report["cpu_peak_gflops"].items()))
     if args.only in (None, "train"):
         bench_train(config, args, device, report)
     if args.only in (None, "sample"):
         bench_sample(config, args, device, report)
     if args.only in (None, "features"):
         bench_features(args, device, report)
+    if args.only in (None, "autoencoder"):
+        bench_autoencoder(config, args, device, report)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     system.write_json(args.out, report)
     print(f"\nwrote {args.out}")
-
-
-def package_version(name):
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        return importlib.metadata.version(name)
-    return None
-
-
-def cpu_name():
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

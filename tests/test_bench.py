@@ -22,7 +22,10 @@ def test_cpu_smoke(tmp_path, monkeypatch):
     train = {row["name"]: row for row in report["train"]}
     # same weights, same batch: ours and diffusers' first losses agree
     assert train["diffusers (anchor)"]["loss_rel_err"] < 1e-5
-    assert train["ours: reference"]["images_per_s"] > 0 and train["ours: reference"]["mfu"] is None
+    reference = train["ours: reference"]  # its share of the fp32 matmul peak measured in the run
+    peak = report["cpu_peak_gflops"]["fp32, 1 threads"]
+    assert reference["images_per_s"] > 0 and peak > 0
+    assert reference["mfu"] == pytest.approx(1e3 * reference["tflops"] / peak)
     assert report["train_flops_per_step"]["ours, head_channels -1"] \
         == report["train_flops_per_step"]["diffusers, head_channels -1"]
     assert "ours eager / diffusers eager" in report["train_vs_anchor"]
@@ -31,6 +34,9 @@ def test_cpu_smoke(tmp_path, monkeypatch):
     sample = {row["name"]: row for row in report["sample"]}
     assert sample["diffusers fp32"]["rel_err_vs_ours_fp32"] < 1e-4
     assert report["features_rel_err"] < 1e-5 and len(report["features"]) == 2
+    autoencoder = {row["name"]: row for row in report["autoencoder"]}
+    assert autoencoder["decode: diffusers fp32"]["rel_err_vs_ours_fp32"] < 1e-4
+    assert autoencoder["encode: ours bf16 autocast"]["rel_err_vs_ours_fp32"] < 0.1
 
 
 def test_flops_of_an_ldm4_in1k_training_step():

@@ -9,6 +9,7 @@ import torch
 import vae
 from support import data, encode, system, weights
 from experiments import train_vae
+from experiments.measure import diffusers_autoencoder
 
 
 class TinyData:
@@ -34,20 +35,6 @@ def randomized(preset, seed=0):
     return system.randomise_(vae.Autoencoder(vae.PRESETS[preset], scale=1.0), seed).eval()
 
 
-def diffusers_model(cfg):
-    from diffusers import AutoencoderKL, VQModel
-    levels = len(cfg.ch_mult)
-    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-              down_block_types=("DownEncoderBlock2D",) * levels,
-              up_block_types=("UpDecoderBlock2D",) * levels,
-              block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-              layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
-              norm_num_groups=32)
-    if cfg.kind == "vq":
-        return VQModel(**kw, num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim).eval()
-    return AutoencoderKL(**kw).eval()
-
-
 def close(ours, ref):
     assert ours.shape == ref.shape
     err = (ours - ref).abs().max() / ref.abs().max()
@@ -65,7 +52,7 @@ def test_f4_parameter_counts():
                          [("tiny-vq", 16), ("tiny-kl", 16), ("vq-f4", 64), ("kl-f4", 64)])
 def test_diffusers_oracle_same_random_weights(tmp_path, preset, size):
     src = randomized(preset)
-    ref = diffusers_model(src.config)
+    ref = diffusers_autoencoder(src.config)
     theirs = ref.state_dict()
     mapping = weights.autoencoder_key_map(src.config)
     ref.load_state_dict({mapping[k]: v.reshape(theirs[mapping[k]].shape)
@@ -128,7 +115,7 @@ def test_compvis_names_roundtrip(tmp_path, preset):
     loaded = weights.load_autoencoder(str(tmp_path / "ldm.ckpt"), preset)
     assert loaded.state_dict().keys() == src.state_dict().keys()
 
-    ref = diffusers_model(src.config)
+    ref = diffusers_autoencoder(src.config)
     levels = len(src.config.ch_mult)
     converted = convert_ldm_vae_checkpoint(sd,
                                            {"down_block_types": ("D",) * levels,
