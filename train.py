@@ -11,8 +11,8 @@ resumed run continues exactly (text models: BERT's dropout is seeded per (seed, 
 The run's files, the resume contract and the loop's bookkeeping are in support/runs.py.
 """
 import argparse
+import contextlib
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,8 @@ def main(argv=None):
     loader = runs.batches(args, images, step, world, rank, len(conditions), cuda)
     books = runs.Bookkeeping(args, config, step, G, rank, world, device, autoencoder,
                              captions=clean if text else None, lowest_loss=lowest_loss)
-    with system.stop_on_signals() as received:  # Ctrl-C / SIGTERM: save, then stop
+    # Ctrl-C / SIGTERM: save, then stop; closing the loader ends its DataLoader workers
+    with system.stop_on_signals() as received, contextlib.closing(loader):
         while step < args.steps:
             # one step: every draw for the global batch of G from the (seed, step) generator
             x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
@@ -78,7 +79,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             for m in range(accum):  # micro-batches; DDP all-reduces after the last one
                 part = slice(m * B, (m + 1) * B)
-                sync = ddp.no_sync() if world > 1 and m < accum - 1 else nullcontext()
+                sync = ddp.no_sync() if world > 1 and m < accum - 1 else contextlib.nullcontext()
                 with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
                     loss = diffusion.training_loss(train_model, x0[part], t[part], noise[part],
                                                    take(y, part), take(delta, part), abar,

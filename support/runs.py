@@ -36,7 +36,8 @@ def choose_preset(name, size):
         if not made_for:
             raise ValueError(f"no U-Net preset is made for {size}x{size} inputs (presets: "
                              f"{listing}); choose --image-size (folders and caption files "
-                             "default to 256), or train on latents")
+                             "default to 256; on a CPU 16 or 32, whose cost per step README.md's "
+                             "'Your own data' gives), or train on latents")
         return made_for[0]
     if name not in unet.PRESETS:
         raise ValueError(f"unknown --preset {name!r}; presets: {listing}")
@@ -170,9 +171,13 @@ def batches(args, images, step, world, rank, n, cuda):
     sampler = data.StepBatches(step, args.steps, args.batch_size, world, rank, n, args.seed,
                                args.grad_accum)
     workers = 0 if isinstance(images, data.InMemoryDataset) else args.num_workers
-    return iter(torch.utils.data.DataLoader(data.ImagesOnly(images), num_workers=workers,
-                                            batch_sampler=sampler, pin_memory=cuda,
-                                            worker_init_fn=system.ignore_stop_signals))
+    loader = iter(torch.utils.data.DataLoader(data.ImagesOnly(images), num_workers=workers,
+                                              batch_sampler=sampler, pin_memory=cuda,
+                                              worker_init_fn=system.ignore_stop_signals))
+    try:
+        yield from loader
+    finally:  # close() ends the workers: they ignore the SIGTERM with which Python's exit
+        del loader  # would end them, and would hold the exit forever
 
 
 def first_stage(x0, images, autoencoder, g, G, mine):

@@ -708,6 +708,20 @@ def test_text_model_two_processes_equal_one_with_a_frozen_encoder(tmp_path):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def test_a_run_with_dataloader_workers_exits_when_done(tmp_path):
+    """The workers ignore SIGTERM (for the group SIGTERM below), which is also how Python's exit
+    ends worker processes left running: the run must end them itself, or it never exits."""
+    import subprocess
+    import sys
+    root = digit_folder(tmp_path / "folder", colour=False)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+    job = subprocess.run([sys.executable, script, *TINY, "--dataset", "folder", "--data-root",
+                          root, "--image-size", "8", "--num-workers", "2", "--steps", "3",
+                          "--threads", "1", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stdout[-500:] + job.stderr[-500:]
+
+
 def test_a_sigterm_to_the_process_group_saves_and_the_resume_is_exact(tmp_path):
     """What `timeout`, Slurm's scancel and job limits send: SIGTERM to every process of the
     group, DataLoader workers included. The workers leave it to the main process, which saves
