@@ -36,6 +36,9 @@ PRESETS = {
     # one-channel 32x32 data (Fashion-MNIST padded to 32, digits resized): 8x8 latents
     "small-kl": AutoencoderConfig("kl", in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                                   z_channels=4, embed_dim=4),
+    # the same for colour folders at 16x16 or 32x32 (4x4 or 8x8 latents)
+    "small-kl-rgb": AutoencoderConfig("kl", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                      z_channels=4, embed_dim=4),
     "small-vq": AutoencoderConfig("vq", in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                                   z_channels=3, embed_dim=3, n_embed=512),
     # tests

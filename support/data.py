@@ -335,6 +335,23 @@ def per_class_subset(ds, n, seed):
     return InMemoryDataset(ds.images[torch.from_numpy(keep)], ds.labels[keep], ds.class_names), keep
 
 
+def train_test_split(name, root, image_size=None, pad=False, seed=0):
+    """(train, test) of a dataset: its own splits, or for file datasets (folders and caption
+    files have none) a seeded 10 % held out of the folder (Subsets that keep num_classes)."""
+    train = load_dataset(name, root, "train", image_size, pad)
+    if name not in ("folder", "captions"):
+        return train, load_dataset(name, root, "test", image_size, pad)
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = max(1, len(train) // 10)
+    parts = []
+    for indices in (order[held:], order[:held]):
+        part = torch.utils.data.Subset(train, sorted(indices.tolist()))
+        part.num_classes = train.num_classes
+        parts.append(part)
+    print(f"{name} has no test split: testing on a held-out 10 % ({held} images)")
+    return tuple(parts)
+
+
 # ----------------------------------------------------------------------------- training order
 # One seeded permutation per epoch, whatever the number of processes; each step's global batch
 # is cut into the ranks' micro-batches (train.py).

@@ -14,7 +14,6 @@ Every network takes uint8 images [B, C, H, W] and returns a dict of feature arra
 import argparse
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -365,18 +364,8 @@ def save_classifier(path, model, accuracy, dataset):
 def train_classifier(args):
     """Train the CNN on the dataset's train split and report its accuracy on the test split."""
     system.set_threads(args.threads)
-    train = data.load_dataset(args.dataset, args.data_root, split="train",
-                              image_size=args.image_size)
-    if args.dataset in ("folder", "captions"):  # no splits: hold out a seeded 10 % to test on
-        order = np.random.default_rng(args.seed).permutation(len(train))
-        held = max(1, len(train) // 10)
-        train, test = (torch.utils.data.Subset(train, sorted(order[held:].tolist())),
-                       torch.utils.data.Subset(train, sorted(order[:held].tolist())))
-        train.num_classes = train.dataset.num_classes
-        print(f"{args.dataset} has no test split: testing on a held-out 10 % ({held} images)")
-    else:
-        test = data.load_dataset(args.dataset, args.data_root, split="test",
-                                 image_size=args.image_size)
+    train, test = data.train_test_split(args.dataset, args.data_root, args.image_size,
+                                        seed=args.seed)
     model, accuracy = fit_classifier(train, test, train.num_classes, args)
     save_classifier(args.out, model, accuracy, args.dataset)
     print(f"test accuracy {accuracy:.4f} ({len(test)} images); wrote {args.out}")

@@ -1,6 +1,7 @@
 """vae.py: f4 parameter counts, diffusers oracles (same random weights), CompVis names, latent cache
 (resume, flips, labels), and small-AE training."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -301,3 +302,23 @@ def test_checkpoints_that_pickle_code_need_an_explicit_flag(tmp_path, capsys):
     assert "payload ran" in capsys.readouterr().out  # what the flag risks
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  src.state_dict().values()))
+
+
+def test_a_colour_folder_trains_small_kl_rgb_and_is_scored_on_images_it_never_saw(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "f" / str(c))
+        for i in range(10):
+            image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+            image.save(tmp_path / "f" / str(c) / f"{i}.png")
+    train, test = data.train_test_split("folder", str(tmp_path / "f"), 16)
+    assert (len(train), len(test)) == (18, 2) and not set(train.indices) & set(test.indices)
+    out = tmp_path / "ae"
+    train_vae.main(["--dataset", "folder", "--data-root", str(tmp_path / "f"), "--image-size",
+                    "16", "--preset", "small-kl-rgb", "--steps", "2", "--batch-size", "4",
+                    "--out", str(out)])
+    report = json.load(open(out / "report.json"))
+    assert report["held_out_images"] == 2 and "10 % of the folder" in report["held_out_from"]
+    model = weights.load_autoencoder(str(out / "ckpt.pt"))
+    assert model.encode(test[0][0][None]).shape == (1, 4, 4, 4)  # f4 latents, 4 channels
