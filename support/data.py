@@ -434,12 +434,10 @@ def create_cache(model, dataset, out, meta, batch_size, dtype):
         system.write_json(files["captions"], list(dataset.captions))  # caption id = dataset index
     else:
         np.save(files["labels"], np.asarray(dataset.labels, dtype=np.int64))
-    system.write_json(files["meta"],
-                      {**meta, "scale": model.scale, "shape": list(shape),
-                       "dtype": np.dtype(dtype).name,
-                               "chunk": batch_size,
-                               "num_classes": getattr(dataset, "num_classes", None),
-                               "complete": False})
+    system.write_json(files["meta"], {
+        **meta, "scale": model.scale, "shape": list(shape), "dtype": np.dtype(dtype).name,
+        "chunk": batch_size, "num_classes": getattr(dataset, "num_classes", None),
+        "class_names": getattr(dataset, "class_names", None), "complete": False})
 
 
 @torch.no_grad()
@@ -490,7 +488,7 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
 class LatentCache(torch.utils.data.Dataset):
     """What `support/encode.py` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or
     caption); .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale,
-    .num_classes, .meta."""
+    .num_classes, .class_names (None in caches written before they were recorded), .meta."""
 
     def __init__(self, path):
         files = cache_files(path)
@@ -502,6 +500,7 @@ class LatentCache(torch.utils.data.Dataset):
             raise ValueError(f"latent cache {path} is incomplete: rerun the same `support.encode` "
                              "command to resume it")
         self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
+        self.class_names = self.meta.get("class_names")
         self.latents = np.load(files["latents"], mmap_mode="r")
         self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
         self.captions = None

@@ -113,7 +113,7 @@ def load_training_data(args):
         info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
                     vae_sha256=cache.meta.get("weights_sha256"),
                     vae_preset=cache.meta.get("preset"),
-                    num_classes=cache.num_classes)
+                    num_classes=cache.num_classes, class_names=cache.class_names)
         return cache, conditions, info
     ds = data.load_dataset(args.dataset, args.data_root, split="train", image_size=args.image_size)
     kept = None

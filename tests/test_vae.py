@@ -322,3 +322,8 @@ def test_a_colour_folder_trains_small_kl_rgb_and_is_scored_on_images_it_never_sa
     assert report["held_out_images"] == 2 and "10 % of the folder" in report["held_out_from"]
     model = weights.load_autoencoder(str(out / "ckpt.pt"))
     assert model.encode(test[0][0][None]).shape == (1, 4, 4, 4)  # f4 latents, 4 channels
+    encode.main(["--dataset", "folder", "--data-root", str(tmp_path / "f"), "--image-size", "16",
+                 "--weights", str(out / "ckpt.pt"), "--out", str(tmp_path / "cache"),
+                 "--num-workers", "0"])
+    cache = data.LatentCache(str(tmp_path / "cache"))
+    assert cache.class_names == ["0", "1"] and cache.latents.shape == (20, 2, 4, 4, 4)
