@@ -74,17 +74,24 @@ def load(path, which="ema", device="cpu", text_encoder=None, unsafe_pickle=False
     return (*from_state(config, ckpt[which], None, path, device, which), ckpt["step"])
 
 
-def readable_checkpoint(path, unsafe_pickle):
-    """The checkpoint at `path`, or (with a message) the previous one train.py kept beside it
-    when this one cannot be read (cut short, damaged)."""
-    previous = system.previous_checkpoint(path) if path.endswith(".pt") else None
-    try:
-        return weights.torch_load(path, unsafe_pickle)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        if not (previous and os.path.exists(previous)):
-            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]})") from None
-        print(f"cannot read {path} ({type(e).__name__}); using the previous checkpoint {previous}")
-        return weights.torch_load(previous, unsafe_pickle)
+def readable_checkpoint(path, unsafe_pickle=False):
+    """The newest readable checkpoint: `path`, else (with a message) the previous one train.py
+    keeps beside it (ckpt.prev.pt) when `path` is missing, cut short or damaged."""
+    candidates = [path] + ([system.previous_checkpoint(path)] if path.endswith(".pt") else [])
+    problems = []
+    for candidate in candidates:
+        if not os.path.exists(candidate):
+            problems.append(f"{candidate} is missing")
+            continue
+        try:
+            ckpt = weights.torch_load(candidate, unsafe_pickle)
+        except Exception as e:  # truncated or foreign file: torch raises several kinds
+            problems.append(f"{candidate} cannot be read ({type(e).__name__}: {str(e)[:80]})")
+            continue
+        if candidate != path:
+            print(f"{problems[0]}; using the previous checkpoint {candidate}")
+        return ckpt
+    raise ValueError("no readable checkpoint: " + "; ".join(problems))
 
 
 def from_state(config, state, scheduler, path, device, which="ema"):
@@ -249,7 +256,10 @@ def build_model(args, config, device):
                             fused=device.type == "cuda")
     if not args.resume:
         return model, ema, opt, 0, None
-    ckpt = system.load_checkpoint(ckpt_path, device)
+    try:
+        ckpt = readable_checkpoint(ckpt_path)
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
     check_resumable(ckpt["config"], config)
     if ckpt["step"] > args.steps:
         raise SystemExit(f"{ckpt_path} is at step {ckpt['step']}, past --steps {args.steps}: "

@@ -135,19 +135,6 @@ def previous_checkpoint(path):
     return path[:-len(".pt")] + ".prev.pt"
 
 
-def load_checkpoint(path, device):
-    """The newest readable checkpoint: ckpt.pt, else (with a message) ckpt.prev.pt."""
-    for candidate in (path, previous_checkpoint(path)):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            return torch.load(candidate, map_location=device, weights_only=True)
-        except Exception as e:  # truncated or foreign file: torch raises several kinds
-            print(f"cannot read {candidate} ({type(e).__name__}: {str(e)[:100]}); trying the "
-                  "previous one")
-    raise SystemExit(f"--resume: no readable checkpoint at {path} or {previous_checkpoint(path)}")
-
-
 def ignore_stop_signals(worker_id=None):
     """DataLoader workers leave SIGINT / SIGTERM to the main process: a Ctrl-C or a SIGTERM to the
     whole process group (Slurm's scancel, `timeout`) then stops the run after its step, with a

@@ -52,10 +52,13 @@ def sample_run(root, tmp_path, *flags):
                  "--no-images", "--out", str(tmp_path / "s"), *flags])
 
 
-def unreadable_newest(root, tmp_path):  # C01: sample.py falls back to ckpt.prev.pt
+def unreadable_newest(root, tmp_path, junk=False):  # C01: sample.py falls back to ckpt.prev.pt
     run = copy(root, "run", tmp_path)
-    with open(run / "ckpt.pt", "r+b") as f:
-        f.truncate(200)
+    if junk:
+        (run / "ckpt.pt").write_bytes(b"junk")  # not a torch file at all
+    else:
+        with open(run / "ckpt.pt", "r+b") as f:
+            f.truncate(200)  # cut short
     sample.main(["--ckpt", str(run), "--steps", "2", "--per-class", "1", "--no-images"])
 
 
@@ -163,6 +166,8 @@ ROWS = [  # (ID, call, 'error' or 'note', words)
     ("S12", lambda r, t: sample_run(r, t, "--sampler", "dpm", "--ddim-eta", "0.5"), "error",
      "--ddim-eta applies to --sampler ddim"),
     ("C01", unreadable_newest, "note", "using the previous checkpoint"),
+    ("C01b", lambda r, t: unreadable_newest(r, t, junk=True), "note",
+     "cannot be read .*using the previous checkpoint"),
     ("R06", lambda r, t: pipeline_with(r, t, "unet/config.json", drop_key), "error",
      "config.json lacks block_out_channels"),
     ("R08", lambda r, t: pipeline_with(r, t, "unet/config.json", cut), "error",
