@@ -466,8 +466,19 @@ def plot(rows, summary, floors, out):
 
 # ----------------------------------------------------------------------------- driver
 
+def steps_left(job):
+    """Training steps a job has still to run (a CADS job samples the trained clean model)."""
+    arm, seed, size, out = job
+    if arm == "cads":
+        return 0
+    return size["steps"] - (checkpoint_step(os.path.join(out, f"{arm}-s{seed}")) or 0)
+
+
 def run_all(jobs, args, t_start):
-    """Run jobs (in a pool of spawned one-thread workers), printing progress and time left."""
+    """Run jobs (in a pool of spawned one-thread workers), printing progress and the time left,
+    estimated from the training steps run so far in this invocation (jobs a previous one
+    finished cost almost nothing and say nothing about the rate)."""
+    todo = [steps_left(job) for job in jobs]
     if args.workers == 1:
         results = map(run_job, jobs)
     else:
@@ -478,9 +489,11 @@ def run_all(jobs, args, t_start):
     for done, (job, job_rows) in enumerate(zip(jobs, results), 1):
         rows += job_rows
         elapsed = time.time() - t_start
-        left = elapsed / done * (len(jobs) - done)
+        trained, left = sum(todo[:done]), sum(todo[done:])
+        eta = f"about {elapsed / trained * left / 60:.0f} min left" if trained else (
+            f"{left} training steps left")
         print(f"[sweep] {job[0]}-s{job[1]} done: {done}/{len(jobs)} jobs, {elapsed / 60:.1f} min, "
-              f"about {left / 60:.0f} min left", flush=True)
+              f"{eta}", flush=True)
     return rows
 
 

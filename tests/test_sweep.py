@@ -71,6 +71,8 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     killed = os.path.join(out, "clean-s0")
     train.main(sweep.train_flags([], 0, {**size, "steps": 2}, killed))
     assert sweep.checkpoint_step(killed) == 2
+    assert sweep.steps_left(("clean", 0, size, out)) == size["steps"] - 2
+    assert sweep.steps_left(("cads", 0, size, out)) == 0
     argv = ["--out", out, "--smoke", "--workers", "1", "--seeds", "3", "--mechanism-seeds", "2",
             "--other-seeds", "1"]
     rows, summary = sweep.main(argv)
@@ -116,6 +118,7 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
         f.truncate(100)  # cut short (by something other than sample.py, which writes atomically)
     assert not sweep.samples_done(cut, size, cads=False)
     again, _ = sweep.main(argv)  # every artefact is complete: nothing is trained or sampled again
+    assert "0 training steps left" in capsys.readouterr().out  # no rate from evaluated jobs
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
     assert os.path.getmtime(npz) == sample_time
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
