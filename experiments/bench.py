@@ -40,9 +40,9 @@ from cep import ClassEmbedder
 from experiments import gpu_check
 from experiments.measure import (SDPA, Setup, build_unet, cpu_name, cpu_peaks,
                                   diffusers_autoencoder, forward_flops, free, header,
-                                  median_seconds, package_version, peak_memory_gib, print_row,
-                                  random_unet_state, reference_setup, rel_err, running, step_flops,
-                                  throughput, unet_loss)
+                                  line_threads, median_seconds, package_version, peak_memory_gib,
+                                  print_row, random_unet_state, reference_setup, rel_err, running,
+                                  step_flops, throughput, unet_loss)
 from support import features, system, weights
 
 # "no latent cache" line
@@ -94,14 +94,15 @@ def train_line(kind, setup, config, state, batch, abar, autoencoder, args, devic
         images = images.to(memory_format=torch.channels_last)
 
     def step():
-        with running(setup, device):
-            if setup.encode:
-                with torch.no_grad():
-                    latents = autoencoder.encode(images).float()
-            loss = unet_loss(model, latents if setup.encode else x0, t, noise, context, abar)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with line_threads(setup):
+            with running(setup, device):
+                if setup.encode:
+                    with torch.no_grad():
+                        latents = autoencoder.encode(images).float()
+                loss = unet_loss(model, latents if setup.encode else x0, t, noise, context, abar)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss
 
     first_loss = step().item()  # the first warm-up step: weights not yet updated
@@ -296,7 +297,7 @@ def bench_sample(config, args, device, report):
         try:
             model = build_unet(kind, config, state, device, setup).eval()
             x = x_T.to(memory_format=torch.channels_last) if setup.channels_last else x_T
-            with running(setup, device):
+            with line_threads(setup), running(setup, device):
                 out = samplers[kind](model, x)  # the warm-up run (it compiles), checked first
                 reference = out if reference is None else reference  # the first line: ours fp32
                 err = rel_err(out, reference)
@@ -433,7 +434,7 @@ def time_call(call, x, model, setup, args, device):
     layout = torch.channels_last if setup.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     x = x.contiguous(memory_format=layout)
-    with torch.no_grad(), running(setup, device):
+    with torch.no_grad(), line_threads(setup), running(setup, device):
         out = call(x).float()
         seconds = median_seconds(lambda: call(x), args.warmup - 1, args.steps, device)
     model.to(memory_format=torch.contiguous_format)

@@ -45,14 +45,22 @@ def reference_setup(device):
     return Setup(bf16=cuda, tf32=cuda, fused_adamw=cuda)
 
 
-def running(setup, device):
-    """Apply a setup's switches: TF32 flags (global), attention kernel and autocast (context)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setup.tf32
-    torch.backends.cudnn.benchmark = setup.cudnn_benchmark
+def line_threads(setup):
+    """The setup's CPU thread count inside the context (0: the process's), restored after: it
+    must hold a whole training step, the backward and the optimizer included."""
     stack = contextlib.ExitStack()
     if setup.threads:
         stack.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(setup.threads)
+    return stack
+
+
+def running(setup, device):
+    """Apply a setup's switches: TF32 flags (global), attention kernel and autocast (context;
+    the forward only, as autocast is meant)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setup.tf32
+    torch.backends.cudnn.benchmark = setup.cudnn_benchmark
+    stack = contextlib.ExitStack()
     if setup.sdpa != "auto":
         stack.enter_context(sdpa_kernel(SDPA[setup.sdpa]))
     if setup.bf16:

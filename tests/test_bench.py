@@ -1,4 +1,5 @@
 """bench.py: its CPU path runs end to end on the tiny preset, and its checks can fail."""
+import argparse
 import json
 import sys
 
@@ -60,3 +61,30 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert names == ["bf16 training", "torchrun (gloo) stopped at step 3 and resumed",
                      "bf16 sampling"]
     assert "max |weight difference| 0.0e+00" in report["gpu_check"][1]["detail"]
+
+
+def test_a_one_thread_training_line_runs_its_backward_on_one_thread(monkeypatch):
+    """The thread count of a line holds for the whole step (the backward is most of it)."""
+    import diffusion
+    from experiments import measure
+    seen = []
+
+    def loss_noting_threads(*args):
+        loss = measure.unet_loss(*args)
+        loss.register_hook(lambda grad: seen.append(torch.get_num_threads()))  # in the backward
+        return loss
+
+    monkeypatch.setattr(bench, "unet_loss", loss_noting_threads)
+    config = unet.PRESETS["tiny"]
+    batch = [torch.randn(2, 3, 16, 16), torch.randint(0, 1000, (2,)), torch.randn(2, 3, 16, 16),
+             torch.randn(2, 1, config.context_dim), None]
+    abar = diffusion.alphas_cumprod(diffusion.ldm_linear_betas())
+    setup = measure.Setup(bf16=False, tf32=False, fused_adamw=False, threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench.train_line("ours", setup, config, measure.random_unet_state(config), batch, abar,
+                         None, argparse.Namespace(warmup=1, steps=1), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]  # the warm-up step and the timed one
