@@ -74,6 +74,7 @@ class TextEmbedder(nn.Module):
             # unused (we take the token states); DDP rejects unused parameters
             self.encoder.pooler = None
         self.max_length, self.freeze, self.attention_mask = max_length, freeze, attention_mask
+        self.remembered = None  # caption -> a frozen encoder's token states (remember)
         if freeze:  # small caption sets on a CPU: a fixed encoder (the paper trains it)
             self.encoder.requires_grad_(False).eval()
         hidden = self.encoder.config.hidden_size
@@ -101,8 +102,26 @@ class TextEmbedder(nn.Module):
             self.encoder.eval()  # no dropout in a frozen encoder
         return self
 
+    @torch.no_grad()
+    def remember(self, captions, batch=64, limit_bytes=2**30):
+        """A frozen encoder gives every caption the same token states at every step: compute
+        those of the run's captions (and the empty one) once, sorted, in batches of `batch`, so
+        that the result does not depend on the resume point or the number of processes. Not
+        done (a note says so) when they would take more than `limit_bytes`."""
+        unique = sorted(set(captions) | {""})
+        size = len(unique) * self.max_length * self.encoder.config.hidden_size * 4
+        if size > limit_bytes:
+            print(f"note: the frozen encoder's states of {len(unique)} captions would take "
+                  f"{size / 2**30:.1f} GiB: the encoder runs at every step instead")
+            return
+        states = [self.encoder(**self.tokenize(unique[i:i + batch])).last_hidden_state
+                  for i in range(0, len(unique), batch)]
+        self.remembered = dict(zip(unique, torch.cat(states)))
+
     def forward(self, captions):
         # list[str] -> last hidden states [B, max_length, hidden] -> [B, max_length, context_dim]
+        if self.remembered is not None and all(c in self.remembered for c in captions):
+            return self.proj(torch.stack([self.remembered[c] for c in captions]))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             hidden = self.encoder(**self.tokenize(captions)).last_hidden_state
         return self.proj(hidden)

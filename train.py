@@ -40,6 +40,8 @@ def main(argv=None):
     G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's
     config["global_batch"] = G  # a resume keeps it
     model, ema, opt, step, lowest_loss = runs.build_model(args, config, device)
+    if config["text"] and args.freeze_text_encoder:  # fixed states: each caption's once
+        model.embedder.remember(conditions)
     if rank == 0:
         runs.write_run_files(args, config, clean, conditions, model, step)
     ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
@@ -205,7 +207,8 @@ def parse_args(argv=None):
                    help="captions: tokens per caption (paper: 77; shorter is cheaper for short "
                         "captions)")
     m.add_argument("--freeze-text-encoder", action="store_true",
-                   help="captions: keep the encoder fixed (the paper trains it; cheaper on a CPU)")
+                   help="captions: keep the encoder fixed (the paper trains it; cheaper on a CPU: "
+                        "each caption's token states are computed once, not at every step)")
     m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"],
                    help="condition embedding perturbation (Sec. 5.1)")
     m.add_argument("--gamma", type=float, default=1.0, help="CEP strength (paper: 1)")

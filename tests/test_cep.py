@@ -123,6 +123,27 @@ def test_text_embedder_shapes_and_null(text384, bert_path):
     assert text640(captions).shape == (3, 77, 640)
 
 
+def test_a_frozen_text_embedder_remembers_the_runs_captions(bert_path, capsys):
+    """remember(): the same token states as running the encoder (to float rounding), the
+    projection still trained, unknown captions computed as before, too many not remembered."""
+    text = TextEmbedder(bert_path, context_dim=256, max_length=16, freeze=True).train()
+    captions = ["a photo of a dog", "a red car", "a dog", "a photo of a dog"]
+    direct = text(captions)
+    text.remember(captions)
+    assert sorted(text.remembered) == ["", "a dog", "a photo of a dog", "a red car"]
+    remembered = text(captions + [""])
+    torch.testing.assert_close(remembered[:4], direct, rtol=1e-5, atol=1e-5)
+    remembered.square().mean().backward()
+    assert text.proj.weight.grad.abs().sum() > 0
+    text.remembered = {c: v * 0 for c, v in text.remembered.items()}  # a stale memo shows
+    assert text(captions).abs().max() <= text.proj.bias.abs().max() + 1e-6
+    mixed = text(["a new caption", "a dog"])  # one unknown caption: the encoder runs for all
+    torch.testing.assert_close(mixed[1], direct[2], rtol=1e-5, atol=1e-5)
+    text.remembered = None
+    text.remember(captions, limit_bytes=1000)
+    assert text.remembered is None and "runs at every step instead" in capsys.readouterr().out
+
+
 def test_text_embedder_missing_path(tmp_path):
     for path in [tmp_path / "nope", tmp_path]:  # missing dir; dir that is not a model
         with pytest.raises(FileNotFoundError, match="bert-base-uncased"):
