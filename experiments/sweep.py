@@ -290,13 +290,18 @@ def samples_done(out, size, cads):
     return True
 
 
+def job_dir(arm, seed, out):
+    """A job's run folder (CADS samples the clean model of the same seed)."""
+    return os.path.join(out, f"{'clean' if arm == 'cads' else arm}-s{seed}")
+
+
 def run_job(job):
     """Train (or resume), sample every scale, evaluate: one (arm, seed). CADS samples the clean
     model of the same seed."""
     torch.set_num_threads(1)  # the evaluation; train and sample get --threads 1
     arm, seed, size, out = job
     started = time.time()
-    run_dir = os.path.join(out, f"{'clean' if arm == 'cads' else arm}-s{seed}")
+    run_dir = job_dir(arm, seed, out)
     step = checkpoint_step(run_dir)
     if step != size["steps"]:
         if step is not None and step > size["steps"]:
@@ -471,7 +476,7 @@ def steps_left(job):
     arm, seed, size, out = job
     if arm == "cads":
         return 0
-    return size["steps"] - (checkpoint_step(os.path.join(out, f"{arm}-s{seed}")) or 0)
+    return size["steps"] - (checkpoint_step(job_dir(arm, seed, out)) or 0)
 
 
 def run_all(jobs, args, t_start):

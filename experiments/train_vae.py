@@ -63,7 +63,7 @@ def save_recon_grid(model, images, path, upscale=3):
 
 
 def held_out_from(dataset):
-    if dataset in ("folder", "captions"):
+    if dataset in data.FILE_DATASETS:
         return "a seeded 10 % of the folder, not trained on"
     return "the test split"
 
@@ -136,7 +136,8 @@ def train(args):
     mse, psnr = reconstruction_error(model, held_out)
     save_recon_grid(model, held_out[:16], os.path.join(args.out, "recon.png"))
     checkpoint()
-    report = {"held_out_images": n, "held_out_from": held_out_from(args.dataset), "mse_01": mse, "psnr": psnr, "scale": model.scale,
+    report = {"held_out_images": n, "held_out_from": held_out_from(args.dataset),
+              "mse_01": mse, "psnr": psnr, "scale": model.scale,
               "train_seconds": time.time() - t0, "steps": step}
     system.write_json(os.path.join(args.out, "report.json"), report)
     print(json.dumps(report))

@@ -30,6 +30,7 @@ from support import system
 
 
 DATASETS = ("digits", "fashion-mnist", "folder", "captions")
+FILE_DATASETS = ("folder", "captions")  # read from files, no splits of their own
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -339,7 +340,7 @@ def train_test_split(name, root, image_size=None, pad=False, seed=0):
     """(train, test) of a dataset: its own splits, or for file datasets (folders and caption
     files have none) a seeded 10 % held out of the folder (Subsets that keep num_classes)."""
     train = load_dataset(name, root, "train", image_size, pad)
-    if name not in ("folder", "captions"):
+    if name not in FILE_DATASETS:
         return train, load_dataset(name, root, "test", image_size, pad)
     order = np.random.default_rng(seed).permutation(len(train))
     held = max(1, len(train) // 10)
