@@ -98,6 +98,8 @@ def conditions_to_sample(args, config):
         with open(args.prompts) as f:
             lines = [line.rstrip("\n") for line in f]
         prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise SystemExit(f"sample.py: {args.prompts} holds no prompts (one per line)")
         if len(prompts) < len(lines):
             print(f"note: {len(lines) - len(prompts)} blank lines of {args.prompts} skipped")
         if args.per_class is not None or args.classes is not None:
@@ -110,6 +112,11 @@ def conditions_to_sample(args, config):
     if args.per_class is not None and args.per_class < 1:
         raise SystemExit(f"--per-class must be >= 1, got {args.per_class}")
     return [c for c in classes for _ in range(args.per_class or 10)]
+
+
+def condition_key(config):
+    """The name samples.npz gives the conditions: captions for a text model, else labels."""
+    return "captions" if config["text"] else "labels"
 
 
 def epochs_seen(config, step):
@@ -261,7 +268,7 @@ def write_shard(partial, index, images, shares, key, conds, settings):
 def write_outputs(out, images, conds, settings, config, args):
     """samples.npz (sample i started from the seed (seed, i)), the grid, and one PNG per sample."""
     os.makedirs(out, exist_ok=True)
-    key = "captions" if config["text"] else "labels"
+    key = condition_key(config)
     system.write_atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez(  # never truncated
         tmp, arr_0=images, **{key: np.asarray(conds)}, index=np.arange(len(images)), **settings))
     if config["text"]:  # up to 64 samples, row-major; their prompts in grid_prompts.txt
@@ -345,13 +352,12 @@ def sampling_schedule(args, config):
     return released.alphas_cumprod(scheduler), timesteps
 
 
-def draw_scale(draw, conds, mine, settings, args, shape, partial, received):
+def draw_scale(draw, conds, key, mine, settings, args, shape, partial, received):
     """This rank's samples of one scale, {index: (image NHWC uint8, shares)}; draw(conditions,
     indices, noise, generators) samples a batch. Every finished batch is written to PARTIAL as a
-    shard and the shards a stopped run left are used, so the same command continues where it
-    stopped and gives the samples of an uninterrupted run."""
+    shard (its conditions under key) and the shards a stopped run left are used, so the same
+    command continues where it stopped and gives the samples of an uninterrupted run."""
     rank, scale = system.rank_and_world()[0], settings["guidance"]
-    key = "captions" if isinstance(conds[0], str) else "labels"
     if rank == 0:
         system.remove_stale_temporaries(partial)
     done, foreign = finished_shards(partial, settings, key, conds, mine)
@@ -399,7 +405,7 @@ def main(argv=None):
     run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
     out_root = args.out or os.path.join(run_dir, "samples")
     shape = (config["channels"], config["size"], config["size"])
-    key = "captions" if config["text"] else "labels"
+    key = condition_key(config)
     with system.stop_on_signals() as received:  # Ctrl-C / SIGTERM: keep the finished batches
         for scale in [float(s) for s in args.guidance.split(",")]:
             out = os.path.join(out_root, f"s{scale:g}")
@@ -412,7 +418,7 @@ def main(argv=None):
             partial = os.path.join(out, "partial")
             draw = functools.partial(sample_batch, model, scale=scale, args=args,
                                      schedule=schedule, autoencoder=autoencoder)
-            done = draw_scale(draw, conds, mine, settings, args, shape, partial, received)
+            done = draw_scale(draw, conds, key, mine, settings, args, shape, partial, received)
             images = system.gather_rows(np.stack([done[i][0] for i in mine]) if mine else
                                         np.zeros((0,), np.uint8), np.asarray(mine, np.int64))
             shares = system.gather_rows(np.stack([done[i][1] for i in mine]) if mine else

@@ -421,6 +421,10 @@ def test_text_model_with_short_captions_and_a_frozen_encoder(tmp_path, capsys):
                      "--out", str(tmp_path / "m"), "--no-images", "--text-encoder", encoder])
         index = (tmp_path / "m/s2/grid_prompts.txt").read_text().splitlines()
         assert index[-1] == f"{last}\tprompt {n - 1}" and len(index) == n
+    (tmp_path / "blank.txt").write_text("\n \n")  # no prompt at all: a one-line error
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        sample.main([*common[:2], "--prompts", str(tmp_path / "blank.txt"), "--steps", "1",
+                     "--out", str(tmp_path / "b"), "--text-encoder", encoder])
 
 
 @pytest.mark.parametrize("flags,message", [
