@@ -469,6 +469,30 @@ def plot(rows, summary, floors, out):
     plt.close(fig)
 
 
+def plot_grids(out, seed=0, scale=2.0, per_class=10):
+    """grids_s0_s2.png: the first samples of each class from every primary arm of one seed,
+    side by side; sample i starts from the same noise in every arm, so the cells pair up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, len(PRIMARY), figsize=(6 * len(PRIMARY), 6.2))
+    for a, arm in zip(ax, PRIMARY):
+        path = os.path.join(job_dir(arm, seed, out), "samples", f"s{scale:g}", "samples.npz")
+        with np.load(path) as f:
+            images, labels = f["arr_0"], f["labels"]
+        classes = np.unique(labels)
+        rows = [np.concatenate(list(images[labels == c][:per_class]), axis=1)  # [H, cols*W, C]
+                for c in classes]
+        grid = np.concatenate(rows)  # [classes*H, cols*W, C]
+        a.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        h = images.shape[1]
+        a.set(xticks=[], yticks=h * np.arange(len(classes)) + h / 2, yticklabels=classes,
+              title=f"{arm}, seed {seed}, s = {scale:g}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"grids_s{seed}_s{scale:g}.png"), dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- driver
 
 def steps_left(job):
@@ -542,7 +566,9 @@ def run_sweep(args, size):
                  f"latent scale {report['scale']:.4f}")
     print(write_report(rows, summary, floors, args.out, ref, meta))
     plot(rows, summary, floors, args.out)
-    print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png "
+    plot_grids(args.out)
+    print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png, "
+          "grids_s0_s2.png "
           f"({minutes:.1f} min)")
     return rows, summary
 

@@ -102,7 +102,8 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     report = open(os.path.join(out, "results.md")).read()
     assert "**Primary contrasts**" in report and "| real held-out |" in report
     assert "**" not in report.split("**fid**")[1].split("**kid**")[0]  # < 4 seeds: no bold
-    for name in ("summary.csv", "sweep.png", "reference.npz", "split.npz", "sweep.json"):
+    for name in ("summary.csv", "sweep.png", "grids_s0_s2.png", "reference.npz", "split.npz",
+                 "sweep.json"):
         assert os.path.exists(os.path.join(out, name))
     before = os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt"))
     npz = os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")
