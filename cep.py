@@ -146,6 +146,15 @@ def cep_delta(kind, gamma, shape, generator=None, device=None, dtype=None):
     raise ValueError(f"unknown CEP kind {kind!r}: expected 'uniform' or 'gaussian'")
 
 
+def embedding_dropout_mask(p, shape, generator=None, device=None):
+    """Table 6's alternative perturbation: dropout with probability p on the condition embedding,
+    in training only, as a mask (0 or 1 / (1 - p), nn.Dropout's scaling) drawn for every sample
+    at every step like delta; elementwise, the null condition included (our reading: the paper
+    says only 'dropout 0.1 on the class embedding')."""
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.float() / (1 - p)
+
+
 # -----------------------------------------------------------------------------
 # the denoiser of Eq. 8
 
@@ -182,10 +191,13 @@ class Denoiser(torch.nn.Module):
             self.context_shape = (1, ucfg.context_dim)
         self.unet = unet.UNet(ucfg)
 
-    def forward(self, x_t, t, conditions, delta=None):
+    def forward(self, x_t, t, conditions, delta=None, mask=None):
         """Eq. 8. delta [B, *context_shape] is CEP's perturbation (cep.cep_delta), given during
-        training only; None at sampling and without CEP."""
+        training only; None at sampling and without CEP. mask: Table 6's embedding dropout
+        (embedding_dropout_mask), training only, else None."""
         context = self.embedder(conditions)  # c_theta(y): [B, L, D]
+        if mask is not None:
+            context = context * mask
         if delta is not None:
             context = context + delta
         return self.unet(x_t, t, context)

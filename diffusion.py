@@ -39,16 +39,20 @@ def q_sample(x0, t, noise, alphas_cumprod):
     return abar.sqrt().to(x0.dtype) * x0 + (1.0 - abar).sqrt().to(x0.dtype) * noise
 
 
-def training_loss(model, x0, t, noise, conditions, delta, alphas_cumprod, input_noise=None):
+def training_loss(model, x0, t, noise, conditions, delta, alphas_cumprod, input_noise=None,
+                  embedding_mask=None):
     """Eq. 8: || noise - eps_theta(x_t, t, c_theta(y) + delta) ||^2, averaged over all elements.
 
     model(x_t, t, y, delta) is the denoiser (cep.Denoiser): it embeds the conditions y and adds
     CEP's delta (None: no CEP). The caller draws t, noise and delta. IP baseline (Ning et al.
     2023, Table 1): x_t is built from noise + input_noise (input_noise = lambda * xi) while the
-    regression target stays `noise`.
+    regression target stays `noise`. embedding_mask: Table 6's dropout on c_theta(y) (None: off).
     """
     x_t = q_sample(x0, t, noise if input_noise is None else noise + input_noise, alphas_cumprod)
-    eps = model(x_t, t, conditions, delta)
+    if embedding_mask is None:
+        eps = model(x_t, t, conditions, delta)
+    else:
+        eps = model(x_t, t, conditions, delta, embedding_mask)
     return F.mse_loss(eps.float(), noise.float())
 
 

@@ -68,16 +68,20 @@ def main(argv=None):
             if args.corruption == "resample" and args.eta > 0:  # Table 7: re-drawn every step
                 y = corrupt.resample_corruption(y, args.eta, prior, g)
             y = take(model.drop_conditions(y, drop), mine)
-            x0 = runs.first_stage(x0, images, autoencoder, g, G, mine)  # latents of this rank
+            x0 = runs.first_stage(x0, images, autoencoder, args.flip, g, G, mine)  # this rank's
             t = torch.randint(0, len(abar), (G,), generator=g, device=device)[mine]
             noise = torch.randn((G, *x0.shape[1:]), generator=g, device=device)[mine]
-            ip = delta = None
+            ip = delta = mask = None
             if args.input_perturbation > 0:  # IP (Table 1): x_t from noise + lambda xi
                 ip = torch.randn((G, *x0.shape[1:]), generator=g, device=device)[mine]
                 ip = args.input_perturbation * ip
             if args.cep != "none":  # CEP (Eq. 8): delta for every sample, afresh every step
                 delta = cep.cep_delta(args.cep, args.gamma, (G, *model.context_shape),
                                       generator=g, device=device)[mine]
+            if args.embedding_dropout > 0:  # Table 6: dropout on c_theta(y), training only
+                shape = (G, *model.context_shape)
+                mask = cep.embedding_dropout_mask(args.embedding_dropout, shape, generator=g,
+                                                  device=device)[mine]
             opt.zero_grad(set_to_none=True)
             for m in range(accum):  # micro-batches; DDP all-reduces after the last one
                 part = slice(m * B, (m + 1) * B)
@@ -85,7 +89,8 @@ def main(argv=None):
                 with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
                     loss = diffusion.training_loss(train_model, x0[part], t[part], noise[part],
                                                    take(y, part), take(delta, part), abar,
-                                                   input_noise=take(ip, part))
+                                                   input_noise=take(ip, part),
+                                                   embedding_mask=take(mask, part))
                     (loss / accum).backward()
                 books.loss_sum += loss.detach().float() / accum
             if args.grad_clip > 0:
@@ -156,6 +161,10 @@ def parse_args(argv=None):
                         "LDM setting)")
     d.add_argument("--vae", default=None,
                    help="autoencoder checkpoint: encode images on the fly (small datasets)")
+    d.add_argument("--flip", action="store_true",
+                   help="train on each image or its horizontal mirror, drawn per sample and step "
+                        "(LDM flips ImageNet; a --latents cache must be encoded with --flip); off "
+                        "by default: mirrored shoes or glyphs are other images")
     d.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     d.add_argument("--check-images", action="store_true",
                    help="folder / captions: read every image before training and list the "
@@ -212,6 +221,9 @@ def parse_args(argv=None):
     m.add_argument("--cep", default="none", choices=["none", "uniform", "gaussian"],
                    help="condition embedding perturbation (Sec. 5.1)")
     m.add_argument("--gamma", type=float, default=1.0, help="CEP strength (paper: 1)")
+    m.add_argument("--embedding-dropout", type=float, default=0.0,
+                   help="Table 6's alternative to CEP: dropout with this probability on the "
+                        "condition embedding, in training only (paper: 0.1)")
     m.add_argument("--input-perturbation", type=float, default=0.0,
                    help="IP baseline lambda (Ning et al. 2023; paper: 0.1)")
     m.add_argument("--cond-drop", type=float, default=0.1,
@@ -263,6 +275,7 @@ def check_args(args):
     inf = math.inf
     ranges = [("--eta", args.eta, 0, 1), ("--cond-drop", args.cond_drop, 0, 1),
               ("--gamma", args.gamma, 0, inf),
+              ("--embedding-dropout", args.embedding_dropout, 0, 0.99),
               ("--input-perturbation", args.input_perturbation, 0, inf),
               ("--steps", args.steps, 1, inf), ("--batch-size", args.batch_size, 1, inf),
               ("--grad-accum", args.grad_accum, 1, inf),

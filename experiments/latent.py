@@ -3,8 +3,9 @@
 LDM-4 diffuses in the latent space of a frozen autoencoder (App. B.3). Here a small KL-f4
 autoencoder (vae.py's `small-kl`: 32x32x1 images -> 4x8x8 latents) is trained once on the
 Fashion-MNIST training split (experiments/train_vae.py), its latent scale measured as LDM's
-scale_by_std, and the diffusion model's training set is cached as latents with both horizontal
-flips, as LDM caches first-stage codes. Every image the sweep scores samples against is a
+scale_by_std, and the diffusion model's training set is cached as latents, as LDM caches
+first-stage codes (with both horizontal flips where the setting says `flip`, as the committed
+Fashion-MNIST results were made). Every image the sweep scores samples against is a
 reconstruction (decode of encode), so the autoencoder's blur is on both sides of FID and KID and
 the metrics see the diffusion model only. Used by experiments/sweep.py (--setting fmnist-latent).
 """
@@ -14,19 +15,26 @@ import os
 import numpy as np
 import torch
 
-from experiments import train_vae
+from experiments import glyphs, train_vae
 from support import data, encode, weights
 
 
-def first_stage(out, size):
-    """The autoencoder of the setting, trained once into OUT/autoencoder (resumed if cut)."""
+def first_stage(out, size, train_images, train_labels):
+    """The autoencoder of the setting, trained once into OUT/autoencoder (resumed if cut): on
+    Fashion-MNIST's training split, or on the diffusion model's training images (glyphs: written
+    as a class folder, OUT/train-images)."""
     folder = os.path.join(out, "autoencoder")
     report = os.path.join(folder, "report.json")
     if not os.path.exists(report):
         stage = size["first_stage"]
         resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
-        train_vae.main(["--dataset", size["dataset"], "--data-root", size["data_root"], "--pad",
-                        "--preset", stage["preset"], "--steps", str(stage["steps"]),
+        if size["dataset"] == "glyphs":
+            images = glyphs.write_folder(train_images, train_labels,
+                                         os.path.join(out, "train-images"))
+            dataset = ["--dataset", "folder", "--data-root", images, "--image-size", "32"]
+        else:
+            dataset = ["--dataset", size["dataset"], "--data-root", size["data_root"], "--pad"]
+        train_vae.main([*dataset, "--preset", stage["preset"], "--steps", str(stage["steps"]),
                         "--batch-size", str(stage["batch"]), "--eval-images",
                         str(stage["eval_images"]), "--out", folder, *resume])
     print(f"[sweep] autoencoder: {json.load(open(report))}", flush=True)
@@ -34,11 +42,12 @@ def first_stage(out, size):
 
 
 def cache_training_set(autoencoder, images, labels, size, out):
-    """The diffusion model's training images as a latent cache (both flips): OUT/latents."""
+    """The diffusion model's training images as a latent cache (their mirrors too where the
+    setting flips): OUT/latents."""
     folder = os.path.join(out, "latents")
     path = os.path.join(out, "autoencoder", "ckpt.pt")
     meta = {**encode.cache_meta(autoencoder, size["first_stage"]["preset"], path, size["dataset"],
-                                size["data_root"], "train", None, True),
+                                size["data_root"], "train", None, True, size.get("flip", False)),
             "subset": "split.npz: train"}
     names = [str(c) for c in range(int(labels.max()) + 1)]
     data.encode_dataset(autoencoder, data.InMemoryDataset(images, labels, names), folder, meta)

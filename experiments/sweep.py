@@ -3,6 +3,7 @@
     python -m experiments.sweep                      # the CPU experiment: 8x8 digits, 2 cores
     python -m experiments.sweep --setting fmnist --workers 4    # Fashion-MNIST 32x32 (a GPU)
     python -m experiments.sweep --smoke              # the same code, tiny (CI, under a minute)
+    python -m experiments.sweep --setting glyphs-latent --workers 2   # 128 classes (hours)
 
 Design, fixed before the run. Primary: two contrasts against clean, FID at guidance 2, Holm over
 the two: eta 5 % symmetric label flips (Sec. 3.1) - clean, and CEP-G with gamma 1 (Sec. 5.1,
@@ -25,6 +26,17 @@ label, top-1 % RMD (Eq. 38-40); in pixel space, the copy rate: each sample's dis
 nearest training image over its distance to the nearest of an equal-size set of unseen images
 (share under 1/3, and the mean ratio). Each run also records its class embedding: the norms, the
 distance between classes and CEP's delta against it.
+The many-class setting (--setting glyphs-latent, experiments/glyphs.py), designed to ask the
+question where the paper says the effect lives, stated before its run: 128 CJK characters in 55
+font designs, the latent pipeline above without flips, a 128-way feature classifier fit on
+designs never scored against. The budget is fixed first, on the clean model of seed 0 alone
+(ladder: 2K / 4K / 8K / 16K steps of 64, the first rung whose FID is at least 0.7x the previous
+rung's, as the paper's 75K -> 150K; none by 16K: halve the classes). Primary: FID at s = 2,
+eta 5 % symmetric flips - clean and CEP-G (gamma 1) - clean, 6 paired seeds, Holm over the two.
+Secondary: the positive control of Table 6, dropout 0.1 on the class embedding in training only
+(3 seeds) - clean, top-1 % RMD, and each arm at its best guidance scale of s in {1, 1.5, 2, 3, 4}
+on seeds 0 and 1. Reading: a null beside a control that moved says "regime reached, no effect";
+a null beside a dead control says "regime still missed".
 Each (arm, seed) is one job, skipped when its artefacts are complete (the checkpoint's own step,
 the samples' recorded settings, the metrics' config), so a killed sweep resumes where it stopped.
 """
@@ -46,7 +58,7 @@ import torch
 import metrics
 import sample
 import train
-from experiments import latent, paired
+from experiments import glyphs, latent, paired
 from support import data, features, system
 
 SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the same budget
@@ -65,12 +77,29 @@ SETTINGS = {  # images seen = steps x batch; every arm of a setting gets the sam
                           batch=64, lr=1e-3, samples={2.0: 100, 1.0: 100}, sample_steps=50,
                           classifier_epochs=3, reference_per_class=500, floor_per_class=100,
                           first_stage=dict(preset="small-kl", steps=2000, batch=16,
-                                           eval_images=10000), seeds=8, mechanism_seeds=0),
-}  # samples: per class, per guidance scale
+                                           eval_images=10000), seeds=8, mechanism_seeds=0,
+                          flip=True),  # as committed: both flips cached, one drawn per sample
+    # many classes (experiments/glyphs.py): 128 CJK characters, each in 55 font designs split
+    # per class 24 train / 12 classifier / 12 reference / 7 floor; the same latent pipeline.
+    # steps: set by the budget ladder on the clean model of seed 0 (ladder below)
+    "glyphs-latent": dict(dataset="glyphs", data_root="runs/glyphs", image_size=None, classes=128,
+                          train_per_class=24, fonts=dict(train=24, classifier=12, reference=12),
+                          preset="digits", steps=None, ladder=(2000, 4000, 8000, 16000),
+                          batch=64, lr=1e-3, samples={2.0: 10},
+                          scan=dict(scales=(1.0, 1.5, 3.0, 4.0), seeds=2), sample_steps=50,
+                          classifier_epochs=60, classifier_shift=2,
+                          first_stage=dict(preset="small-kl", steps=2000, batch=16,
+                                           eval_images=1000, accept=0.9),
+                          seeds=6, mechanism_seeds=0, control_seeds=3),
+}  # samples: per class, per guidance scale (scan: further scales on the first seeds)
 SMOKE = dict(train_per_class=3, steps=4, batch=8, samples={2.0: 3, 1.0: 2}, sample_steps=3,
              classifier_epochs=1, classifier_max_steps=5, reference_per_class=3,
              floor_per_class=3)
 SMOKE_FIRST_STAGE = dict(preset="small-kl", steps=2, batch=4, eval_images=8)
+SMOKE_GLYPHS = dict(classes=6, fonts=dict(train=1, classifier=1, reference=1), train_per_class=1,
+                    packages=("fonts-sawarabi-gothic", "fonts-sawarabi-mincho",
+                              "fonts-motoya-l-cedar", "fonts-misaki"),
+                    ladder=(2, 4), samples={2.0: 2}, scan=dict(scales=(1.0,), seeds=1))
 GAMMA_1 = ["--gamma", "1"]
 PRIMARY = {"clean": [], "eta5": ["--eta", "0.05"], "cep-g": ["--cep", "gaussian", *GAMMA_1]}
 CONTRASTS = ("eta5", "cep-g")  # each - clean, FID at s = 2, Holm over the two
@@ -80,7 +109,8 @@ OTHER = {**{f"eta{e:g}": ["--eta", str(e / 100)] for e in (2.5, 10, 20)},
          "cep-u": ["--cep", "uniform", *GAMMA_1], "ip": ["--input-perturbation", "0.1"],
          "cep-g-g0.3": ["--cep", "gaussian", "--gamma", "0.3"],
          "cep-g-g3": ["--cep", "gaussian", "--gamma", "3"], "cads": []}
-ARMS = {**PRIMARY, **MECHANISM, **OTHER}
+CONTROL = {"emb-drop": ["--embedding-dropout", "0.1"]}  # Table 6: helps the paper's IN-1K model
+ARMS = {**PRIMARY, **MECHANISM, **CONTROL, **OTHER}
 BASELINE = {"clean-d16": None, "cep-g-d16": "clean-d16", "clean": None}  # others: clean
 CADS = ["--cads", "--cads-tau", "0.6,0.9", "--cads-scale", "0.25"]  # Sadat et al.'s defaults
 METRICS = ("fid", "kid", "fid_floor_n", "fid_train", "precision", "recall", "class_acc", "rmd_top1",
@@ -101,19 +131,34 @@ def parse_args(argv=None):
     p.add_argument("--mechanism-seeds", type=int, default=None,
                    help="paired seeds of the 16-d embedding pair (0: not run; default 4, "
                         "fmnist-latent 0)")
+    p.add_argument("--control-seeds", type=int, default=None,
+                   help="seeds of the positive control, dropout 0.1 on the class embedding "
+                        "(Table 6; default: the setting's, 0 but glyphs-latent 3)")
     p.add_argument("--other-seeds", type=int, default=0,
                    help="seeds of every further arm (0: not run, reported as not measured)")
+    p.add_argument("--classes", type=int, default=None,
+                   help="glyphs-latent: characters (default 128; 64 when the budget ladder does "
+                        "not settle by its last rung)")
     p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
+    p.add_argument("--floors-only", action="store_true",
+                   help="build the yardstick (split, classifier, autoencoder, reference) and score "
+                        "the floor rows only: OUT/floors.md; no diffusion model is trained")
     p.add_argument("--smoke", action="store_true", help="the same code, tiny (CI)")
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]
     args.seeds = setting.get("seeds", 7) if args.seeds is None else args.seeds
     if args.mechanism_seeds is None:
         args.mechanism_seeds = setting.get("mechanism_seeds", 4)
-    if args.seeds < 2 or min(args.mechanism_seeds, args.other_seeds) < 0 or args.workers < 1:
-        raise SystemExit("--seeds must be >= 2, --mechanism-seeds and --other-seeds >= 0, "
-                         "--workers >= 1")
-    args.out = args.out or f"runs/sweep-{args.setting}" + ("-smoke" if args.smoke else "")
+    if args.control_seeds is None:
+        args.control_seeds = setting.get("control_seeds", 0)
+    extra = (args.mechanism_seeds, args.control_seeds, args.other_seeds)
+    if args.seeds < 2 or min(extra) < 0 or args.workers < 1:
+        raise SystemExit("--seeds must be >= 2, --mechanism-seeds, --control-seeds and "
+                         "--other-seeds >= 0, --workers >= 1")
+    if args.classes is not None and setting["dataset"] != "glyphs":
+        raise SystemExit("--classes applies to --setting glyphs-latent")
+    name = args.setting + (f"-{args.classes}" if args.classes else "")
+    args.out = args.out or f"runs/sweep-{name}" + ("-smoke" if args.smoke else "")
     return args
 
 
@@ -122,6 +167,8 @@ def parse_args(argv=None):
 def split(size):
     """The fixed split: images uint8 NCHW and labels of the dataset's train and test splits
     together, and the indices of each part (train = train.py's --train-per-class draw)."""
+    if size["dataset"] == "glyphs":
+        return glyphs.split(size)
     if "first_stage" in size:
         return latent.split(size)
     full = data.load_dataset(size["dataset"], size["data_root"], "train", size["image_size"])
@@ -155,19 +202,51 @@ def reference(out, size):
                   for k in ("classifier", "floor"))
     opts = types.SimpleNamespace(epochs=size["classifier_epochs"], lr=1e-3, batch_size=128,
                                  max_steps=size.get("classifier_max_steps"), seed=0)
+    if size.get("classifier_shift"):
+        fit = glyphs.Shifted(fit, size["classifier_shift"])
     clf, accuracy = features.fit_classifier(fit, check, len(names), opts)
     features.save_classifier(os.path.join(out, "classifier.pt"), clf, accuracy, size["dataset"])
     scored = {k: images[torch.from_numpy(v)] for k, v in parts.items() if k != "classifier"}
+    ref = {"classifier_accuracy": accuracy}
     if "first_stage" in size:  # the paper's pipeline: the first stage on both sides
-        autoencoder = latent.first_stage(out, size)
-        latent.cache_training_set(autoencoder, scored["train"], labels[parts["train"]], size, out)
+        train_images, train_labels = scored["train"], labels[parts["train"]]
+        autoencoder = latent.first_stage(out, size, train_images, train_labels)
+        latent.cache_training_set(autoencoder, train_images, train_labels, size, out)
         scored = {k: latent.reconstruct(autoencoder, v) for k, v in scored.items()}
-    ref = {f"{k}_images": nhwc(v) for k, v in scored.items()}
-    ref.update({f"{k}_labels": labels[v] for k, v in parts.items()}, classifier_accuracy=accuracy)
+        ref["reconstruction_accuracy"] = accept_first_stage(clf, scored["floor"],
+                                                            labels[parts["floor"]], accuracy, size)
+    ref.update({f"{k}_images": nhwc(v) for k, v in scored.items()})
+    ref.update({f"{k}_labels": labels[v] for k, v in parts.items()})
     for k in ("reference", "train"):
         ref[f"{k}_features"] = classifier_features(clf, ref[f"{k}_images"])
+    ref["between_class_variance"] = between_class_share(ref["reference_features"],
+                                                        ref["reference_labels"])
     system.write_atomic(path, lambda tmp: np.savez(tmp, **ref))
     return ref
+
+
+def accept_first_stage(clf, reconstructed, labels, real_accuracy, size):
+    """The classifier's accuracy on the reconstructed floor set; a setting with
+    first_stage["accept"] stops when it is under that fraction of the real images'."""
+    with torch.no_grad():
+        accuracy = float((clf.predict(reconstructed).numpy() == labels).mean())
+    floor = size["first_stage"].get("accept")
+    print(f"[sweep] classifier accuracy on the floor set: real {real_accuracy:.3f}, "
+          f"reconstructed {accuracy:.3f}", flush=True)
+    if floor is not None and accuracy < floor * real_accuracy:
+        raise SystemExit(f"the autoencoder's reconstructions are named {accuracy:.3f} of the "
+                         f"time, under {floor:g}x the real glyphs' {real_accuracy:.3f}: train it "
+                         "longer (first_stage steps) before any diffusion model")
+    return accuracy
+
+
+def between_class_share(features_, labels):
+    """The share of the features' total variance that lies between the class means."""
+    mean = features_.mean(0)
+    total = ((features_ - mean) ** 2).sum()
+    between = sum((labels == k).sum() * ((features_[labels == k].mean(0) - mean) ** 2).sum()
+                  for k in np.unique(labels))
+    return float(between / total)
 
 
 def nhwc(images):
@@ -221,13 +300,22 @@ def floor_sized(labels, floor_labels):
     return np.concatenate([np.flatnonzero(labels == c)[:k] for c, k in enumerate(wanted)])
 
 
-def floor_rows(ref, clf, latent_setting=False):
+def floor_rows(ref, clf, latent_setting=False, flip=False):
     """What 'perfect model' and 'copies its training set' score on the same yardstick (the
-    latent setting: their reconstructions, what a perfect latent model would decode)."""
+    latent setting: their reconstructions, what a perfect latent model would decode). A setting
+    that trains on flipped images adds what a perfect model of *that* data scores: the held-out
+    set with a seeded half of its images mirrored."""
     kind = " (reconstructed)" if latent_setting else ""
-    return [{"arm": name + kind, **evaluate(ref[f"{part}_images"], ref[f"{part}_labels"], ref,
+    rows = [{"arm": name + kind, **evaluate(ref[f"{part}_images"], ref[f"{part}_labels"], ref,
                                             clf)}
             for name, part in (("real held-out", "floor"), ("training set", "train"))]
+    if flip:
+        images = ref["floor_images"].copy()  # [N, H, W, C]
+        half = np.random.default_rng(0).permutation(len(images))[:len(images) // 2]
+        images[half] = images[half, :, ::-1]
+        rows.append({"arm": "real held-out, half mirrored" + kind,
+                     **evaluate(images, ref["floor_labels"], ref, clf)})
+    return rows
 
 
 def embedding_diagnostics(run_dir):
@@ -259,7 +347,8 @@ def train_flags(arm_flags, seed, size, run_dir):
             "--seed", str(seed), "--corruption-seed", str(seed),
             "--ckpt-every", str(max(1, size["steps"] // 4)),
             "--log-every", str(max(1, size["steps"] // 20)),
-            "--num-workers", "0", "--threads", "1", "--out", run_dir, *arm_flags]
+            "--num-workers", "0", "--threads", "1", "--out", run_dir,
+            *(["--flip"] if size.get("flip") else []), *arm_flags]
 
 
 def checkpoint_step(run_dir):
@@ -269,10 +358,18 @@ def checkpoint_step(run_dir):
     return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
-def samples_done(out, size, cads):
+def scales_of(size, seed):
+    """{guidance scale: samples per class} of a seed: every seed's scales, and on the first
+    scan["seeds"] seeds the scan's further scales (as many samples as at s = 2)."""
+    scan = size.get("scan")
+    extra = scan["scales"] if scan and seed < scan["seeds"] else ()
+    return {**size["samples"], **{s: size["samples"][2.0] for s in extra}}
+
+
+def samples_done(out, size, cads, seed):
     """Every scale's npz exists, is complete (written atomically) and has this sweep's settings,
     size and model (the checkpoint step it was sampled from)."""
-    for scale, per_class in size["samples"].items():
+    for scale, per_class in scales_of(size, seed).items():
         path = os.path.join(out, f"s{scale:g}", "samples.npz")
         if not os.path.exists(path):
             return False
@@ -288,6 +385,16 @@ def samples_done(out, size, cads):
         if not same:
             return False
     return True
+
+
+def draw(run_dir, samples, scale, per_class, size, seed, cads=False):
+    """sample.py on a run: SAMPLES/s{scale}/samples.npz, the sweep's sampler and seed."""
+    sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(per_class),
+                 "--guidance", f"{scale:g}", "--sampler", "dpm",
+                 "--steps", str(size["sample_steps"]), "--batch-size", "250",
+                 "--no-images", "--seed", str(seed), "--threads", "1",
+                 "--no-clip-denoised",  # as the committed results were sampled
+                 *(CADS if cads else [])])
 
 
 def job_dir(arm, seed, out):
@@ -309,24 +416,69 @@ def run_job(job):
         resume = ["--resume"] if step is not None else []
         train.main(train_flags(ARMS[arm], seed, size, run_dir) + resume)
     samples = os.path.join(run_dir, "samples-cads" if arm == "cads" else "samples")
-    if not samples_done(samples, size, arm == "cads"):
-        for scale, per_class in size["samples"].items():
-            sample.main(["--ckpt", run_dir, "--out", samples, "--per-class", str(per_class),
-                         "--guidance", f"{scale:g}", "--sampler", "dpm",
-                         "--steps", str(size["sample_steps"]), "--batch-size", "250",
-                         "--no-images", "--seed", str(seed), "--threads", "1",
-                         "--no-clip-denoised",  # as the committed results were sampled
-                         *(CADS if arm == "cads" else [])])
+    if not samples_done(samples, size, arm == "cads", seed):
+        for scale, per_class in scales_of(size, seed).items():
+            draw(run_dir, samples, scale, per_class, size, seed, arm == "cads")
     ref = dict(np.load(os.path.join(out, "reference.npz")))
     clf = features.load_classifier(os.path.join(out, "classifier.pt"))
     emb = embedding_diagnostics(run_dir)
     rows = []
-    for scale in size["samples"]:
+    for scale in scales_of(size, seed):
         with np.load(os.path.join(samples, f"s{scale:g}", "samples.npz")) as f:
             row = evaluate(f["arr_0"], f["labels"], ref, clf)
         rows.append({"arm": arm, "seed": seed, "scale": scale, **row, **emb,
                      "minutes": (time.time() - started) / 60})
     return rows
+
+
+# ----------------------------------------------------------------------------- the budget ladder
+
+def ladder(out, size):
+    """The training budget, fixed on the clean model of seed 0 alone before any other arm
+    trains: train it through size["ladder"]'s rungs (resuming one run), score each rung as a job
+    is scored at s = 2, and stop at the first rung whose FID is at least 0.7x the previous one's:
+    the last doubling improved FID by at most 30 %, as the paper's 75K -> 150K (App. C, Table 5).
+    Returns (that rung or None, the rows); OUT/ladder.json keeps the rows."""
+    path, run_dir = os.path.join(out, "ladder.json"), os.path.join(out, "ladder-clean-s0")
+    rows = json.load(open(path)) if os.path.exists(path) else []
+    ref = dict(np.load(os.path.join(out, "reference.npz")))
+    clf = features.load_classifier(os.path.join(out, "classifier.pt"))
+    for rung in size["ladder"]:
+        if budget_rule(rows) is not None:
+            break
+        if rung in [r["steps"] for r in rows]:
+            continue
+        resume = ["--resume"] if checkpoint_step(run_dir) is not None else []
+        train.main(train_flags(PRIMARY["clean"], 0, {**size, "steps": rung}, run_dir) + resume)
+        samples = os.path.join(run_dir, f"samples-{rung}")
+        draw(run_dir, samples, 2.0, size["samples"][2.0], size, seed=0)
+        with np.load(os.path.join(samples, "s2", "samples.npz")) as f:
+            rows.append({"steps": rung, **evaluate(f["arr_0"], f["labels"], ref, clf)})
+        system.write_json(path, rows)
+        print(f"[sweep] ladder: {rung} steps, FID {rows[-1]['fid']:.3f}, copy share "
+              f"{rows[-1]['copy_share']:.3f}", flush=True)
+    return budget_rule(rows), rows
+
+
+def budget_rule(rows, gain=0.3):
+    """The first rung whose FID is at least (1 - gain) x the previous rung's, or None."""
+    for previous, current in zip(rows, rows[1:]):
+        if current["fid"] >= (1 - gain) * previous["fid"]:
+            return current["steps"]
+    return None
+
+
+def ladder_table(rows, budget):
+    keys = ("fid", "fid_train", "kid", "class_acc", "copy_share", "copy_ratio", "nn_train")
+    lines = [f"**Budget ladder** (clean, seed 0, s = 2; the budget: the first rung whose FID is "
+             f"at least 0.7x the previous rung's: {budget or 'not reached'})", "",
+             "| steps | FID / previous | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for previous, r in zip([None] + rows, rows):
+        ratio = f"{r['fid'] / previous['fid']:.3f}" if previous else ""
+        lines.append(f"| {r['steps']} | {ratio} | " + " | ".join(f"{r[k]:.4g}" for k in keys)
+                     + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -365,7 +517,7 @@ def arm_order(arm):
 
 # ----------------------------------------------------------------------------- report
 
-def write_report(rows, summary, floors, out, ref, meta):
+def write_report(rows, summary, floors, out, ref, meta, extra=()):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, ["arm", "seed", "scale", *METRICS, "n", *EMBEDDING, "minutes"])
         w.writeheader()
@@ -380,12 +532,29 @@ def write_report(rows, summary, floors, out, ref, meta):
                       ("train", "classifier", "reference", "floor", "unseen"))
     lines = [f"Split (images): {sizes}. Classifier accuracy on the floor set "
              f"{float(ref['classifier_accuracy']):.3f}; {meta}.", "",
-             *primary_table(summary), "", *floor_table(floors), ""]
+             *primary_table(summary), "", *floor_table(floors), "", *extra]
     for m in METRICS + EMBEDDING:
         lines += metric_table(summary, m) + [""]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     return "\n".join(lines)
+
+
+def best_scales(rows, size):
+    """Each arm at its best guidance scale: the scale of lowest mean FID over the scan's seeds
+    (every scale sampled on those seeds only), a secondary result."""
+    seeds = size["scan"]["seeds"]
+    lines = [f"**Best guidance scale** (secondary; mean FID over seeds 0-{seeds - 1}, scales "
+             + ", ".join(f"{s:g}" for s in sorted(scales_of(size, 0))) + ")", "",
+             "| arm | best s | FID there | FID at s = 2 |", "|---|---|---|---|"]
+    for arm in sorted({r["arm"] for r in rows}, key=arm_order):
+        mine = [r for r in rows if r["arm"] == arm and r["seed"] < seeds]
+        means = {s: np.mean([r["fid"] for r in mine if r["scale"] == s])
+                 for s in {r["scale"] for r in mine}}
+        if len(means) > 1:
+            best = min(means, key=means.get)
+            lines.append(f"| {arm} | {best:g} | {means[best]:.3f} | {means[2.0]:.3f} |")
+    return lines
 
 
 def primary_table(summary):
@@ -469,18 +638,45 @@ def plot(rows, summary, floors, out):
     plt.close(fig)
 
 
-def plot_grids(out, seed=0, scale=2.0, per_class=10):
-    """grids_s0_s2.png: the first samples of each class from every primary arm of one seed,
-    side by side; sample i starts from the same noise in every arm, so the cells pair up."""
+def plot_ladder(rows, floors, budget, out):
+    """ladder.png: clean FID (against the reference and the training set) and the copy share by
+    training steps, with the floor rows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, len(PRIMARY), figsize=(6 * len(PRIMARY), 6.2))
-    for a, arm in zip(ax, PRIMARY):
+    steps = [r["steps"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax[0].plot(steps, [r["fid"] for r in rows], "o-", label="FID against the reference")
+    ax[0].plot(steps, [r["fid_train"] for r in rows], "s--", label="FID against the training set")
+    for f, style in zip(floors, (":", "-.", "--")):
+        ax[0].axhline(f["fid"], ls=style, color="k", lw=0.8, label=f["arm"])
+    ax[1].plot(steps, [r["copy_share"] for r in rows], "o-")
+    for a, label in zip(ax, ("FID", "share of samples nearer a training image (ratio < 1/3)")):
+        a.set(xscale="log", xticks=steps, xlabel="training steps (batch 64)", ylabel=label)
+        a.set_xticklabels([f"{s:,}" for s in steps])
+        if budget:
+            a.axvline(budget, color="C3", lw=0.8)
+    ax[0].legend(fontsize=7)
+    fig.suptitle("budget ladder: clean, seed 0, s = 2")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ladder.png"), dpi=110)
+    plt.close(fig)
+
+
+def plot_grids(out, seed=0, scale=2.0, per_class=10, max_classes=16):
+    """grids_s0_s2.png: the first samples of the first classes (up to max_classes) from every
+    primary arm and the control of one seed, side by side; sample i starts from the same noise in
+    every arm, so the cells pair up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arms = [a for a in (*PRIMARY, *CONTROL) if os.path.exists(job_dir(a, seed, out))]
+    fig, ax = plt.subplots(1, len(arms), figsize=(6 * len(arms), 6.2))
+    for a, arm in zip(ax, arms):
         path = os.path.join(job_dir(arm, seed, out), "samples", f"s{scale:g}", "samples.npz")
         with np.load(path) as f:
             images, labels = f["arr_0"], f["labels"]
-        classes = np.unique(labels)
+        classes = np.unique(labels)[:max_classes]
         rows = [np.concatenate(list(images[labels == c][:per_class]), axis=1)  # [H, cols*W, C]
                 for c in classes]
         grid = np.concatenate(rows)  # [classes*H, cols*W, C]
@@ -530,10 +726,38 @@ def main(argv=None):
     args = parse_args(argv)
     size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
     if args.smoke and "first_stage" in size:
-        size["first_stage"] = SMOKE_FIRST_STAGE
+        size["first_stage"] = {**SMOKE_FIRST_STAGE, "accept": None}
+    if args.classes:  # the same fonts and seeded order of characters, the first K
+        size.update(classes=args.classes, data_root=f"{size['data_root']}-{args.classes}")
+    if args.smoke and size["dataset"] == "glyphs":
+        size.update(SMOKE_GLYPHS, data_root=os.path.join(args.out, "glyphs"))
     os.makedirs(args.out, exist_ok=True)
     with system.folder_lock(args.out, "sweep"):
+        if args.floors_only:
+            return floors_only(args, size)
         return run_sweep(args, size)
+
+
+def floors_only(args, size):
+    """The yardstick and its floor rows, before (or without) any model: OUT/floors.md."""
+    ref = reference(args.out, size)
+    clf = features.load_classifier(os.path.join(args.out, "classifier.pt"))
+    floors = floor_rows(ref, clf, "first_stage" in size, size.get("flip", False))
+    text = "\n".join([*yardstick_lines(ref), "", *floor_table(floors)])
+    with open(os.path.join(args.out, "floors.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return floors
+
+
+def yardstick_lines(ref):
+    """What the yardstick's own numbers are: the classifier, the first stage, the features."""
+    line = (f"Classifier accuracy on the floor set {float(ref['classifier_accuracy']):.3f}"
+            + (f", on its reconstructions {float(ref['reconstruction_accuracy']):.3f}"
+               if "reconstruction_accuracy" in ref else "")
+            + f"; share of the reference features' variance between classes "
+              f"{float(ref['between_class_variance']):.3f}.")
+    return [line]
 
 
 def run_sweep(args, size):
@@ -544,13 +768,23 @@ def run_sweep(args, size):
                        "arms": ARMS, "cads": CADS, "contrasts": CONTRASTS})
     t_start = time.time()
     ref = reference(args.out, size)
+    steps, ladder_rows = None, None
+    if size.get("ladder"):  # the budget, fixed on clean seed 0 before any other arm trains
+        steps, ladder_rows = ladder(args.out, size)
+        if steps is None and not args.smoke:
+            raise SystemExit(f"the budget ladder did not settle by {size['ladder'][-1]} steps "
+                             f"({args.out}/ladder.json): halve the classes, --classes "
+                             f"{size['classes'] // 2}")
+        size = {**size, "steps": steps or size["ladder"][-1]}
     jobs = [(arm, seed, size, args.out) for seed in range(args.seeds) for arm in PRIMARY]
     jobs += [(arm, seed, size, args.out) for seed in range(args.mechanism_seeds)
              for arm in MECHANISM]
+    jobs += [(arm, seed, size, args.out) for seed in range(args.control_seeds)
+             for arm in CONTROL]
     jobs += [(arm, seed, size, args.out) for seed in range(args.other_seeds) for arm in OTHER]
     rows = run_all(jobs, args, t_start)
     clf = features.load_classifier(os.path.join(args.out, "classifier.pt"))
-    floors = floor_rows(ref, clf, "first_stage" in size)
+    floors = floor_rows(ref, clf, "first_stage" in size, size.get("flip", False))
     summary = summarise(rows)
     minutes = (time.time() - t_start) / 60
     meta = (f"{args.setting}: {size['train_per_class']} training images per class, "
@@ -564,7 +798,13 @@ def run_sweep(args, size):
         meta += (f"; autoencoder {stage['preset']}, {stage['steps']} steps of {stage['batch']}, "
                  f"held-out PSNR {report['psnr']:.2f} dB on {report['held_out_images']} images, "
                  f"latent scale {report['scale']:.4f}")
-    print(write_report(rows, summary, floors, args.out, ref, meta))
+    extra = [*yardstick_lines(ref), ""]
+    if ladder_rows:
+        extra += [*ladder_table(ladder_rows, steps), ""]
+        plot_ladder(ladder_rows, floors, steps, args.out)
+    if size.get("scan"):
+        extra += [*best_scales(rows, size), ""]
+    print(write_report(rows, summary, floors, args.out, ref, meta, extra))
     plot(rows, summary, floors, args.out)
     plot_grids(args.out)
     print(f"[sweep] wrote {args.out}/results.csv, summary.csv, results.md, sweep.png, "

@@ -9,9 +9,10 @@ digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, 
 train.py can index whole batches. __getitem__ reads the condition from `.labels` / `.captions`.
 
 The order in which train.py reads them (one seeded permutation per epoch, the same for any number
-of processes) is here too. The latent cache (`python -m support.encode`) holds both horizontal flips
-of every image encoded by an f4 autoencoder, as LDM trains on latents (App. B.3): LatentCache
-reads it.
+of processes) is here too. The latent cache (`python -m support.encode`) holds every image encoded
+by an f4 autoencoder, as LDM trains on latents (App. B.3), and with --flip its horizontal mirror
+too (LDM flips ImageNet; mirrored footwear or glyphs are other images, so it is a choice):
+LatentCache reads it.
 """
 import functools
 import gzip
@@ -418,16 +419,16 @@ def spread_images(dataset, n=1024):
                                                                 min(n, len(dataset)))])
 
 
-def create_cache(model, dataset, out, meta, batch_size, dtype):
-    """Rank 0: allocate latents [N, 2 flips, C, h, w] and the per-chunk done flags; the meta
-    records the model's latent scale."""
+def create_cache(model, dataset, out, meta, batch_size, dtype, views):
+    """Rank 0: allocate latents [N, views, C, h, w] (views 2: the image and its mirror) and the
+    per-chunk done flags; the meta records the model's latent scale."""
     if model.scale is None:
         raise ValueError("the KL autoencoder's latent scale is not set (vae.measure_scale)")
     files = cache_files(out)
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
         z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
-    shape = (len(dataset), 2, *z.shape[1:])
+    shape = (len(dataset), views, *z.shape[1:])
     np.lib.format.open_memmap(files["latents"], mode="w+", dtype=dtype, shape=shape).flush()
     chunks = math.ceil(len(dataset) / batch_size)
     np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(chunks,)).flush()
@@ -444,21 +445,22 @@ def create_cache(model, dataset, out, meta, batch_size, dtype):
 @torch.no_grad()
 def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, num_workers=0,
                    rank=0, world=1, device="cpu"):
-    """Encodes both horizontal flips of every image into out/latents.npy. Chunk k (images k*B..) is
-    done by rank k % world; done.npy[k] is set after the chunk is flushed, so a killed run restarts
-    at the first chunk not recorded (any world size). meta must name preset, weights and dataset."""
+    """Encodes every image (and, when meta["flip"], its horizontal mirror) into out/latents.npy.
+    Chunk k (images k*B..) is done by rank k % world; done.npy[k] is set after the chunk is
+    flushed, so a killed run restarts at the first chunk not recorded (any world size). meta must
+    name preset, weights, dataset and flip."""
     files = cache_files(out)
     meta = json.loads(json.dumps(meta))  # as stored (tuples become lists)
     if rank == 0:
         if os.path.exists(files["meta"]):
-            old = json.load(open(files["meta"]))
+            old = {"flip": True, **json.load(open(files["meta"]))}  # older caches: both flips
             same = all(old.get(k) == v for k, v in meta.items())
             if not same or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
                 raise SystemExit(f"{out} holds a different cache "
                                  f"({ {k: old.get(k) for k in meta} }, chunk {old['chunk']}): "
                                  f"choose another --out or use the same settings to resume")
         else:
-            create_cache(model, dataset, out, meta, batch_size, dtype)
+            create_cache(model, dataset, out, meta, batch_size, dtype, 2 if meta["flip"] else 1)
     if world > 1:
         dist.barrier()
     meta = json.load(open(files["meta"]))
@@ -473,7 +475,8 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
                disable=rank != 0, dynamic_ncols=True)
     for k, (x, _) in zip(todo, loader):
         x = x.to(device)
-        z = torch.stack([model.encode(x), model.encode(x.flip(-1))], dim=1)
+        views = [x, x.flip(-1)] if latents.shape[1] == 2 else [x]
+        z = torch.stack([model.encode(v) for v in views], dim=1)  # [B, views, C, h, w]
         latents[k * batch_size:k * batch_size + len(x)] = z.cpu().numpy().astype(latents.dtype)
         latents.flush()
         done[k] = True
@@ -487,9 +490,10 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """What `support/encode.py` wrote: cache[i] -> (latents [2 flips, C, h, w] float32, label or
-    caption); .latents (the memmap), .labels (int64 [N]) or .captions (list[str]), .scale,
-    .num_classes, .class_names (None in caches written before they were recorded), .meta."""
+    """What `support/encode.py` wrote: cache[i] -> (latents [views, C, h, w] float32, label or
+    caption), views 2 when the mirror was cached (.flip); .latents (the memmap), .labels (int64
+    [N]) or .captions (list[str]), .scale, .num_classes, .class_names (None in caches written
+    before they were recorded), .meta."""
 
     def __init__(self, path):
         files = cache_files(path)
@@ -503,6 +507,7 @@ class LatentCache(torch.utils.data.Dataset):
         self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
         self.class_names = self.meta.get("class_names")
         self.latents = np.load(files["latents"], mmap_mode="r")
+        self.flip = self.latents.shape[1] == 2  # caches written before --flip hold both
         self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
         self.captions = None
         if os.path.exists(files["captions"]):

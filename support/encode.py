@@ -1,8 +1,9 @@
-r"""Cache a dataset's latents once (support/data.py's latent cache, both horizontal flips), as LDM
-trains on precomputed first-stage codes: the VQ-f4 encoder costs more than a U-Net step.
+r"""Cache a dataset's latents once (support/data.py's latent cache), as LDM trains on precomputed
+first-stage codes: the VQ-f4 encoder costs more than a U-Net step. --flip also caches each image's
+horizontal mirror, for train.py --flip (LDM's ImageNet recipe).
 
     python -m support.encode --dataset folder --data-root IN1K/train --preset vq-f4 \
-        --weights vq-f4/model.ckpt --out latents/in1k --batch-size 64
+        --weights vq-f4/model.ckpt --out latents/in1k --batch-size 64 --flip
     torchrun --nproc_per_node=8 -m support.encode ...                # sharded over ranks
 """
 import argparse
@@ -16,14 +17,15 @@ import vae
 from support import data, system, weights
 
 
-def cache_meta(model, preset, weights_path, dataset, data_root, split, image_size, pad):
+def cache_meta(model, preset, weights_path, dataset, data_root, split, image_size, pad, flip):
     """What a latent cache records of its autoencoder (and the content hash of its weights,
-    which runs and their sampling check) and of the images it encodes."""
+    which runs and their sampling check) and of the images it encodes (flip: their mirrors
+    too)."""
     return {"preset": preset, "config": dataclasses.asdict(model.config),
             "weights": os.path.abspath(weights_path),
             "weights_sha256": weights.weights_hash(weights_path),
             "dataset": dataset, "data_root": data_root, "split": split,
-            "image_size": image_size, "pad": pad}
+            "image_size": image_size, "pad": pad, "flip": flip}
 
 
 def encode(args):
@@ -37,7 +39,7 @@ def encode(args):
                          f"autoencoder takes {model.config.in_channels}")
     preset = args.preset or next((k for k, v in vae.PRESETS.items() if v == model.config), None)
     meta = cache_meta(model, preset, args.weights, args.dataset, args.data_root, args.split,
-                      args.image_size, args.pad)
+                      args.image_size, args.pad, args.flip)
     if model.scale is None and not os.path.exists(data.cache_files(args.out)["meta"]):
         model.scale = vae.measure_scale(model, data.spread_images(dataset))  # LDM's scale_by_std
     data.encode_dataset(model, dataset, args.out, meta, args.batch_size, np.dtype(args.dtype),
@@ -56,6 +58,10 @@ def parse_args(argv=None):
                    help="our checkpoint (train_vae.py), a CompVis model.ckpt, "
                         "or a diffusers VQModel/AutoencoderKL directory")
     e.add_argument("--split", default="train", help="dataset split to encode")
+    e.add_argument("--flip", action="store_true",
+                   help="also cache each image's horizontal mirror, for train.py --flip (LDM "
+                        "flips ImageNet); off by default: mirrored shoes or glyphs are other "
+                        "images")
     e.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="stored latent dtype")

@@ -116,6 +116,9 @@ def load_training_data(args):
     """Returns (images: an indexable of CHW tensors or a uint8 tensor, conditions, info dict)."""
     if args.latents:
         cache = data.LatentCache(args.latents)
+        if args.flip and not cache.flip:
+            raise ValueError(f"--flip: the latent cache {args.latents} holds no mirrored images; "
+                             "encode it again with `python -m support.encode ... --flip`")
         conditions = cache.captions if cache.captions is not None else cache.labels
         info = dict(space="latent", latent_scale=cache.scale, vae=cache.meta.get("weights"),
                     vae_sha256=cache.meta.get("weights_sha256"),
@@ -187,12 +190,15 @@ def batches(args, images, step, world, rank, n, cuda):
         del loader  # would end them, and would hold the exit forever
 
 
-def first_stage(x0, images, autoencoder, g, G, mine):
-    """What the U-Net diffuses: cached latents (one of the two cached horizontal flips per
-    sample, drawn from the step's generator g), images encoded on the fly, or pixels."""
-    if isinstance(images, data.LatentCache):  # both horizontal flips are cached [B, 2, C, H, W]
-        flip = torch.randint(0, 2, (G,), generator=g, device=x0.device)[mine]
-        x0 = x0[torch.arange(len(x0), device=x0.device), flip]
+def first_stage(x0, images, autoencoder, flip, g, G, mine):
+    """What the U-Net diffuses: cached latents, images encoded on the fly, or pixels; with
+    --flip, each sample or its horizontal mirror, drawn from the step's generator g."""
+    mirror = torch.randint(0, 2, (G,), generator=g, device=x0.device)[mine] if flip else None
+    if isinstance(images, data.LatentCache):  # cached [B, views, C, h, w]; view 1: the mirror
+        view = mirror if flip else torch.zeros(len(x0), dtype=torch.int64, device=x0.device)
+        x0 = x0[torch.arange(len(x0), device=x0.device), view]
+    elif flip:
+        x0 = torch.where(mirror.bool()[:, None, None, None], x0.flip(-1), x0)
     if autoencoder is not None:
         with torch.no_grad():
             x0 = autoencoder.encode(x0)
@@ -214,11 +220,13 @@ RESUMABLE = {"steps", "resume", "ckpt_every", "log_every", "sample_every", "num_
 
 
 # flags added after runs were made: a checkpoint without one was trained with its default
-ADDED_LATER = {"context_dim": None, "no_attention_mask": False, "attention_mask": True}
+ADDED_LATER = {"context_dim": None, "no_attention_mask": False, "attention_mask": True,
+               "embedding_dropout": 0.0}
 
 
 def check_resumable(saved, config):
-    saved = {**ADDED_LATER, **saved}
+    # before --flip, latent caches held both flips and runs on them always drew one
+    saved = {**ADDED_LATER, "flip": bool(saved.get("latents")), **saved}
     saved_batch = saved.get("global_batch", saved["batch_size"])
     if saved_batch != config["global_batch"]:
         per_step = config["global_batch"] // config["batch_size"]  # processes x grad-accum

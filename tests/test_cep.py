@@ -190,3 +190,16 @@ def test_the_readme_cep_snippet_perturbs_a_diffusers_unet_in_training_only():
     with torch.no_grad():
         loss_fn(net.eval(), scheduler, latents, tokens)
     assert torch.equal(seen[-1], tokens)  # eval: the condition as given
+
+
+def test_embedding_dropout_mask():
+    """Table 6's dropout on the class embedding: a fraction p of zeros, the rest 1 / (1 - p), so
+    the embedding keeps its mean; seeded like delta."""
+    from cep import embedding_dropout_mask
+    mask = embedding_dropout_mask(0.1, (4000, 1, 64), generator=torch.Generator().manual_seed(0))
+    zeros = (mask == 0).double().mean().item()
+    assert abs(zeros - 0.1) < 0.005 and len(mask.unique()) == 2
+    assert torch.allclose(mask[mask > 0], torch.tensor(1 / 0.9))
+    assert abs(mask.mean().item() - 1) < 0.01
+    again = embedding_dropout_mask(0.1, (4000, 1, 64), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)

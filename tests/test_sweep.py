@@ -109,15 +109,15 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     npz = os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")
     sample_time = os.path.getmtime(npz)
     samples = os.path.join(out, "clean-s0", "samples")
-    assert sweep.samples_done(samples, size, cads=False)
-    assert not sweep.samples_done(samples, {**size, "steps": size["steps"] + 1}, cads=False)
-    assert not sweep.samples_done(samples, {**size, "sample_steps": 7}, cads=False)
-    assert not sweep.samples_done(samples, {**size, "samples": {2.0: 5, 1.0: 2}}, cads=False)
+    assert sweep.samples_done(samples, size, cads=False, seed=0)
+    for changed in ({"steps": size["steps"] + 1}, {"sample_steps": 7},
+                    {"samples": {2.0: 5, 1.0: 2}}):
+        assert not sweep.samples_done(samples, {**size, **changed}, cads=False, seed=0)
     cut = str(tmp_path / "cut")
     shutil.copytree(samples, cut)
     with open(os.path.join(cut, "s2", "samples.npz"), "r+b") as f:
         f.truncate(100)  # cut short (by something other than sample.py, which writes atomically)
-    assert not sweep.samples_done(cut, size, cads=False)
+    assert not sweep.samples_done(cut, size, cads=False, seed=0)
     again, _ = sweep.main(argv)  # every artefact is complete: nothing is trained or sampled again
     assert "0 training steps left" in capsys.readouterr().out  # no rate from evaluated jobs
     assert os.path.getmtime(os.path.join(out, "clean-s0", "ckpt.pt")) == before
@@ -135,7 +135,7 @@ def test_latent_setting_smoke_runs_the_paper_pipeline_and_resumes(tmp_path):
     report = json.load(open(os.path.join(out, "autoencoder", "report.json")))
     assert report["steps"] == sweep.SMOKE_FIRST_STAGE["steps"] and report["scale"] > 0
     cache = sweep.data.LatentCache(os.path.join(out, "latents"))
-    assert cache.latents.shape == (30, 2, 4, 8, 8)  # the training set, both flips
+    assert cache.latents.shape == (30, 2, 4, 8, 8)  # the training set, both flips (as committed)
     split = dict(np.load(os.path.join(out, "split.npz")))
     parts = [split[k] for k in ("train", "unseen", "classifier", "reference", "floor")]
     assert sum(map(len, parts)) == len(set(np.concatenate(parts).tolist()))  # disjoint
@@ -145,10 +145,54 @@ def test_latent_setting_smoke_runs_the_paper_pipeline_and_resumes(tmp_path):
         "fashion-mnist", sweep.SETTINGS["fmnist-latent"]["data_root"]).labels[split["train"]])
     config = json.load(open(os.path.join(out, "clean-s0", "config.json")))
     assert config["space"] == "latent" and config["vae_sha256"] == cache.meta["weights_sha256"]
+    assert config["flip"]  # drawn per sample, as the committed results were trained
     with np.load(os.path.join(out, "clean-s0", "samples", "s2", "samples.npz")) as f:
         assert f["arr_0"].shape == (30, 32, 32, 1)  # decoded by the autoencoder
     assert {r["arm"] for r in rows} == set(sweep.PRIMARY) and len(rows) == 12
     results = open(os.path.join(out, "results.md")).read()
     assert "real held-out (reconstructed)" in results and "held-out PSNR" in results
+    assert "real held-out, half mirrored (reconstructed)" in results  # the floor of flipped data
     again, _ = sweep.main(argv)
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_glyph_setting_smoke_fixes_the_budget_first(tmp_path):
+    """Many classes, tiny: six characters in the designs of four small font packages, a seeded
+    split of every class's designs, no flips; the budget ladder trains clean seed 0 alone before
+    any arm; the control arm runs; the scan's scales are sampled on the first seed only."""
+    out = str(tmp_path / "glyphs")
+    argv = ["--setting", "glyphs-latent", "--smoke", "--out", out, "--workers", "1", "--seeds",
+            "2", "--control-seeds", "1"]
+    rows, summary = sweep.main(argv)
+    record = json.load(open(os.path.join(out, "glyphs", "glyphs.json")))
+    designs = len(record["designs"])
+    assert designs >= 4 and len(record["chars"]) == 6 and record["dropped"]  # twins removed
+    split = dict(np.load(os.path.join(out, "split.npz")))
+    parts = [split[k] for k in ("train", "classifier", "reference", "floor")]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(6 * designs))  # disjoint, whole
+    labels = np.repeat(np.arange(6), designs)
+    assert [np.bincount(labels[p]).tolist() for p in parts[:3]] == [[1] * 6] * 3
+    cache = sweep.data.LatentCache(os.path.join(out, "latents"))
+    assert cache.latents.shape == (6, 1, 4, 8, 8) and not cache.flip  # mirrored glyphs: no
+    config = json.load(open(os.path.join(out, "clean-s0", "config.json")))
+    assert not config["flip"] and config["num_classes"] == 6
+    ladder = json.load(open(os.path.join(out, "ladder.json")))
+    assert [r["steps"] for r in ladder][0] == 2 and "copy_share" in ladder[0]
+    budget = sweep.budget_rule(ladder) or sweep.SMOKE_GLYPHS["ladder"][-1]
+    assert sweep.checkpoint_step(os.path.join(out, "clean-s0")) == budget
+    control = json.load(open(os.path.join(out, "emb-drop-s0", "config.json")))
+    assert control["embedding_dropout"] == 0.1
+    assert {(r["arm"], r["seed"], r["scale"]) for r in rows} == {
+        *((a, s, 2.0) for a in sweep.PRIMARY for s in (0, 1)),
+        *((a, 0, 1.0) for a in sweep.PRIMARY), ("emb-drop", 0, 2.0), ("emb-drop", 0, 1.0)}
+    results = open(os.path.join(out, "results.md")).read()
+    for part in ("Budget ladder", "Best guidance scale", "between classes", "reconstructions"):
+        assert part in results, part
+    assert os.path.exists(os.path.join(out, "ladder.png"))
+
+
+def test_budget_rule_takes_the_first_doubling_that_gains_at_most_30_percent():
+    rows = [{"steps": s, "fid": f} for s, f in ((2, 100.0), (4, 60.0), (8, 43.0), (16, 40.0))]
+    assert sweep.budget_rule(rows) == 8  # 43 / 60 = 0.717 >= 0.7; 60 / 100 = 0.6 is not
+    assert sweep.budget_rule(rows[:2]) is None
+    assert sweep.budget_rule([{"steps": 2, "fid": 10.0}, {"steps": 4, "fid": 12.0}]) == 4

@@ -52,6 +52,24 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert_same(params(full, "ema"), params(part, "ema"))
 
 
+def test_embedding_dropout_draws_after_everything_else(tmp_path):
+    """--embedding-dropout (Table 6's control) draws its mask after the shared draws: at a
+    vanishing p the run equals clean to rounding; at 0.1 it trains other weights, and resumes
+    exactly."""
+    clean = run(tmp_path, "clean", "--steps", "4")
+    tiny = run(tmp_path, "tiny", "--steps", "4", "--embedding-dropout", "1e-9")
+    for k, v in params(clean).items():
+        torch.testing.assert_close(params(tiny)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    flags = ["--embedding-dropout", "0.1", "--ckpt-every", "2"]
+    full = run(tmp_path, "full", "--steps", "4", *flags)
+    part = run(tmp_path, "part", "--steps", "2", *flags)
+    train.main([*TINY, "--out", part, "--steps", "4", "--resume", *flags])
+    assert_same(params(full), params(part))
+    assert not torch.equal(params(full)["embedder.embedding.weight"],
+                           params(clean)["embedder.embedding.weight"])
+    assert json.load(open(os.path.join(full, "config.json")))["embedding_dropout"] == 0.1
+
+
 def test_resume_refuses_other_config_and_existing_run(tmp_path):
     out = run(tmp_path, "a", "--steps", "2")
     with pytest.raises(SystemExit, match="pass --resume"):

@@ -2,13 +2,14 @@
 (resume, flips, labels), and small-AE training."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
 import torch
 
 import vae
-from support import data, encode, system, weights
+from support import data, encode, runs, system, weights
 from experiments import train_vae
 from experiments.measure import diffusers_autoencoder
 
@@ -167,7 +168,7 @@ class DiesAt(TinyData):
         return super().__getitem__(i)
 
 
-META = {"preset": "tiny-vq", "weights": "random", "dataset": "tiny"}
+META = {"preset": "tiny-vq", "weights": "random", "dataset": "tiny", "flip": True}
 
 
 def test_latent_cache_resume_flips_labels(tmp_path):
@@ -252,8 +253,13 @@ def test_cli_train_then_encode(tmp_path, monkeypatch):
     encode.main(["--dataset", "tiny", "--weights", str(out / "ckpt.pt"), "--out",
                  str(tmp_path / "cache"),
                  "--batch-size", "4", "--num-workers", "0"])
-    cache = data.LatentCache(str(tmp_path / "cache"))
-    assert cache.scale == model.scale and cache.latents.shape == (10, 2, 3, 8, 8)
+    cache = data.LatentCache(str(tmp_path / "cache"))  # no --flip: the images only
+    assert cache.scale == model.scale and cache.latents.shape == (10, 1, 3, 8, 8)
+    assert not cache.flip and cache.meta["flip"] is False
+    with torch.no_grad():  # float16 as stored
+        expected = model.encode(TinyData().images)
+    cached = torch.from_numpy(np.array(cache.latents[:, 0], dtype=np.float32))
+    assert (cached - expected).abs().max() <= 1e-3 * expected.abs().max()
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds an autoencoder"):
         train_vae.main(["--dataset", "tiny", "--preset", "tiny-kl", "--steps", "3", "--out",
@@ -326,4 +332,46 @@ def test_a_colour_folder_trains_small_kl_rgb_and_is_scored_on_images_it_never_sa
                  "--weights", str(out / "ckpt.pt"), "--out", str(tmp_path / "cache"),
                  "--num-workers", "0"])
     cache = data.LatentCache(str(tmp_path / "cache"))
-    assert cache.class_names == ["0", "1"] and cache.latents.shape == (20, 2, 4, 4, 4)
+    assert cache.class_names == ["0", "1"] and cache.latents.shape == (20, 1, 4, 4, 4)
+
+
+def test_flip_is_a_choice_of_the_cache_and_the_run(tmp_path):
+    """encode --flip caches the mirror as view 1; train.py draws it only with --flip: a no-flip
+    run never sees a mirrored latent (or pixel), and a no-flip cache refuses --flip."""
+    model = randomized("tiny-vq")
+    ds = TinyData()
+    for flip in (False, True):
+        data.encode_dataset(model, ds, str(tmp_path / f"f{flip}"), {**META, "flip": flip},
+                            batch_size=4, dtype=np.float32)
+    one, both = (data.LatentCache(str(tmp_path / f"f{flip}")) for flip in (False, True))
+    assert one.latents.shape[1] == 1 and both.latents.shape[1] == 2 and both.flip
+    assert np.array_equal(one.latents[:, 0], both.latents[:, 0])
+    g = torch.Generator().manual_seed(0)
+    for cache in (one, both):
+        x = torch.from_numpy(np.array(cache.latents))
+        for _ in range(5):  # never the mirror
+            chosen = runs.first_stage(x, cache, None, False, g, 10, slice(0, 10))
+            assert torch.equal(chosen, x[:, 0])
+    views = torch.stack([runs.first_stage(torch.from_numpy(np.array(both.latents)), both, None,
+                                          True, g, 10, slice(0, 10)) for _ in range(5)])
+    mirrored = (views == torch.from_numpy(np.array(both.latents[:, 1]))).flatten(2).all(-1)
+    assert 0 < mirrored.float().mean() < 1  # each sample or its mirror
+    pixels = ds.images
+    assert torch.equal(runs.first_stage(pixels, ds, None, False, g, 10, slice(0, 10)), pixels)
+    flipped = runs.first_stage(pixels, ds, None, True, g, 10, slice(0, 10))
+    is_mirror = (flipped == pixels.flip(-1)).flatten(1).all(1)
+    assert 0 < is_mirror.sum() < 10 and ((flipped == pixels).flatten(1).all(1) | is_mirror).all()
+    args = types.SimpleNamespace(latents=str(tmp_path / "fFalse"), flip=True)
+    with pytest.raises(ValueError, match="holds no mirrored images.*--flip"):
+        runs.load_training_data(args)
+
+
+def test_runs_before_the_flip_option_resume_as_they_trained():
+    """A latent run saved before --flip existed drew a mirror every step: resuming it needs
+    --flip; a pixel run of then did not flip."""
+    base = {"global_batch": 8, "batch_size": 8, "data_changed_ok": False}
+    runs.check_resumable({**base, "latents": "cache"}, {**base, "latents": "cache", "flip": True})
+    with pytest.raises(SystemExit, match="--flip: checkpoint True, now False"):
+        runs.check_resumable({**base, "latents": "cache"},
+                             {**base, "latents": "cache", "flip": False})
+    runs.check_resumable({**base, "latents": None}, {**base, "latents": None, "flip": False})
