@@ -16,14 +16,12 @@ d is the width of one condition token (the last dimension of the embedding).
 The null condition (the extra class row, or the empty caption) is what condition dropout puts
 in during training and what classifier-free guidance (Eq. 2) contrasts with at sampling.
 """
-import dataclasses
 import math
 import os
 
 import torch
 import torch.nn as nn
 
-import unet
 
 # -----------------------------------------------------------------------------
 # condition embedders
@@ -32,6 +30,8 @@ import unet
 class ClassEmbedder(nn.Module):
     """Class label -> one context token (LDM cin256: 512-d). Row num_classes is the null class
     used for classifier-free guidance (Eq. 2)."""
+
+    tokens = 1  # context tokens per condition
 
     def __init__(self, num_classes, dim=512):
         super().__init__()
@@ -74,6 +74,7 @@ class TextEmbedder(nn.Module):
             # unused (we take the token states); DDP rejects unused parameters
             self.encoder.pooler = None
         self.max_length, self.freeze, self.attention_mask = max_length, freeze, attention_mask
+        self.tokens = max_length  # context tokens per condition
         self.remembered = None  # caption -> a frozen encoder's token states (remember)
         if freeze:  # small caption sets on a CPU: a fixed encoder (the paper trains it)
             self.encoder.requires_grad_(False).eval()
@@ -158,38 +159,15 @@ def embedding_dropout_mask(p, shape, generator=None, device=None):
 # -----------------------------------------------------------------------------
 # the denoiser of Eq. 8
 
-def unet_config(config):
-    """The U-Net of a run config: a released model's own (config["unet"]), or the preset at the
-    data's channels and size."""
-    if config.get("unet"):
-        return unet.UNetConfig(**config["unet"])
-    ucfg = dataclasses.replace(unet.PRESETS[config["preset"]], in_channels=config["channels"],
-                               out_channels=config["channels"], sample_size=config["size"])
-    if config["head_channels"] is not None:
-        ucfg = dataclasses.replace(ucfg, head_channels=config["head_channels"])
-    if config.get("context_dim") is not None:  # runs before this flag have none
-        ucfg = dataclasses.replace(ucfg, context_dim=config["context_dim"])
-    return ucfg
-
-
 class Denoiser(torch.nn.Module):
-    """eps_theta(x_t, t, c_theta(y) + delta) for class labels or captions (a run config)."""
+    """eps_theta(x_t, t, c_theta(y) + delta): a condition embedder (ClassEmbedder or
+    TextEmbedder) and a U-Net (unet.UNet) whose context width is the embedder's. Building one
+    from a run's config or a checkpoint: support/checkpoints.py."""
 
-    def __init__(self, config):
+    def __init__(self, embedder, unet):
         super().__init__()
-        ucfg = unet_config(config)
-        if config["text"]:
-            self.embedder = TextEmbedder(config["text_encoder"], ucfg.context_dim,
-                                             config.get("text_length", 77),
-                                             config.get("freeze_text_encoder", False),
-                                             config.get("tokenizer"),
-                                             config.get("attention_mask", True))
-            # [L, D] per condition
-            self.context_shape = (self.embedder.max_length, ucfg.context_dim)
-        else:
-            self.embedder = ClassEmbedder(config["num_classes"], ucfg.context_dim)
-            self.context_shape = (1, ucfg.context_dim)
-        self.unet = unet.UNet(ucfg)
+        self.embedder, self.unet = embedder, unet
+        self.context_shape = (embedder.tokens, unet.config.context_dim)  # [L, D] per condition
 
     def forward(self, x_t, t, conditions, delta=None, mask=None):
         """Eq. 8. delta [B, *context_shape] is CEP's perturbation (cep.cep_delta), given during

@@ -16,15 +16,18 @@ an .npz (arr_0 uint8 NHWC: sample.py output, ADM reference batch), a pytorch-fid
 A sample.py folder OUT/s{scale}/samples.npz gives one row per guidance scale, and the plots.
 """
 import argparse
+import hashlib
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import linalg
+from tqdm import tqdm
 
 from support import extract, features, report, system
 
@@ -227,15 +230,161 @@ def clip_score_sum(clip, images, captions):
 
 
 # --------------------------------------------------------------------------------------------
+# FID's streamed pass: features of an image source, sharded over ranks, summed in float64
+# (every rank gets the statistics, rank 0 the features); reference features cached by (file,
+# mtime, network), so a sweep extracts the real images once
+# --------------------------------------------------------------------------------------------
+
+def extract_features(extractor, source, batch_size, desc):
+    """-> {"n", "mu", "sigma", ["mu_s", "sigma_s"], "features", ["logits_unbiased"]}: the
+    statistics on every rank, the features and logits on rank 0 only (None elsewhere)."""
+    rank, size = system.rank_and_world()
+    if len(source) < size:  # an empty shard would skip the collectives below: a hang
+        raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} "
+                         "processes")
+    lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
+    stats, kept = {}, {"features": [], "logits_unbiased": []}
+    for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
+        batch = source.read(start, min(start + batch_size, hi))  # uint8 NHWC
+        images = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        out = extractor(images)
+        for key in ("features", "spatial"):
+            if key in out:
+                if key not in stats:
+                    stats[key] = FeatureStats(out[key].shape[1], extractor.device)
+                stats[key].update(out[key])
+        for key in kept:
+            if key in out:
+                kept[key].append(out[key].float().cpu().numpy())
+    result = {}
+    for key, suffix in (("features", ""), ("spatial", "_s")):
+        if key in stats:
+            stats[key].all_reduce()
+            result["mu" + suffix], result["sigma" + suffix] = stats[key].mean_cov()
+            result["n"] = stats[key].n
+    for key, parts in kept.items():
+        if parts:
+            result[key] = system.gather_rows(np.concatenate(parts))  # rank 0
+    return result
+
+
+def reference_features(source, extractor, args, desc, needed):
+    """The `needed` statistics/features of a real/training set. Files with Inception
+    statistics (pytorch-fid's mu/sigma, ADM's mu/sigma/mu_s/sigma_s) give those, as pytorch-fid
+    and ADM use them; images are extracted once and cached under --cache (file, mtime,
+    extractor)."""
+    rank, world = system.rank_and_world()
+    stored = {k: source.extra[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in source.extra}
+    stored = stored if extractor.kind == "inception" else {}
+    if set(needed) <= stored.keys():
+        return stored
+    if len(source) == 0:
+        raise ValueError(f"'{source.path}' holds no images (arr_0)"
+                         + ("" if stored else " and no Inception statistics"))
+    key = hashlib.sha1(f"{source.cache_id()}|{extractor.cache_id}".encode()).hexdigest()[:16]
+    path = os.path.join(args.cache, f"{key}.npz") if args.cache else None
+    hit = [bool(path) and os.path.exists(path)]
+    if world > 1:  # rank 0 decides: a hit on some ranks only would split the collectives
+        dist.broadcast_object_list(hit, src=0)
+    feats = None
+    if hit[0]:
+        try:
+            with np.load(path) as f:
+                feats = {k: f[k] for k in f.files}
+            if not all(np.isfinite(v).all() for v in feats.values()):
+                raise ValueError("non-finite values")  # as damaged as a cut file
+            if rank == 0:
+                print(f"{desc}: cached features {path} (--cache '' recomputes them)")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged entry
+            feats = None
+            print(f"{desc}: the cached features {path} cannot be read ({type(e).__name__}: "
+                  f"{e}); recomputing them")
+    if feats is None:
+        feats = extract_features(extractor, source, args.batch_size, desc)
+        if path and rank == 0:
+            os.makedirs(args.cache, exist_ok=True)
+            # parallel runs may share it
+            system.write_atomic(path, lambda tmp: np.savez(tmp, **feats))
+    feats = {**feats, **stored}
+    missing = set(needed) - feats.keys()
+    if missing:
+        raise ValueError(f"'{source.path}' with {extractor.name} gives no {sorted(missing)}")
+    return feats
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation of one sample set, sweeps, table, JSON and plots
 # --------------------------------------------------------------------------------------------
 
 METRICS = ("fid", "sfid", "is", "pr", "acc", "rmd", "entropy", "mem", "clip")
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    # exact fp32 features
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    rank, _, device = system.setup_distributed(args.device)
+    system.set_threads(args.threads)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    try:  # what the user gave: one-line errors
+        extractor = features.Extractor(args.features, device)
+        runs = [(label, scale, extract.open_images(path, args.data_root, args.image_size))
+                for label, scale, path in extract.fake_runs(args.fake)]
+        check_request(metrics, extractor, runs, args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"metrics.py: {e}") from None
+    extras = {}
+    if "entropy" in metrics:
+        extras["vq"] = features.load_vq(args.vq, args.vq_preset, device, args.unsafe_pickle)
+    if "clip" in metrics:
+        extras["clip"] = features.CLIP(args.clip).to(device)
+    real = train = None
+    needed = {"fid": ["mu", "sigma"], "sfid": ["mu_s", "sigma_s"], "pr": ["features"]}
+    needed = [key for m in metrics for key in needed.get(m, [])]
+    if needed:
+        source = extract.open_images(args.real, args.data_root, args.image_size)
+        real = reference_features(source, extractor, args, "real", needed)
+        check_reference(real)
+        size_notes(source, runs)
+    if "mem" in metrics:
+        source = extract.open_images(args.train, args.data_root, args.image_size)
+        train = reference_features(source, extractor, args, "train", ["features"])
+    rows = []
+    for label, scale, source in runs:
+        t0 = time.time()
+        row = evaluate(source, extractor, real, train, metrics, args, extras,
+                       label if scale is None else f"{label} s={scale:g}")
+        rows.append({"run": label, "scale": scale, "path": source.path, **row,
+                     "seconds": round(time.time() - t0, 1)})
+    if rank == 0:
+        report.print_table(rows, extractor.name)
+        floor = real_vs_real(real, rows)
+        if floor:
+            print(f"real vs real: FID {floor['fid']:.3f} of {floor['n']} reference images against "
+                  f"the other {floor['rest']} (what a perfect model scores at this n)")
+        os.makedirs(args.out, exist_ok=True)
+        summary = {"features": extractor.name, "real": args.real, "train": args.train,
+                   "metrics": metrics,
+                   "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau,
+                               "mem_threshold": args.mem_threshold,
+                               "mem_features": "L2-normalised",
+                               "clip_score": "100 * max(cos, 0), mean over samples",
+                               "rmd": "mean of the top 1 % scores"},
+                   "rows": rows, "real_vs_real": floor}
+        system.write_json(os.path.join(args.out, "metrics.json"), summary)
+        if "rmd_scores" in extras:
+            np.savez(os.path.join(args.out, "rmd_scores.npz"),
+                     **{f"{r['run']}_s{r['scale']}": s for r, s in zip(rows, extras["rmd_scores"])})
+        report.plot_sweeps(rows, args.out, extractor.name)
+        print(f"wrote {os.path.join(args.out, 'metrics.json')}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return rows
+
+
 def evaluate(source, extractor, real, train, metrics, args, extras, desc):
     """All requested metrics of one sample set: every rank extracts its shard, rank 0 computes."""
-    feats = extract.extract(extractor, source, args.batch_size, desc)
+    feats = extract_features(extractor, source, args.batch_size, desc)
     row, device = {"n": feats["n"]}, extractor.device
     if system.rank_and_world()[0] == 0:
         if "fid" in metrics:
@@ -314,6 +463,8 @@ def size_notes(reference, runs):
     def size(source):
         return tuple(source.read(0, 1).shape[1:3]) if len(source) else None
     want = size(reference)
+    if want is None:  # statistics only (pytorch-fid's mu / sigma): no image size to compare
+        return
     for label, _, source in runs:
         if size(source) not in (want, None):
             print(f"note: {source.path} holds {'x'.join(map(str, size(source)))} images, the "
@@ -385,69 +536,6 @@ def parse_args(argv=None):
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="--vq: " + system.UNSAFE_PICKLE_HELP)
     return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    # exact fp32 features
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    rank, _, device = system.setup_distributed(args.device)
-    system.set_threads(args.threads)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    try:  # what the user gave: one-line errors
-        extractor = features.Extractor(args.features, device)
-        runs = [(label, scale, extract.open_images(path, args.data_root, args.image_size))
-                for label, scale, path in extract.fake_runs(args.fake)]
-        check_request(metrics, extractor, runs, args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"metrics.py: {e}") from None
-    extras = {}
-    if "entropy" in metrics:
-        extras["vq"] = features.load_vq(args.vq, args.vq_preset, device, args.unsafe_pickle)
-    if "clip" in metrics:
-        extras["clip"] = features.CLIP(args.clip).to(device)
-    real = train = None
-    needed = {"fid": ["mu", "sigma"], "sfid": ["mu_s", "sigma_s"], "pr": ["features"]}
-    needed = [key for m in metrics for key in needed.get(m, [])]
-    if needed:
-        source = extract.open_images(args.real, args.data_root, args.image_size)
-        real = extract.reference_features(source, extractor, args, "real", needed)
-        check_reference(real)
-        size_notes(source, runs)
-    if "mem" in metrics:
-        source = extract.open_images(args.train, args.data_root, args.image_size)
-        train = extract.reference_features(source, extractor, args, "train", ["features"])
-    rows = []
-    for label, scale, source in runs:
-        t0 = time.time()
-        row = evaluate(source, extractor, real, train, metrics, args, extras,
-                       label if scale is None else f"{label} s={scale:g}")
-        rows.append({"run": label, "scale": scale, "path": source.path, **row,
-                     "seconds": round(time.time() - t0, 1)})
-    if rank == 0:
-        report.print_table(rows, extractor.name)
-        floor = real_vs_real(real, rows)
-        if floor:
-            print(f"real vs real: FID {floor['fid']:.3f} of {floor['n']} reference images against "
-                  f"the other {floor['rest']} (what a perfect model scores at this n)")
-        os.makedirs(args.out, exist_ok=True)
-        summary = {"features": extractor.name, "real": args.real, "train": args.train,
-                   "metrics": metrics,
-                   "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau,
-                               "mem_threshold": args.mem_threshold,
-                               "mem_features": "L2-normalised",
-                               "clip_score": "100 * max(cos, 0), mean over samples",
-                               "rmd": "mean of the top 1 % scores"},
-                   "rows": rows, "real_vs_real": floor}
-        system.write_json(os.path.join(args.out, "metrics.json"), summary)
-        if "rmd_scores" in extras:
-            np.savez(os.path.join(args.out, "rmd_scores.npz"),
-                     **{f"{r['run']}_s{r['scale']}": s for r, s in zip(rows, extras["rmd_scores"])})
-        report.plot_sweeps(rows, args.out, extractor.name)
-        print(f"wrote {os.path.join(args.out, 'metrics.json')}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return rows
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Every finished batch is kept in OUT/s{scale}/partial until the scale is written,
 a scale whose samples.npz already holds these samples is kept.
 """
 import argparse
+import contextlib
 import functools
 import glob
 import math
@@ -29,65 +30,68 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import diffusion
-from support import data, released, runs, system, weights
+from support import checkpoints, data, released, system, weights
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint file or run directory of train.py (uses RUN/ckpt.pt), a "
-                        "released pipeline directory or LDM's cin256-v2 model.ckpt (released.py)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
-    p.add_argument("--guidance", default="2.0",
-                   help="comma-separated guidance scales, one output folder each (1 = no guidance)")
-    p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
-                   help="DPM-Solver++ 2M (paper), DDIM or DDPM")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
-    p.add_argument("--timesteps", default="config", choices=["config", "paper"],
-                   help="released models (released.py): the timesteps their stored scheduler "
-                        "config gives, as the authors' scripts sample, or the paper's protocol "
-                        "(DPM-Solver++ from t = 999, App. B.7); runs of train.py always use the "
-                        "paper's")
-    p.add_argument("--ddim-eta", type=float, default=0.0,
-                   help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of "
-                        "train.py)")
-    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
-                   help="clip every step's x0 prediction to the data range [-1, 1], as DDPM, ADM "
-                        "and diffusers' schedulers sample pixels (default: on for pixel-space "
-                        "models, off for latent ones, whose latents are unbounded)")
-    p.add_argument("--cads", action="store_true",
-                   help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the "
-                        "condition embedding, strong at high noise levels and gone at the end")
-    p.add_argument("--cads-tau", default="0.6,0.9",
-                   help="CADS tau1,tau2: clean condition below tau1, pure noise above tau2 (t/T)")
-    p.add_argument("--cads-scale", type=float, default=0.25, help="CADS noise scale s")
-    p.add_argument("--cads-psi", type=float, default=1.0,
-                   help="CADS rescaling mix psi (1 = rescaled)")
-    p.add_argument("--per-class", type=int, default=None,
-                   help="class models: N samples of every class (paper: 50 per class)")
-    p.add_argument("--classes", default=None,
-                   help="class models: comma-separated classes to sample (default: all)")
-    p.add_argument("--prompts", default=None, help="text models: a file with one prompt per line")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="samples per forward pass per process")
-    p.add_argument("--seed", type=int, default=0,
-                   help="base seed; sample i uses the seed (seed, i)")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"],
-                   help="EMA weights (default) or raw weights")
-    p.add_argument("--vae", default=None,
-                   help="autoencoder checkpoint for latent models (default: the one in the run "
-                        "config)")
-    p.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
-    p.add_argument("--text-encoder", default=None,
-                   help="text models: the encoder directory, if it moved since training")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="U-Net autocast dtype; auto = bf16 (and TF32) on CUDA, fp32 on the CPU; "
-                        "guidance and the sampler's steps stay fp32")
-    p.add_argument("--threads", type=int, default=0,
-                   help=system.THREADS_HELP)
-    p.add_argument("--no-images", action="store_true",
-                   help="skip the per-image PNGs (the .npz and grid are always written)")
-    return p.parse_args(argv)
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    rank, world, device = system.setup_distributed()
+    system.set_threads(args.threads)
+    tf32 = args.precision == "auto" and device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:  # the user's checkpoint and autoencoder: one-line errors
+        model, config, step = checkpoints.load(args.ckpt, args.weights, device,
+                                               args.text_encoder, args.unsafe_pickle)
+        autoencoder = load_autoencoder(args, config, device)
+        abar, timesteps = sampling_schedule(args, config)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: {e}") from None
+    if args.clip_denoised is None:  # clip pixels, never latents
+        args.clip_denoised = config["space"] == "pixel"
+    elif args.clip_denoised and config["space"] == "latent":
+        raise SystemExit("sample.py: --clip-denoised applies to pixel-space models; latents are "
+                         "not bounded")
+    cads = None
+    if args.cads:  # (tau1, tau2, scale, psi)
+        cads = (*(float(v) for v in args.cads_tau.split(",")), args.cads_scale, args.cads_psi)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    how = dict(sampler=args.sampler, steps=args.steps, ddim_eta=args.ddim_eta,
+               clip=args.clip_denoised, cads=cads, seed=args.seed, bf16=bf16)
+    conds = conditions_to_sample(args, config)
+    mine = list(range(rank, len(conds), world))  # this process's sample indices
+    run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+    out_root = args.out or os.path.join(run_dir, "samples")
+    shape = (config["channels"], config["size"], config["size"])
+    key = condition_key(config)
+    lock = system.folder_lock(out_root, "sample") if rank == 0 else contextlib.nullcontext()
+    # one sample.py per output folder; Ctrl-C / SIGTERM: keep the finished batches
+    with lock, system.stop_on_signals() as received:
+        for scale in [float(s) for s in args.guidance.split(",")]:
+            out = os.path.join(out_root, f"s{scale:g}")
+            settings = sample_settings(args, config, scale, step)
+            if already_written(out, settings, key, conds):
+                if rank == 0:
+                    print(f"{out}/samples.npz already holds these {len(conds)} samples (same "
+                          "checkpoint and settings): kept; delete it to draw them again")
+                continue
+            partial = os.path.join(out, "partial")
+            draw = functools.partial(sample_batch, model, scale=scale, abar=abar,
+                                     timesteps=timesteps, autoencoder=autoencoder, **how)
+            done = draw_scale(draw, conds, key, mine, settings, args, shape, partial, received)
+            images = system.gather_rows(np.stack([done[i][0] for i in mine]) if mine else
+                                        np.zeros((0,), np.uint8), np.asarray(mine, np.int64))
+            shares = system.gather_rows(np.stack([done[i][1] for i in mine]) if mine else
+                                        np.zeros((0, 2)))  # rank 0: every sample's shares
+            if rank == 0:
+                write_outputs(out, images, conds, settings, config, args)
+                shutil.rmtree(partial, ignore_errors=True)  # the shards are in samples.npz now
+                print(f"wrote {len(images)} samples to {out}")
+                warning = range_warning(*shares.mean(0), epochs_seen(config, step))
+                if warning:
+                    print(warning)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def conditions_to_sample(args, config):
@@ -153,33 +157,34 @@ def range_warning(outside, saturated=0.0, epochs=None):
 
 
 @torch.no_grad()
-def sample_batch(model, conds, indices, noise, gens, scale, args, schedule, autoencoder):
-    abar, timesteps = schedule
+def sample_batch(model, conds, indices, noise, gens, scale, abar, timesteps, autoencoder,
+                 sampler, steps, ddim_eta=0.0, clip=False, cads=None, seed=0, bf16=False):
+    """Images of one batch: `sampler` (diffusion.sample) for `steps` from x_T = noise with
+    classifier-free guidance at `scale` (Eq. 2) on c_theta(y), which gets no CEP delta at
+    sampling (Sec. 5.1); cads = (tau1, tau2, scale, psi) re-noises the condition (never the
+    null one) from per-sample generators; clip keeps x0 predictions in the data range (pixel
+    models); decoded by the autoencoder. -> (uint8 NHWC, the shares far outside / at an end of
+    the range per image [N, 2])."""
     device = next(model.parameters()).device
     c = torch.as_tensor(conds, device=device) if not isinstance(conds[0], str) else list(conds)
-    context = model.embedder(c)  # c_theta(y): no CEP delta at sampling (Sec. 5.1)
+    context = model.embedder(c)  # c_theta(y): [B, L, D]
     null_context = model.embedder(model.null_conditions(len(conds)))
-    eps_fn = functools.partial(diffusion.guided_eps, model.unet, null_context=null_context,
-                               scale=scale)  # Eq. 2
-    if args.cads:  # the condition is re-noised at every step; the null condition stays clean
-        tau1, tau2 = (float(v) for v in args.cads_tau.split(","))
-        cads_gens = [torch.Generator().manual_seed(system.seed_of(args.seed, i, 1))
-                     for i in indices]
+    cads_gens = [torch.Generator().manual_seed(system.seed_of(seed, i, 1)) for i in indices]
 
-        def conditioned(x, t):
-            noise = torch.stack([torch.randn(context.shape[1:], generator=g) for g in cads_gens])
-            return eps_fn(x, t, context=diffusion.cads_context(
-                context, t, noise.to(device), len(abar), tau1, tau2, args.cads_scale,
-                args.cads_psi))
-    else:
-        conditioned = functools.partial(eps_fn, context=context)
-    if args.clip_denoised:  # x0 predictions inside the data range (pixel models, by default)
-        conditioned = diffusion.clip_denoised(conditioned, abar)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    def eps(x, t):
+        condition = context
+        if cads is not None:
+            draws = [torch.randn(context.shape[1:], generator=g) for g in cads_gens]
+            condition = diffusion.cads_context(context, t, torch.stack(draws).to(device),
+                                               len(abar), *cads)
+        return diffusion.guided_eps(model.unet, x, t, condition, null_context, scale)
+
+    if clip:  # x0 predictions inside the data range (pixel models, by default)
+        eps = diffusion.clip_denoised(eps, abar)
     # bf16 for the U-Net's matmuls and convolutions; the sampler's arithmetic stays fp32
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = diffusion.sample(conditioned, noise.to(device), args.sampler, args.steps, abar,
-                             eta=args.ddim_eta, generators=gens, timesteps=timesteps)
+        x = diffusion.sample(eps, noise.to(device), sampler, steps, abar, eta=ddim_eta,
+                             generators=gens, timesteps=timesteps)
     if autoencoder is not None:
         x = autoencoder.decode(x)
     shares = torch.stack([(x.abs() > OUT_OF_RANGE).float().mean((1, 2, 3)),  # data: [-1, 1]
@@ -295,33 +300,6 @@ def write_outputs(out, images, conds, settings, config, args):
             picture.save(os.path.join(out, "images", f"{i:06d}.png"))
 
 
-def check_args(args):
-    """One-line errors for flags out of range, before any work."""
-    if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("--steps and --batch-size must be >= 1")
-    try:
-        scales = [float(s) for s in args.guidance.split(",")]
-    except ValueError:
-        raise SystemExit("--guidance must be comma-separated numbers, got "
-                         f"{args.guidance!r}") from None
-    if any(s < 0 for s in scales):
-        raise SystemExit(f"--guidance scales must be >= 0, got {args.guidance}")
-    if not 0 <= args.ddim_eta <= 1:
-        raise SystemExit(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
-    if args.ddim_eta and args.sampler != "ddim":
-        raise SystemExit(f"--ddim-eta applies to --sampler ddim, not {args.sampler}")
-    if args.cads:
-        try:
-            tau = [float(v) for v in args.cads_tau.split(",")]
-        except ValueError:
-            tau = []
-        if len(tau) != 2 or not 0 <= tau[0] < tau[1] <= 1:
-            raise SystemExit("--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got "
-                             f"{args.cads_tau}")
-        if args.cads_scale < 0 or not 0 <= args.cads_psi <= 1:
-            raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")
-
-
 def load_autoencoder(args, config, device):
     """The autoencoder a latent model decodes with (--vae, or the one its run config names)."""
     vae_path = args.vae or (config.get("vae") if config["space"] == "latent" else None)
@@ -381,57 +359,91 @@ def draw_scale(draw, conds, key, mine, settings, args, shape, partial, received)
     return done
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    rank, world, device = system.setup_distributed()
-    system.set_threads(args.threads)
-    tf32 = args.precision == "auto" and device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:  # the user's checkpoint and autoencoder: one-line errors
-        model, config, step = runs.load(args.ckpt, args.weights, device, args.text_encoder,
-                                            args.unsafe_pickle)
-        autoencoder = load_autoencoder(args, config, device)
-        schedule = sampling_schedule(args, config)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"sample.py: {e}") from None
-    if args.clip_denoised is None:  # clip pixels, never latents
-        args.clip_denoised = config["space"] == "pixel"
-    elif args.clip_denoised and config["space"] == "latent":
-        raise SystemExit("sample.py: --clip-denoised applies to pixel-space models; latents are "
-                         "not bounded")
-    conds = conditions_to_sample(args, config)
-    mine = list(range(rank, len(conds), world))  # this process's sample indices
-    run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
-    out_root = args.out or os.path.join(run_dir, "samples")
-    shape = (config["channels"], config["size"], config["size"])
-    key = condition_key(config)
-    with system.stop_on_signals() as received:  # Ctrl-C / SIGTERM: keep the finished batches
-        for scale in [float(s) for s in args.guidance.split(",")]:
-            out = os.path.join(out_root, f"s{scale:g}")
-            settings = sample_settings(args, config, scale, step)
-            if already_written(out, settings, key, conds):
-                if rank == 0:
-                    print(f"{out}/samples.npz already holds these {len(conds)} samples (same "
-                          "checkpoint and settings): kept; delete it to draw them again")
-                continue
-            partial = os.path.join(out, "partial")
-            draw = functools.partial(sample_batch, model, scale=scale, args=args,
-                                     schedule=schedule, autoencoder=autoencoder)
-            done = draw_scale(draw, conds, key, mine, settings, args, shape, partial, received)
-            images = system.gather_rows(np.stack([done[i][0] for i in mine]) if mine else
-                                        np.zeros((0,), np.uint8), np.asarray(mine, np.int64))
-            shares = system.gather_rows(np.stack([done[i][1] for i in mine]) if mine else
-                                        np.zeros((0, 2)))  # rank 0: every sample's shares
-            if rank == 0:
-                write_outputs(out, images, conds, settings, config, args)
-                shutil.rmtree(partial, ignore_errors=True)  # the shards are in samples.npz now
-                print(f"wrote {len(images)} samples to {out}")
-                warning = range_warning(*shares.mean(0), epochs_seen(config, step))
-                if warning:
-                    print(warning)
-    if world > 1:
-        dist.destroy_process_group()
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=system.HelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint file or run directory of train.py (uses RUN/ckpt.pt), a "
+                        "released pipeline directory or LDM's cin256-v2 model.ckpt (released.py)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
+    p.add_argument("--guidance", default="2.0",
+                   help="comma-separated guidance scales, one output folder each (1 = no guidance)")
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
+                   help="DPM-Solver++ 2M (paper), DDIM or DDPM")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: 1000)")
+    p.add_argument("--timesteps", default="config", choices=["config", "paper"],
+                   help="released models (released.py): the timesteps their stored scheduler "
+                        "config gives, as the authors' scripts sample, or the paper's protocol "
+                        "(DPM-Solver++ from t = 999, App. B.7); runs of train.py always use the "
+                        "paper's")
+    p.add_argument("--ddim-eta", type=float, default=0.0,
+                   help="DDIM's eta, in [0, 1] (0 = deterministic; not the corruption ratio of "
+                        "train.py)")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip every step's x0 prediction to the data range [-1, 1], as DDPM, ADM "
+                        "and diffusers' schedulers sample pixels (default: on for pixel-space "
+                        "models, off for latent ones, whose latents are unbounded)")
+    p.add_argument("--cads", action="store_true",
+                   help="condition-annealed sampling (CADS, Sadat et al. 2024): noise on the "
+                        "condition embedding, strong at high noise levels and gone at the end")
+    p.add_argument("--cads-tau", default="0.6,0.9",
+                   help="CADS tau1,tau2: clean condition below tau1, pure noise above tau2 (t/T)")
+    p.add_argument("--cads-scale", type=float, default=0.25, help="CADS noise scale s")
+    p.add_argument("--cads-psi", type=float, default=1.0,
+                   help="CADS rescaling mix psi (1 = rescaled)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="class models: N samples of every class (paper: 50 per class)")
+    p.add_argument("--classes", default=None,
+                   help="class models: comma-separated classes to sample (default: all)")
+    p.add_argument("--prompts", default=None, help="text models: a file with one prompt per line")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per forward pass per process")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; sample i uses the seed (seed, i)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="EMA weights (default) or raw weights")
+    p.add_argument("--vae", default=None,
+                   help="autoencoder checkpoint for latent models (default: the one in the run "
+                        "config)")
+    p.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
+    p.add_argument("--text-encoder", default=None,
+                   help="text models: the encoder directory, if it moved since training")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="U-Net autocast dtype; auto = bf16 (and TF32) on CUDA, fp32 on the CPU; "
+                        "guidance and the sampler's steps stay fp32")
+    p.add_argument("--threads", type=int, default=0,
+                   help=system.THREADS_HELP)
+    p.add_argument("--no-images", action="store_true",
+                   help="skip the per-image PNGs (the .npz and grid are always written)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """One-line errors for flags out of range, before any work."""
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("--steps and --batch-size must be >= 1")
+    try:
+        scales = [float(s) for s in args.guidance.split(",")]
+    except ValueError:
+        raise SystemExit("--guidance must be comma-separated numbers, got "
+                         f"{args.guidance!r}") from None
+    if any(s < 0 for s in scales):
+        raise SystemExit(f"--guidance scales must be >= 0, got {args.guidance}")
+    if not 0 <= args.ddim_eta <= 1:
+        raise SystemExit(f"--ddim-eta must be in [0, 1], got {args.ddim_eta}")
+    if args.ddim_eta and args.sampler != "ddim":
+        raise SystemExit(f"--ddim-eta applies to --sampler ddim, not {args.sampler}")
+    if args.cads:
+        try:
+            tau = [float(v) for v in args.cads_tau.split(",")]
+        except ValueError:
+            tau = []
+        if len(tau) != 2 or not 0 <= tau[0] < tau[1] <= 1:
+            raise SystemExit("--cads-tau must be tau1,tau2 with 0 <= tau1 < tau2 <= 1, got "
+                             f"{args.cads_tau}")
+        if args.cads_scale < 0 or not 0 <= args.cads_psi <= 1:
+            raise SystemExit("--cads-scale must be >= 0 and --cads-psi in [0, 1]")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = system.setup_distributed()
     system.set_threads(args.threads)
+    # one train.py per run folder: a second one stops at once, naming the first
+    with system.folder_lock(args.out, "train") if rank == 0 else contextlib.nullcontext():
+        train(args, rank, world, device)
+
+
+def train(args, rank, world, device):
+    """The run: data and corruption, model, then the loop of Eq. 8's steps."""
     cuda = device.type == "cuda"
     tf32 = cuda and not args.no_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -59,7 +66,10 @@ def main(argv=None):
     with system.stop_on_signals() as received, contextlib.closing(loader):
         while step < args.steps:
             # one step: every draw for the global batch of G from the (seed, step) generator
-            x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
+            try:
+                x0 = torch.cat([next(loader) for _ in range(accum)]).to(device, non_blocking=True)
+            except data.UnreadableImage as e:
+                books.stop_on_unreadable(e, step, model, ema, opt)
             g = torch.Generator(device).manual_seed(system.seed_of(args.seed, step))
             if text:  # BERT's dropout draws from the global RNG: per (step, rank)
                 torch.manual_seed(system.seed_of(args.seed, step, rank))
@@ -168,7 +178,8 @@ def parse_args(argv=None):
     d.add_argument("--unsafe-pickle", action="store_true", help=system.UNSAFE_PICKLE_HELP)
     d.add_argument("--check-images", action="store_true",
                    help="folder / captions: read every image before training and list the "
-                        "unreadable ones (the first 100 are always read)")
+                        "unreadable ones (without it, training stops at the first one it meets, "
+                        "with a checkpoint)")
     d.add_argument("--data-changed-ok", action="store_true",
                    help="--resume on a dataset whose size changed (e.g. bad files removed); the "
                         "data order after the resume then differs from an uninterrupted run")
@@ -211,7 +222,7 @@ def parse_args(argv=None):
                    help="captions: local dir of a BERT-family encoder (paper: bert-base-uncased)")
     m.add_argument("--no-attention-mask", action="store_true",
                    help="captions: call the text encoder with the token ids only (padding "
-                        "attended), as the released CC3M models do (released.py export)")
+                        "attended), as the released CC3M models do (support/export.py)")
     m.add_argument("--text-length", type=int, default=77,
                    help="captions: tokens per caption (paper: 77; shorter is cheaper for short "
                         "captions)")

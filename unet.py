@@ -62,6 +62,9 @@ PRESETS = {
     "ldm4-in1k": UNetConfig(3, 3, 192, (1, 2, 3, 5), 2, (32, 16, 8), 64, 512, head_channels=-1),
     # LDM text2img256 (32-wide heads, 640-d context): 403,623,939 parameters.
     "ldm4-text": UNetConfig(3, 3, 192, (1, 2, 3, 5), 2, (32, 16, 8), 64, 640, head_channels=32),
+    # ldm4-in1k's layout (levels, blocks, attention, one head) at 32 channels and a 64-d context:
+    # the full-scale commands end to end in minutes (experiments/rehearse.py --narrow).
+    "ldm4-narrow": UNetConfig(3, 3, 32, (1, 2, 3, 5), 2, (32, 16, 8), 64, 64, head_channels=-1),
     # Tests: 16x16 input, attention at 8x8 and in the middle (~1.0M params).
     "tiny": UNetConfig(3, 3, 32, (1, 2), 1, (8,), 16, 32, head_channels=-1),
     # CPU demo on 8x8 one-channel pixels (sklearn digits): 1.0M params, ~40 MFLOP per image.

@@ -21,7 +21,7 @@ weights (relative error printed: max |a - b| / max |b|); every training line als
 its first loss is from the fp32 reference loss. FLOPs: FlopCounterMode on forward + backward,
 counted once per model on the meta device (attention counted as its two matmuls).
 diffusers and pytorch-fid are imported only inside the baseline functions: they are the anchors of
-this benchmark, not dependencies of the product. Method and results: BENCHMARKS.md.
+this benchmark, not dependencies of the product. Method and results: experiments/BENCHMARKS.md.
 """
 import argparse
 import dataclasses

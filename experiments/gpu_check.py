@@ -2,7 +2,7 @@
 fp32 / eager / uninterrupted twin (bf16 training, torch.compile, torchrun stopped and resumed,
 bf16 sampling, the SDPA kernels that accept the paper's one-head attention). On the CPU the same
 checks run with gloo and CPU autocast at a smaller size (tests/test_bench.py). Method:
-BENCHMARKS.md.
+experiments/BENCHMARKS.md.
 """
 import contextlib
 import json

@@ -3,7 +3,7 @@
 load_dataset(name) returns (image float32 CHW in [-1, 1], condition) per index:
     digits          scikit-learn's bundled 1,797 real 8x8 digits; needs no setup (the default).
     fashion-mnist   the idx files of the Debian package dataset-fashion-mnist.
-    folder          an ImageNet-style class folder (torchvision ImageFolder), ADM center crop.
+    folder          an ImageNet-style class folder (root/<class>/<image>), ADM center crop.
     captions        a TSV of path<TAB>caption (the common CC3M export), ADM center crop.
 digits and fashion-mnist live in memory as one uint8 tensor `.images` [N, C, H, W] so that
 train.py can index whole batches. __getitem__ reads the condition from `.labels` / `.captions`.
@@ -106,18 +106,32 @@ def is_grayscale(im):
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
-def file_channels(paths, probe=100):
-    """1 when the first `probe` files (sorted) are all grayscale, else 3: three equal channels
-    would triple the work and leave the model a direction the data never uses. Warns once when
-    some have transparency (they are composited onto white, not stripped of their alpha)."""
+def to_8bit(im):
+    """16-bit grey images (PNG mode I;16, or I) scaled to 8 bits; PIL's convert would clip every
+    value above 255 to white. Other modes as they are."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode == "I" and values.max() <= 255:  # 8-bit values stored as 32-bit integers
+        return Image.fromarray(values.astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
+
+
+def file_channels(paths, probe=2000):
+    """1 when the files are all grayscale, else 3: three equal channels would triple the work and
+    leave the model a direction the data never uses. Every file is looked at up to `probe` files,
+    else `probe` files spread evenly over the sorted list (every class of a class folder). Warns
+    once when some have transparency (composited onto white, not stripped of their alpha)."""
     gray, transparent = [], False
-    for path in sorted(paths)[:probe]:
+    ordered = sorted(paths)
+    spread = np.unique(np.linspace(0, len(ordered) - 1, min(probe, len(ordered))).round())
+    for path in [ordered[int(i)] for i in spread]:
         try:
             with Image.open(path) as im:
                 transparent |= im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
                 gray.append(is_grayscale(im))
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"cannot read image file {path}: {e}") from e
+        except (OSError, ValueError):  # named when it is read (--check-images lists them all)
+            continue
     if transparent:
         print("note: some images have transparency; they are composited onto a white background")
     return 1 if gray and all(gray) else 3
@@ -147,12 +161,16 @@ def center_crop_arr(pil_image, image_size):
     return arr[y:y + image_size, x:x + image_size]
 
 
+class UnreadableImage(RuntimeError):
+    """An image file that cannot be read (named in the message)."""
+
+
 def read_image(path, image_size, channels=3):
     """One image file -> float32 [channels, S, S] in [-1, 1]; transparent pixels are composited
     onto white; an unreadable file names itself."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGBA")  # every mode, palettes with transparency included
+            im = to_8bit(im).convert("RGBA")  # every mode, palettes with transparency included
             white = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(white, im).convert("L" if channels == 1 else "RGB")
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
@@ -233,15 +251,30 @@ def load_fashion_mnist(root=None, split="train", pad=False):
     return InMemoryDataset(images, labels, FASHION_MNIST_CLASSES)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
 def load_image_folder(root, image_size):
-    """An ImageNet-style folder root/<class>/<image>; labels follow sorted class names."""
-    from torchvision.datasets import ImageFolder
+    """An ImageNet-style folder root/<class>/<image>; labels follow sorted class names. A class
+    folder may be a link; inside a class, linked folders are not followed (a link to a parent
+    would read the whole tree again under this class), linked files are read."""
     if root is None or not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} not found (expected root/<class>/<image>, "
                                 f"e.g. the ImageNet train folder)")
-    folder = ImageFolder(root)
-    paths = [path for path, _ in folder.samples]
-    return FileDataset(paths, image_size, labels=folder.targets, class_names=folder.classes)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    paths, labels, skipped = [], [], 0
+    for label, name in enumerate(classes):
+        for folder, dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=False)):
+            skipped += sum(os.path.islink(os.path.join(folder, d)) for d in dirs)
+            found = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+            paths += [os.path.join(folder, f) for f in found]
+            labels += [label] * len(found)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
+                                f"under {root}")
+    if skipped:
+        print(f"note: {skipped} linked folders inside the classes of {root} are not followed")
+    return FileDataset(paths, image_size, labels=labels, class_names=classes)
 
 
 def load_caption_tsv(path, image_size):

@@ -1,10 +1,9 @@
-"""Image sets to features: the sources metrics.py reads, sharded extraction, the feature cache.
+"""Image sets for metrics.py: the sources it reads, --fake run labels, a sharded pass.
 
 A source is an .npz (arr_0 uint8 NHWC, streamed from the zip: sample.py's output or an ADM
 reference batch; a pytorch-fid statistics file with mu / sigma), an image folder, or
-"dataset:NAME[:SPLIT]" (data.py). Under torchrun every process extracts a contiguous shard;
-statistics are summed in float64 on every rank, features are gathered on rank 0 only. Reference
-features are cached by (file, mtime, network), so a sweep extracts the real images once.
+"dataset:NAME[:SPLIT]" (data.py). FID's streamed feature pass and the feature cache are in
+metrics.py, beside the Gaussian fit they feed.
 """
 import concurrent.futures
 import glob
@@ -97,15 +96,22 @@ class FolderSource:
         return len(self.files)
 
     def read(self, start, stop):
-        images = list(self.pool.map(lambda f: np.asarray(Image.open(f).convert("RGB")),
-                                    self.files[start:stop]))
+        def decode(path):
+            with Image.open(path) as im:
+                return np.asarray(data.to_8bit(im).convert("RGB"))
+        images = list(self.pool.map(decode, self.files[start:stop]))
         if len({im.shape for im in images}) > 1:
             raise ValueError(f"images under '{self.path}' differ in size; resize/crop them first "
                              "(as ADM's reference batches)")
         return np.stack(images)
 
     def cache_id(self):
-        return f"{os.path.abspath(self.path)}|{os.stat(self.path).st_mtime_ns}|{len(self.files)}"
+        """Every file's name, size and modification time: images rewritten in place are new."""
+        stamp = hashlib.sha1()
+        for f in self.files:
+            st = os.stat(f)
+            stamp.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return f"{os.path.abspath(self.path)}|{stamp.hexdigest()}"
 
 
 class DatasetSource:
@@ -148,7 +154,7 @@ def open_images(spec, data_root=None, image_size=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Feature extraction: sharded over ranks, streaming float64 statistics, gathered features
+# --fake labels and a sharded pass over a source
 # --------------------------------------------------------------------------------------------
 
 def run_label(path):
@@ -178,81 +184,6 @@ def fake_runs(specs):
         else:
             rows.append((label or run_label(path), None, path))
     return rows
-
-
-def extract(extractor, source, batch_size, desc):
-    """-> {"n", "mu", "sigma", ["mu_s", "sigma_s"], "features", ["logits_unbiased"]}: the
-    statistics on every rank, the features and logits on rank 0 only (None elsewhere)."""
-    rank, size = system.rank_and_world()
-    if len(source) < size:  # an empty shard would skip the collectives below: a hang
-        raise ValueError(f"'{source.path}' has {len(source)} images, fewer than the {size} "
-                         "processes")
-    import metrics  # FID's Gaussian fit (metrics.py imports this module)
-    lo, hi = rank * len(source) // size, (rank + 1) * len(source) // size
-    stats, kept = {}, {"features": [], "logits_unbiased": []}
-    for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=rank != 0):
-        batch = source.read(start, min(start + batch_size, hi))  # uint8 NHWC
-        images = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        out = extractor(images)
-        for key in ("features", "spatial"):
-            if key in out:
-                if key not in stats:
-                    stats[key] = metrics.FeatureStats(out[key].shape[1], extractor.device)
-                stats[key].update(out[key])
-        for key in kept:
-            if key in out:
-                kept[key].append(out[key].float().cpu().numpy())
-    result = {}
-    for key, suffix in (("features", ""), ("spatial", "_s")):
-        if key in stats:
-            stats[key].all_reduce()
-            result["mu" + suffix], result["sigma" + suffix] = stats[key].mean_cov()
-            result["n"] = stats[key].n
-    for key, parts in kept.items():
-        if parts:
-            result[key] = system.gather_rows(np.concatenate(parts))  # rank 0
-    return result
-
-
-def reference_features(source, extractor, args, desc, needed):
-    """The `needed` statistics/features of a real/training set. Files with Inception
-    statistics (pytorch-fid's mu/sigma, ADM's mu/sigma/mu_s/sigma_s) give those, as pytorch-fid
-    and ADM use them; images are extracted once and cached under --cache (file, mtime,
-    extractor)."""
-    rank, world = system.rank_and_world()
-    stored = {k: source.extra[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in source.extra}
-    stored = stored if extractor.kind == "inception" else {}
-    if set(needed) <= stored.keys():
-        return stored
-    if len(source) == 0:
-        raise ValueError(f"'{source.path}' holds no images (arr_0)"
-                         + ("" if stored else " and no Inception statistics"))
-    key = hashlib.sha1(f"{source.cache_id()}|{extractor.cache_id}".encode()).hexdigest()[:16]
-    path = os.path.join(args.cache, f"{key}.npz") if args.cache else None
-    hit = [bool(path) and os.path.exists(path)]
-    if world > 1:  # rank 0 decides: a hit on some ranks only would split the collectives
-        dist.broadcast_object_list(hit, src=0)
-    feats = None
-    if hit[0]:
-        try:
-            with np.load(path) as f:
-                feats = {k: f[k] for k in f.files}
-            if rank == 0:
-                print(f"{desc}: cached features {path} (--cache '' recomputes them)")
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged entry
-            print(f"{desc}: the cached features {path} cannot be read ({type(e).__name__}); "
-                  "recomputing them")
-    if feats is None:
-        feats = extract(extractor, source, args.batch_size, desc)
-        if path and rank == 0:
-            os.makedirs(args.cache, exist_ok=True)
-            # parallel runs may share it
-            system.write_atomic(path, lambda tmp: np.savez(tmp, **feats))
-    feats = {**feats, **stored}
-    missing = set(needed) - feats.keys()
-    if missing:
-        raise ValueError(f"'{source.path}' with {extractor.name} gives no {sorted(missing)}")
-    return feats
 
 
 @torch.no_grad()

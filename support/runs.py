@@ -1,16 +1,16 @@
 """Runs of train.py: their files, the resume contract, --init, and the loop's bookkeeping.
 
-What train.py and sample.py need around the model but a reader of the paper need not open
-first: the training data as a run sees it (images or cached latents, the run config), loading a
-checkpoint or a released model as a Denoiser (cep.py), which flags a resume may change, the
-checks of --init, and the end of every step (log, non-finite checks, checkpoint, stop on a
-signal).
+What train.py needs around the model but a reader of the paper need not open first: the training
+data as a run sees it (images or cached latents, the run config), which flags a resume may
+change, the checks of --init, and the end of every step (log, non-finite checks, checkpoint,
+stop on a signal). Reading a checkpoint or a released model as a Denoiser is checkpoints.py.
 """
 import dataclasses
 import functools
 import json
 import math
 import os
+import re
 import signal
 import time
 
@@ -18,14 +18,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import cep
 import corrupt
 import diffusion
 import unet
-from support import data, released, system, weights
+from support import checkpoints, data, released, system, weights
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- presets
 
 
 def choose_preset(name, size):
@@ -36,8 +35,8 @@ def choose_preset(name, size):
         if not made_for:
             raise ValueError(f"no U-Net preset is made for {size}x{size} inputs (presets: "
                              f"{listing}); choose --image-size (folders and caption files "
-                             "default to 256; on a CPU 16 or 32, whose cost per step README.md's "
-                             "'Your own data' gives), or train on latents")
+                             "default to 256; on a CPU 16 or 32: experiments/README.md, section "
+                             "7, gives their cost per step), or train on latents")
         return made_for[0]
     if name not in unet.PRESETS:
         raise ValueError(f"unknown --preset {name!r}; presets: {listing}")
@@ -47,66 +46,6 @@ def choose_preset(name, size):
         raise ValueError(f"--preset {name} does not fit {size}x{size} inputs ({e}); presets made "
                          f"for this size: {', '.join(made_for) or 'none'}") from None
     return name
-
-
-def load(path, which="ema", device="cpu", text_encoder=None, unsafe_pickle=False):
-    """(Denoiser, run config, step) of a train.py checkpoint (a file or a run directory; its
-    `which` weights: ema or model), or of a released model (released.py: a pipeline directory or
-    LDM's cin256-v2 model.ckpt; step 0, the
-    run config holds its stored scheduler config). Tensors and plain data only, unless
-    unsafe_pickle (a Lightning model.ckpt): nothing in the file runs on load."""
-    if os.path.isdir(path) and released.is_pipeline(path):
-        return (*from_state(*released.pipeline(path), path, device), 0)
-    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or give "
-                                f"{released.CHECKPOINT_HINT}")
-    ckpt = readable_checkpoint(path, unsafe_pickle)
-    if "config" not in ckpt:  # not a run of train.py
-        return (*from_state(*released.ldm_checkpoint(ckpt, path), path, device), 0)
-    config = dict(ckpt["config"])
-    if config["text"]:
-        config["text_encoder"] = text_encoder or config["text_encoder"]
-        if not os.path.isdir(config["text_encoder"]):
-            raise FileNotFoundError("the text encoder this model was trained with is not at "
-                                    f"{config['text_encoder']}: pass --text-encoder DIR (the same "
-                                    "model)")
-    return (*from_state(config, ckpt[which], None, path, device, which), ckpt["step"])
-
-
-def readable_checkpoint(path, unsafe_pickle=False):
-    """The newest readable checkpoint: `path`, else (with a message) the previous one train.py
-    keeps beside it (ckpt.prev.pt) when `path` is missing, cut short or damaged."""
-    candidates = [path] + ([system.previous_checkpoint(path)] if path.endswith(".pt") else [])
-    problems = []
-    for candidate in candidates:
-        if not os.path.exists(candidate):
-            problems.append(f"{candidate} is missing")
-            continue
-        try:
-            ckpt = weights.torch_load(candidate, unsafe_pickle)
-        except Exception as e:  # truncated or foreign file: torch raises several kinds
-            problems.append(f"{candidate} cannot be read ({type(e).__name__}: {str(e)[:80]})")
-            continue
-        if candidate != path:
-            print(f"{problems[0]}; using the previous checkpoint {candidate}")
-        return ckpt
-    raise ValueError("no readable checkpoint: " + "; ".join(problems))
-
-
-def from_state(config, state, scheduler, path, device, which="ema"):
-    """(Denoiser, run config) holding `state`; non-finite weights are refused."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: the {which} weights are not finite ({bad[0]}, ...): the run "
-                         f"diverged before this checkpoint; nothing to sample")
-    if scheduler is not None:
-        config["scheduler"] = scheduler
-    model = cep.Denoiser(config)
-    if config["text"] and config.get("released"):  # BERT was read from the release's bert/
-        state = {**model.embedder.state_dict(prefix="embedder."), **state}
-    model.load_state_dict(state)
-    return model.to(device).eval(), config
 
 
 # ----------------------------------------------------------------------------- the run's data
@@ -186,8 +125,17 @@ def batches(args, images, step, world, rank, n, cuda):
                                               worker_init_fn=system.ignore_stop_signals))
     try:
         yield from loader
-    finally:  # close() ends the workers: they ignore the SIGTERM with which Python's exit
-        del loader  # would end them, and would hold the exit forever
+    except RuntimeError as e:  # a worker's (or the loop's own) read error: an unreadable file
+        reasons = re.findall(r"cannot read image file [^\n]*", str(e))  # last: the message,
+        if not reasons:  # not the source line a worker's traceback quotes
+            raise
+        # end the workers now: they ignore the SIGTERM with which Python's exit would end them,
+        # and the exception's traceback keeps this iterator (and them) alive: a run that never
+        # exits
+        getattr(loader, "_shutdown_workers", lambda: None)()
+        raise data.UnreadableImage(reasons[-1]) from None
+    finally:  # close() ends the workers (as above) when the run is done or stopped
+        del loader
 
 
 def first_stage(x0, images, autoencoder, flip, g, G, mine):
@@ -255,17 +203,17 @@ def build_model(args, config, device):
                          "--out")
     start = init_weights(args, config) if args.init else None  # sets config's U-Net and classes
     torch.manual_seed(args.seed)  # the initial weights
-    model = cep.Denoiser(config).to(device)
+    model = checkpoints.build_denoiser(config).to(device)
     if start is not None:
         model.load_state_dict(start)
-    ema = cep.Denoiser(config).to(device).eval().requires_grad_(False)
+    ema = checkpoints.build_denoiser(config).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     if not args.resume:
         return model, ema, opt, 0, None
     try:
-        ckpt = readable_checkpoint(ckpt_path)
+        ckpt = checkpoints.readable_checkpoint(ckpt_path)
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
     check_resumable(ckpt["config"], config)
@@ -283,11 +231,11 @@ def init_weights(args, config):
     """--init: the weights of a released or earlier model (load); its U-Net and class
     table go into the run config, after checking that the data fits them."""
     try:
-        start, start_config, _ = load(args.init, "ema", "cpu", args.text_encoder,
-                                               args.unsafe_pickle)
+        start, start_config, _ = checkpoints.load(args.init, "ema", "cpu", args.text_encoder,
+                                                  args.unsafe_pickle)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"train.py: --init: {e}") from None
-    ucfg = cep.unet_config(start_config)
+    ucfg = checkpoints.unet_config(start_config)
     data = f"{config['channels']}x{config['size']}x{config['size']}"
     takes = f"{ucfg.in_channels}x{ucfg.sample_size}x{ucfg.sample_size}"
     if data != takes:
@@ -424,6 +372,18 @@ class Bookkeeping:
             return f"no good checkpoint was written{moved}"
         moved = f"; ckpt.pt of step {bad[0]} gave these steps: now ckpt.bad.pt" if bad else ""
         return f"last good checkpoint: {self.ckpt_path} (step {good[0]}){moved}"
+
+    def stop_on_unreadable(self, error, step, model, ema, opt):
+        """An image that cannot be read: save the steps done (one process; with several, the
+        last checkpoint stays) and stop with one line naming the file."""
+        saved = ""
+        if self.world == 1 and step not in self.saved and step > 0:
+            self.save(step, model, ema, opt)
+            saved = f"checkpoint of step {step} written; "
+        self.bar.close()  # the message is the last line
+        raise SystemExit(f"train.py: {error} (at step {step}); {saved}replace the file and "
+                         "continue with --resume (--check-images lists every unreadable file; "
+                         "removing it changes the data: --data-changed-ok)")
 
     def save(self, step, model, ema, opt):
         if not all(torch.isfinite(p).all() for p in model.parameters()):

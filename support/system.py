@@ -9,6 +9,7 @@ resume use the same count and agree bit for bit, and a busy machine is reported 
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -78,12 +79,15 @@ def seed_of(*keys):
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+TEMPORARY = ".atomic-tmp"  # NAME.atomic-tmpPID.EXT: a save in progress (remove_stale_temporaries)
+
+
 def write_atomic(path, write, previous=None):
     """write(tmp) fills a temporary file beside `path`, then it replaces `path` in one rename: a
     killed run or a full disk never leaves a half-written file, and the old one stays intact on
     failure. `previous`: keep the replaced file there (a fallback checkpoint)."""
     root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # the extension stays: np.savez appends .npz otherwise
+    tmp = f"{root}{TEMPORARY}{os.getpid()}{ext}"  # the extension stays: np.savez would add .npz
     try:
         write(tmp)
         if previous and os.path.exists(path):
@@ -144,10 +148,10 @@ def ignore_stop_signals(worker_id=None):
 
 
 def remove_stale_temporaries(folder):
-    """Remove the temporary files of atomic writes (NAME.tmpPID.EXT) whose process is gone: what
-    a save killed by SIGKILL leaves behind."""
+    """Remove the temporary files of atomic writes (NAME.atomic-tmpPID[.EXT]) whose process is
+    gone: what a save killed by SIGKILL leaves behind. No other file is touched."""
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        match = re.fullmatch(r".+\.tmp(\d+)(\.\w+)?", name)
+        match = re.fullmatch(r".+" + re.escape(TEMPORARY) + r"(\d+)(\.\w+)?", name)
         if not match or pid_alive(int(match[1])):
             continue
         path = os.path.join(folder, name)
@@ -167,20 +171,32 @@ def pid_alive(pid):
 
 @contextlib.contextmanager
 def folder_lock(folder, what):
-    """One process at a time in `folder`: a second one stops with a message, instead of both
-    writing the same files. A lock left by a killed process (its PID gone) is taken over."""
+    """One `what` at a time in `folder`: an exclusive flock on FOLDER/.WHAT.lock, taken atomically
+    and released by the kernel when the process ends however it ends (no stale lock after a
+    kill, whatever the file holds); a second process stops at once, naming the first."""
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f".{what}.lock")
-    if os.path.exists(path):
-        pid = int(open(path).read().strip() or 0)
-        if pid and pid != os.getpid() and pid_alive(pid):
-            raise SystemExit(f"another {what} (pid {pid}) is running in {folder}: wait for it, or "
-                             "choose another folder")
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise SystemExit(f"cannot write in {folder} ({e.strerror}): choose another "
+                         "folder") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"another {what} (pid {holder}) is running in {folder}: wait for it, "
+                         "or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
     try:
         yield
     finally:
-        os.remove(path)
+        f.close()  # releases the lock
 
 
 @contextlib.contextmanager

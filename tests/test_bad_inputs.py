@@ -1,4 +1,4 @@
-"""The bad-input audit as a table: each row a bad input a careful user tried (its audit ID), the
+"""Bad inputs as a table: each row a bad input a careful user tried, named by what it checks, the
 script it went to, and what must happen: a one-line error with these words (SystemExit), or a
 note with these words and the right result. A regression shows as the row's name."""
 import json
@@ -15,9 +15,7 @@ import sample
 import train
 from experiments import sweep, train_vae
 from support import data, system
-from test_released import write_pipeline
-
-TINY = ["--preset", "digits", "--batch-size", "16", "--log-every", "1", "--num-workers", "0"]
+from conftest import TINY, write_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +36,12 @@ def train_run(root, tmp_path, *flags):
     train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "new"), *flags])
 
 
-def resume_shorter(root, tmp_path):  # C06: a step-4 run resumed with --steps 2
+def resume_shorter(root, tmp_path):  # a step-4 run resumed with --steps 2
     run = copy(root, "run", tmp_path)
     train.main([*TINY, "--steps", "2", "--ckpt-every", "2", "--resume", "--out", str(run)])
 
 
-def latents_and_vae(root, tmp_path):  # LC2
+def latents_and_vae(root, tmp_path):
     train_run(root, tmp_path, "--latents", str(tmp_path / "cache"), "--vae", str(tmp_path / "v"))
 
 
@@ -52,7 +50,7 @@ def sample_run(root, tmp_path, *flags):
                  "--no-images", "--out", str(tmp_path / "s"), *flags])
 
 
-def unreadable_newest(root, tmp_path, junk=False):  # C01: sample.py falls back to ckpt.prev.pt
+def unreadable_newest(root, tmp_path, junk=False):  # sample.py falls back to ckpt.prev.pt
     run = copy(root, "run", tmp_path)
     if junk:
         (run / "ckpt.pt").write_bytes(b"junk")  # not a torch file at all
@@ -62,7 +60,7 @@ def unreadable_newest(root, tmp_path, junk=False):  # C01: sample.py falls back 
     sample.main(["--ckpt", str(run), "--steps", "2", "--per-class", "1", "--no-images"])
 
 
-def saturating_model(root, tmp_path):  # N01b: a diverged model's weights give all-black images
+def saturating_model(root, tmp_path):  # a diverged model's weights give all-black images
     run = copy(root, "run", tmp_path)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     ckpt["ema"]["unet.out.2.bias"].fill_(1e4)  # eps = 1e4 everywhere: x0 far below -1
@@ -70,7 +68,7 @@ def saturating_model(root, tmp_path):  # N01b: a diverged model's weights give a
     sample.main(["--ckpt", str(run), "--steps", "2", "--per-class", "1", "--no-images"])
 
 
-def damaged_cache(root, tmp_path):  # M17: a metrics cache entry cut short is recomputed
+def damaged_cache(root, tmp_path):  # a metrics cache entry cut short is recomputed
     metrics_on(root, tmp_path, NOISE)
     score(tmp_path, tmp_path / "cache")
     for entry in (tmp_path / "cache").iterdir():
@@ -86,21 +84,21 @@ def pipeline_with(root, tmp_path, part, change):
                  "--out", str(tmp_path / "s"), "--classes", "1"])
 
 
-def drop_key(path):  # R06
+def drop_key(path):
     config = json.load(open(path))
     del config["block_out_channels"]
     path.write_text(json.dumps(config))
 
 
-def cut(path):  # R08, R09
+def cut(path):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
-def replace_with_text(path):  # R10
+def replace_with_text(path):
     path.write_text("not weights")
 
 
-def scheduler_change(**change):  # R19, R22
+def scheduler_change(**change):
     def apply(path):
         config = json.load(open(path))
         config.update({k: v(config) if callable(v) else v for k, v in change.items()})
@@ -108,13 +106,13 @@ def scheduler_change(**change):  # R19, R22
     return apply
 
 
-def vae_on(root, tmp_path, *flags):  # TV1, V02
+def vae_on(root, tmp_path, *flags):
     train_vae.main(["--dataset", "digits", "--image-size", "16", "--steps", "1",
                     "--batch-size", "4", "--eval-images", "4", "--out", str(tmp_path / "ae"),
                     *flags])
 
 
-def captions(root, tmp_path, text, encoding):  # CP5, CP8, CP1: what train.py reads first
+def captions(root, tmp_path, text, encoding):  # what train.py reads first
     from PIL import Image
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "c.tsv").write_bytes(text.encode(encoding))
@@ -125,7 +123,7 @@ def captions(root, tmp_path, text, encoding):  # CP5, CP8, CP1: what train.py re
     assert os.path.exists(ds.paths[0]), ds.paths[0]  # no mark in the path
 
 
-def metrics_on(root, tmp_path, fake, real=None):  # ME4, ME7, ME8, M05
+def metrics_on(root, tmp_path, fake, real=None):
     np.savez(tmp_path / "fake.npz", arr_0=fake)
     np.savez(tmp_path / "real.npz", arr_0=fake if real is None else real)
     from support import features
@@ -141,66 +139,98 @@ def score(tmp_path, cache=""):
                   "--out", str(tmp_path / "m"), "--cache", str(cache)])
 
 
-def two_sweeps(root, tmp_path):  # SW5: a second sweep into a folder that one is running in
-    (tmp_path / "sw").mkdir()
-    (tmp_path / "sw" / ".sweep.lock").write_text(str(os.getppid()))  # a live process
-    sweep.main(["--smoke", "--out", str(tmp_path / "sw"), "--workers", "1"])
+def two_sweeps(root, tmp_path):  # a second sweep into a folder that one is running in
+    with system.folder_lock(str(tmp_path / "sw"), "sweep"):
+        sweep.main(["--smoke", "--out", str(tmp_path / "sw"), "--workers", "1"])
+
+
+def train_beside_another(root, tmp_path):  # two train.py in one --out at once
+    run = copy(root, "run", tmp_path)
+    with system.folder_lock(str(run), "train"):
+        train.main([*TINY, "--steps", "6", "--resume", "--out", str(run)])
+
+
+def sample_beside_another(root, tmp_path):  # two sample.py into one output folder at once
+    with system.folder_lock(str(tmp_path / "s"), "sample"):
+        sample_run(root, tmp_path)
 
 
 def stale_temporary(root, tmp_path):  # a save killed by SIGKILL left its temporary file
     run = copy(root, "run", tmp_path)
-    (run / "ckpt.tmp999999999.pt").write_bytes(b"0" * 1000)
+    (run / "ckpt.atomic-tmp999999999.pt").write_bytes(b"0" * 1000)
+    (run / "notes.tmp999999.txt").write_text("a user's file that looks like a temporary")
     train.main([*TINY, "--steps", "5", "--resume", "--ckpt-every", "5", "--out", str(run)])
-    assert not os.path.exists(run / "ckpt.tmp999999999.pt")
+    assert not os.path.exists(run / "ckpt.atomic-tmp999999999.pt")
+    assert os.path.exists(run / "notes.tmp999999.txt")  # not the project's: kept
 
 
 GREY = np.zeros((20, 8, 8, 1), np.uint8)
 NOISE = np.random.default_rng(0).integers(0, 255, (20, 8, 8, 1), dtype=np.uint8)
-ROWS = [  # (ID, call, 'error' or 'note', words)
-    ("F13", lambda r, t: train_run(r, t, "--eta", "0.1", "--corruption", "asymmetric",
-                                   "--corrupt-classes", "a,b"), "error", "comma-separated class"),
-    ("F20", lambda r, t: train_run(r, t, "--ema-decay", "1.5"), "error", "--ema-decay must be"),
-    ("F23", lambda r, t: train_run(r, t, "--ema-decay", "-1"), "error", "--ema-decay must be"),
-    ("C06", resume_shorter, "error", "past --steps 2: nothing to do"),
-    ("LC2", latents_and_vae, "error", "give one of the two"),
-    ("S12", lambda r, t: sample_run(r, t, "--sampler", "dpm", "--ddim-eta", "0.5"), "error",
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+SCHEDULER = "scheduler/scheduler_config.json"
+ROWS = [  # (what it checks, call, 'error' or 'note', words)
+    ("asymmetric-classes-not-indices",
+     lambda r, t: train_run(r, t, "--eta", "0.1", "--corruption", "asymmetric",
+                            "--corrupt-classes", "a,b"), "error", "comma-separated class"),
+    ("ema-decay-above-1", lambda r, t: train_run(r, t, "--ema-decay", "1.5"), "error",
+     "--ema-decay must be"),
+    ("ema-decay-negative", lambda r, t: train_run(r, t, "--ema-decay", "-1"), "error",
+     "--ema-decay must be"),
+    ("resume-past-steps", resume_shorter, "error", "past --steps 2: nothing to do"),
+    ("latents-and-vae-together", latents_and_vae, "error", "give one of the two"),
+    ("ddim-eta-with-dpm",
+     lambda r, t: sample_run(r, t, "--sampler", "dpm", "--ddim-eta", "0.5"), "error",
      "--ddim-eta applies to --sampler ddim"),
-    ("C01", unreadable_newest, "note", "using the previous checkpoint"),
-    ("C01b", lambda r, t: unreadable_newest(r, t, junk=True), "note",
+    ("newest-checkpoint-cut-short", unreadable_newest, "note", "using the previous checkpoint"),
+    ("newest-checkpoint-not-torch", lambda r, t: unreadable_newest(r, t, junk=True), "note",
      "cannot be read .*using the previous checkpoint"),
-    ("R06", lambda r, t: pipeline_with(r, t, "unet/config.json", drop_key), "error",
+    ("released-unet-config-lacks-a-key",
+     lambda r, t: pipeline_with(r, t, "unet/config.json", drop_key), "error",
      "config.json lacks block_out_channels"),
-    ("R08", lambda r, t: pipeline_with(r, t, "unet/config.json", cut), "error",
-     "config.json is not a readable JSON file"),
-    ("R09", lambda r, t: pipeline_with(r, t, "unet/diffusion_pytorch_model.safetensors", cut),
+    ("released-unet-config-cut", lambda r, t: pipeline_with(r, t, "unet/config.json", cut),
+     "error", "config.json is not a readable JSON file"),
+    ("released-unet-weights-cut", lambda r, t: pipeline_with(r, t, UNET_WEIGHTS, cut),
      "error", "diffusion_pytorch_model.safetensors cannot be read"),
-    ("R10", lambda r, t: pipeline_with(r, t, "unet/diffusion_pytorch_model.safetensors",
-                                       replace_with_text), "error", "cannot be read"),
-    ("R19", lambda r, t: pipeline_with(r, t, "scheduler/scheduler_config.json", scheduler_change(
-        prediction_type="v_prediction")), "error", "v_prediction.*cannot be sampled here"),
-    ("R22", lambda r, t: pipeline_with(r, t, "scheduler/scheduler_config.json", scheduler_change(
-        trained_betas=lambda c: c["trained_betas"][:10])), "error", "10 trained_betas"),
-    ("TV1", lambda r, t: vae_on(r, t, "--preset", "tiny-kl"), "error",
+    ("released-unet-weights-are-text",
+     lambda r, t: pipeline_with(r, t, UNET_WEIGHTS, replace_with_text), "error",
+     "cannot be read"),
+    ("released-scheduler-v-prediction",
+     lambda r, t: pipeline_with(r, t, SCHEDULER, scheduler_change(
+         prediction_type="v_prediction")), "error", "v_prediction.*cannot be sampled here"),
+    ("released-scheduler-10-betas",
+     lambda r, t: pipeline_with(r, t, SCHEDULER, scheduler_change(
+         trained_betas=lambda c: c["trained_betas"][:10])), "error", "10 trained_betas"),
+    ("autoencoder-channels-differ", lambda r, t: vae_on(r, t, "--preset", "tiny-kl"), "error",
      "takes 3-channel images; digits has 1"),
-    ("V02", lambda r, t: vae_on(r, t, "--preset", "small-kl", "--resume"), "error",
+    ("autoencoder-resume-without-checkpoint",
+     lambda r, t: vae_on(r, t, "--preset", "small-kl", "--resume"), "error",
      "no autoencoder checkpoint"),
-    ("CP5", lambda r, t: captions(r, t, "a.png\tcafé\n", "latin-1"), "error", "is not UTF-8"),
-    ("CP8", lambda r, t: captions(r, t, "\ufeffa.png\ta dog\n", "utf-8"), "note", ""),
-    ("CP1", lambda r, t: captions(r, t, "a.png\t\na.png\ta dog\n", "utf-8"), "note",
-     "1 of the 2 captions .* are empty"),
-    ("ME7", lambda r, t: metrics_on(r, t, np.zeros((20, 8, 8, 5), np.uint8)), "error",
+    ("captions-in-latin-1", lambda r, t: captions(r, t, "a.png\tcafé\n", "latin-1"), "error",
+     "is not UTF-8"),
+    ("captions-with-a-bom", lambda r, t: captions(r, t, "\ufeffa.png\ta dog\n", "utf-8"),
+     "note", ""),
+    ("an-empty-caption", lambda r, t: captions(r, t, "a.png\t\na.png\ta dog\n", "utf-8"),
+     "note", "1 of the 2 captions .* are empty"),
+    ("samples-with-5-channels",
+     lambda r, t: metrics_on(r, t, np.zeros((20, 8, 8, 5), np.uint8)), "error",
      "has 5 channels"),
-    ("ME4", lambda r, t: metrics_on(r, t, np.zeros((20, 1, 1, 1), np.uint8)), "error",
-     "under 4x4"),
-    ("ME8", lambda r, t: metrics_on(r, t, NOISE, GREY), "note", "do not vary"),
-    ("M17", damaged_cache, "note", "cannot be read .*recomputing them"),
-    ("N01", lambda r, t: train_run(r, t, "--lr", "1e6", "--steps", "6"), "error",
+    ("samples-of-1x1", lambda r, t: metrics_on(r, t, np.zeros((20, 1, 1, 1), np.uint8)),
+     "error", "under 4x4"),
+    ("reference-that-does-not-vary", lambda r, t: metrics_on(r, t, NOISE, GREY), "note",
+     "do not vary"),
+    ("feature-cache-entry-cut", damaged_cache, "note", "cannot be read .*recomputing them"),
+    ("learning-rate-1e6", lambda r, t: train_run(r, t, "--lr", "1e6", "--steps", "6"), "error",
      "(blew up|non-finite loss) in steps"),
-    ("N01b", saturating_model, "note", "sit at -1 or \\+1 .*train longer"),
-    ("M05", lambda r, t: metrics_on(r, t, NOISE, NOISE[:, :4, :4]), "note",
+    ("diverged-weights-saturate", saturating_model, "note", "sit at -1 or \\+1 .*train longer"),
+    ("samples-and-reference-of-other-sizes",
+     lambda r, t: metrics_on(r, t, NOISE, NOISE[:, :4, :4]), "note",
      "holds 8x8 images, the reference .* 4x4: both are resized"),
-    ("SW5", two_sweeps, "error", "another sweep .* is running"),
-    ("T01", stale_temporary, "note", "left by a killed save"),
+    ("two-sweeps-in-one-folder", two_sweeps, "error", "another sweep .* is running"),
+    ("two-trainings-in-one-folder", train_beside_another, "error",
+     "another train \\(pid \\d+\\) is running"),
+    ("two-samplings-into-one-folder", sample_beside_another, "error",
+     "another sample \\(pid \\d+\\) is running"),
+    ("stale-temporary-of-a-killed-save", stale_temporary, "note", "left by a killed save"),
 ]
 
 

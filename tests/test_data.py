@@ -81,9 +81,9 @@ def test_folder_dataset(tmp_path):
     ds.labels = corrupt.corrupt_labels(ds.labels, 1.0, 0, 2)  # conditions are read from .labels
     assert [ds[i][1] for i in range(3)] == [1, 1, 0]
     (tmp_path / "dog" / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(RuntimeError, match="broken.png"):  # the first 100 files are read up front
-        data.load_dataset("folder", root=str(tmp_path), image_size=16)
-    with pytest.raises(RuntimeError, match="broken.png"):  # a later one: when it is read
+    ds = data.load_dataset("folder", root=str(tmp_path), image_size=16)  # the probe passes it
+    assert [os.path.basename(p) for p, _ in data.unreadable_images(ds.paths)] == ["broken.png"]
+    with pytest.raises(RuntimeError, match="broken.png"):  # named when it is read
         data.read_image(str(tmp_path / "dog" / "broken.png"), 16)
 
 
@@ -99,8 +99,9 @@ def test_caption_dataset(tmp_path):
     assert torch.allclose(image[1], torch.ones(8, 8))
     (tmp_path / "img" / "2.png").write_bytes(b"\x89PNG truncated")
     tsv.write_text("img/0.png\ta green square\nimg/2.png\tbroken\n", encoding="utf-8")
+    ds = data.load_dataset("captions", root=str(tsv), image_size=8)  # named when it is read
     with pytest.raises(RuntimeError, match="2.png"):
-        data.load_dataset("captions", root=str(tsv), image_size=8)
+        ds[1]
     tsv.write_text("img/0.png a caption without a tab\n", encoding="utf-8")
     with pytest.raises(ValueError, match="train.tsv:1"):
         data.load_dataset("captions", root=str(tsv))
@@ -131,3 +132,47 @@ def test_folder_channels_from_the_images_and_transparency_on_white(tmp_path):
     torch.testing.assert_close(red[:, 4, 4], torch.ones(3))  # transparent -> white, not red
     torch.testing.assert_close(green[:, 1, 1], torch.tensor([-1.0, 1.0, -1.0]))
     torch.testing.assert_close(green[:, 4, 4], torch.ones(3))  # transparent -> white, not black
+
+
+def _png(path, value, colour=False, size=8):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixel = (value, 255 - value, 40) if colour else (value,) * 3
+    Image.fromarray(np.full((size, size, 3), pixel, np.uint8)).save(path)
+
+
+def test_a_link_loop_in_a_class_folder_adds_no_images(tmp_path, capsys):
+    """apple/up -> .. made 30 images into 1,230, most labelled with the wrong class."""
+    for c in ("apple", "pear"):
+        for i in range(15):
+            _png(str(tmp_path / c / f"{i}.png"), 10 * i)
+    os.symlink("..", tmp_path / "apple" / "up")
+    ds = data.load_dataset("folder", str(tmp_path), image_size=8)
+    assert len(ds) == 30 and ds.class_names == ["apple", "pear"]
+    assert np.bincount(ds.labels).tolist() == [15, 15]
+    assert "1 linked folders" in capsys.readouterr().out
+
+
+def test_colour_classes_after_100_grey_files_keep_their_colour(tmp_path):
+    """The channel probe looked at the first 100 sorted files only: a folder whose first class
+    is grey read its colour classes as grey."""
+    for i in range(120):
+        _png(str(tmp_path / "a_grey" / f"{i:03d}.png"), i)
+    for i in range(10):
+        _png(str(tmp_path / "b_colour" / f"{i}.png"), 20 * i, colour=True)
+    ds = data.load_dataset("folder", str(tmp_path), image_size=8)
+    assert ds.channels == 3
+    image, label = ds[125]
+    assert label == 1 and not torch.equal(image[0], image[1])  # colour kept
+
+
+def test_16_bit_images_keep_their_values(tmp_path):
+    """A 16-bit grey PNG (mode I;16) was read through 8 bits with clipping: 99 % white."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    os.makedirs(tmp_path / "c")
+    Image.fromarray(ramp).save(tmp_path / "c" / "deep.png")
+    with Image.open(tmp_path / "c" / "deep.png") as im:
+        assert im.mode.startswith("I")  # what PIL makes of it
+    x = data.read_image(str(tmp_path / "c" / "deep.png"), 64, channels=1)
+    expected = data.to_float(torch.from_numpy(np.rint(ramp / 257).astype(np.uint8)))
+    assert (x[0] - expected).abs().max() <= 2 / 255  # not clipped: the ramp survives
+    assert (x > 0.99).float().mean() < 0.02

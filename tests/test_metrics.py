@@ -334,11 +334,11 @@ def test_npz_sources_and_statistics_files(tmp_path):
     # pytorch-fid's statistics file: used as it is
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     inception = SimpleNamespace(kind="inception")
-    stats = extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception,
+    stats = metrics.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception,
                                        None, "real", ["mu", "sigma"])
     assert stats["mu"] is not None and (stats["sigma"] == sigma).all()
     with pytest.raises(ValueError, match="no images"):
-        extract.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception,
+        metrics.reference_features(extract.open_images(str(tmp_path / "stats.npz")), inception,
                                    None, "real", ["features"])
 
 
@@ -433,3 +433,74 @@ def test_the_real_vs_real_row_scores_what_a_perfect_model_scores_at_that_n():
                                                 ref.mean(0), np.cov(ref, rowvar=False)))
     assert abs(np.mean(floors) / np.mean(perfect) - 1) < 0.2, (floors, perfect)
     assert metrics.real_vs_real({"features": ref[:100]}, [{"n": 60, "fid": 0.0}]) is None
+
+
+def test_every_real_and_fake_form_of_help_runs_through_main(tmp_path):
+    """--real: .npz of images, pytorch-fid's mu / sigma statistics, a folder, dataset:NAME:SPLIT;
+    --fake: .npz, a folder, a sample.py output folder (one row per scale), LABEL=PATH. Through
+    metrics.main (a statistics-only reference died in the size note): the statistics with the
+    FID Inception at random weights, the rest with a small classifier's features."""
+    torch.save(random_inception_state(), tmp_path / "inception.pth")
+    clf = features.Classifier(10, 8, 1)
+    torch.save({"model": clf.state_dict(), "num_classes": 10, "image_size": 8, "channels": 1},
+               tmp_path / "clf.pt")
+    images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", arr_0=images)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    for name in ("folder_real", "folder_fake"):
+        os.makedirs(tmp_path / name)
+        for i, image in enumerate(images):
+            Image.fromarray(image[..., 0]).save(tmp_path / name / f"{i}.png")
+    for scale in ("1", "2"):
+        os.makedirs(tmp_path / "run" / "samples" / f"s{scale}")
+        np.savez(tmp_path / "run" / "samples" / f"s{scale}" / "samples.npz", arr_0=images)
+    fakes = [str(tmp_path / "real.npz"), str(tmp_path / "folder_fake"),
+             str(tmp_path / "run" / "samples"), f"mine={tmp_path / 'real.npz'}"]
+    cases = [(tmp_path / "real.npz", "classifier:" + str(tmp_path / "clf.pt"), fakes),
+             (tmp_path / "folder_real", "classifier:" + str(tmp_path / "clf.pt"), fakes[:1]),
+             ("dataset:digits:test", "classifier:" + str(tmp_path / "clf.pt"), fakes[:1]),
+             (tmp_path / "stats.npz", "inception:" + str(tmp_path / "inception.pth"), fakes[:1])]
+    for k, (real, extractor, runs) in enumerate(cases):
+        out = tmp_path / f"m{k}"
+        metrics.main(["--real", str(real), "--features", extractor, "--metrics", "fid",
+                      "--cache", "", "--out", str(out), "--batch-size", "8",
+                      *(a for f in runs for a in ("--fake", f))])
+        rows = json.load(open(out / "metrics.json"))["rows"]
+        assert len(rows) == len(runs) + (len(runs) > 1) and all(
+            math.isfinite(r["fid"]) for r in rows), real
+    assert {r["run"] for r in json.load(open(tmp_path / "m0" / "metrics.json"))["rows"]} == {
+        "real", "folder_fake", "run", "mine"}
+
+
+def test_the_feature_cache_follows_the_files_and_refuses_nan(tmp_path, capsys):
+    """Reference images rewritten in place (same names and count) were scored from the stale
+    cache; a cache entry holding NaN printed FID nan and exited 0."""
+    clf = features.Classifier(10, 8, 1)
+    torch.save({"model": clf.state_dict(), "num_classes": 10, "image_size": 8, "channels": 1},
+               tmp_path / "clf.pt")
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "real")
+
+    def write_reference(offset):
+        for i in range(12):
+            Image.fromarray(rng.integers(offset, offset + 60, (8, 8), dtype=np.uint8)).save(
+                tmp_path / "real" / f"{i}.png")
+    write_reference(0)
+    np.savez(tmp_path / "fake.npz", arr_0=rng.integers(0, 60, (12, 8, 8, 1), dtype=np.uint8))
+
+    def fid():
+        metrics.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake.npz"),
+                      "--features", f"classifier:{tmp_path / 'clf.pt'}", "--metrics", "fid",
+                      "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "m")])
+        return json.load(open(tmp_path / "m" / "metrics.json"))["rows"][0]["fid"]
+    first = fid()
+    os.utime(tmp_path / "real", (1, 1))  # the folder's own time as before: only the files differ
+    write_reference(150)
+    assert fid() != first  # the rewritten images were extracted again
+    entry = max((tmp_path / "cache").glob("*.npz"), key=os.path.getmtime)  # the current one
+    with np.load(entry) as f:
+        poisoned = {k: f[k] for k in f.files}
+    poisoned["mu"] = np.full_like(poisoned["mu"], np.nan)
+    np.savez(entry, **poisoned)
+    capsys.readouterr()
+    assert math.isfinite(fid()) and "recomputing them" in capsys.readouterr().out

