@@ -55,7 +55,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
     scale = np.trace(sigma1) + np.trace(sigma2) + diff @ diff
-    return 0.0 if abs(distance) <= 1e-9 * max(scale, 1.0) else distance  # rounding, not a value
+    if -1e-6 * max(scale, 1.0) <= distance <= 1e-9 * max(scale, 1.0):
+        return 0.0  # rounding (e.g. a set against itself with fewer images than dimensions)
+    return distance
 
 
 class FeatureStats:
@@ -439,6 +441,11 @@ def check_request(metrics, extractor, sources, args):
     for label, _, src in sources:
         if "acc" in metrics and src.labels is None:
             raise ValueError(f"acc needs the conditioning labels: '{src.path}' has no 'labels'")
+        classes = extractor.net.head.out_features if extractor.kind == "classifier" else None
+        if "acc" in metrics and classes and int(np.max(src.labels)) >= classes:
+            raise ValueError(f"'{src.path}' has labels up to {int(np.max(src.labels))}, the "
+                             f"classifier {extractor.name} knows {classes} classes: is it the "
+                             "classifier of these samples?")
         if "rmd" in metrics and src.labels is None:
             raise ValueError(f"RMD needs the conditioning labels: '{src.path}' has no 'labels'")
         if "clip" in metrics and src.captions is None:
@@ -446,6 +453,9 @@ def check_request(metrics, extractor, sources, args):
     for label, _, src in sources:
         if {"fid", "sfid"} & set(metrics) and len(src) < 2:
             raise ValueError(f"FID needs at least 2 images: '{src.path}' has {len(src)}")
+        if "is" in metrics and len(src) < args.is_splits:
+            raise ValueError(f"IS in {args.is_splits} splits needs at least {args.is_splits} "
+                             f"images: '{src.path}' has {len(src)} (--is-splits)")
         if "pr" in metrics and len(src) <= args.k:
             raise ValueError(f"precision/recall with k={args.k} needs more than {args.k} images: "
                              f"'{src.path}' has {len(src)}")

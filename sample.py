@@ -221,10 +221,23 @@ def sample_settings(args, config, scale, step):
     """What decides the images of one scale besides the conditions: stored in samples.npz and in
     every shard, and compared before either is reused."""
     cads = f"tau={args.cads_tau},s={args.cads_scale},psi={args.cads_psi}" if args.cads else "off"
-    return dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=step, seed=args.seed, guidance=scale,
+    return dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=step,
+                ckpt_file=checkpoint_stamp(args.ckpt), seed=args.seed, guidance=scale,
                 sampler=f"{args.sampler}:{args.steps}", cads=cads,
                 clip_denoised=args.clip_denoised, weights=args.weights,
                 timesteps=args.timesteps if config.get("scheduler") else "paper")
+
+
+def checkpoint_stamp(ckpt):
+    """Size and modification time of the weights file: a run trained again to the same step is
+    another model (a released directory: its U-Net's weights file)."""
+    path = ckpt
+    if os.path.isdir(ckpt):
+        candidates = [os.path.join(ckpt, "ckpt.pt"),
+                      os.path.join(ckpt, "unet", "diffusion_pytorch_model.safetensors")]
+        path = next((c for c in candidates if os.path.exists(c)), ckpt)
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def drawn_with(f, settings, key, conds, index):

@@ -300,6 +300,9 @@ def check_args(args):
             raise SystemExit(f"{flag} must be in [{lo}, {hi}], got {value}")
     if args.corrupt_classes and args.corruption != "asymmetric":
         raise SystemExit("--corrupt-classes applies to --corruption asymmetric")
+    if args.latents and args.train_per_class is not None:
+        raise SystemExit("--train-per-class draws from digits / fashion-mnist images; a --latents "
+                         "cache holds the images it was encoded from: encode the subset instead")
     if args.latents and args.vae:
         raise SystemExit("--latents holds the latents of the autoencoder its cache names; --vae "
                          "encodes images on the fly: give one of the two")

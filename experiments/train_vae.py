@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vae
-from support import data, system, weights
+from support import checkpoints, data, system
 
 
 def training_loss(model, x, kl_weight=1e-6, beta=0.25):
@@ -85,12 +85,17 @@ def train(args):
     model = vae.Autoencoder(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's betas
     os.makedirs(args.out, exist_ok=True)
+    system.remove_stale_temporaries(args.out)  # what a killed save left
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step = 0
     if args.resume:
-        if not os.path.exists(ckpt_path):
+        if not os.path.exists(ckpt_path) and not os.path.exists(
+                system.previous_checkpoint(ckpt_path)):
             raise SystemExit(f"--resume: no autoencoder checkpoint at {ckpt_path} to continue")
-        ckpt = weights.torch_load(ckpt_path)
+        try:  # a damaged ckpt.pt: the previous one, with a message
+            ckpt = checkpoints.readable_checkpoint(ckpt_path)
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
     # a resumed run draws new batches
@@ -109,7 +114,7 @@ def train(args):
                  "model": model.state_dict(),
                  "scale": model.scale, "optimizer": opt.state_dict(), "step": step,
                  "args": vars(args)}
-        system.write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
+        system.save_checkpoint(ckpt_path, state)  # atomic; the previous one kept beside it
 
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train vae", dynamic_ncols=True)

@@ -286,11 +286,12 @@ def load_caption_tsv(path, image_size):
     paths, captions = [], []
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a path
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # str.splitlines would split captions at U+2028
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 ({e.reason} at byte {e.start}): save it as "
                          "UTF-8") from None
     for line_number, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
         if not line:
             continue
         if "\t" not in line:
@@ -545,6 +546,12 @@ class LatentCache(torch.utils.data.Dataset):
         self.captions = None
         if os.path.exists(files["captions"]):
             self.captions = json.load(open(files["captions"]))
+        conditions = self.labels if self.labels is not None else self.captions
+        if conditions is None or len(conditions) != len(self.latents):
+            found = "no labels.npy or captions.json" if conditions is None else (
+                f"{len(conditions)} conditions for {len(self.latents)} latents")
+            raise ValueError(f"latent cache {path} holds {found}: it is damaged; encode it again "
+                             "into a new folder")
 
     def __len__(self):
         return len(self.latents)

@@ -76,7 +76,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         encode(args)
-    except FileNotFoundError as e:  # a missing dataset or weights file: one line
+    except (FileNotFoundError, ValueError) as e:  # a missing or foreign file: one line
         raise SystemExit(f"support/encode.py: {e}") from None
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 
 import torch
 
@@ -134,6 +135,9 @@ def torch_load(path, unsafe_pickle=False):
     full only when the user says so, since unpickling it can run any code it holds."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"autoencoder weights not found: {path}. {DOWNLOAD_HINT}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive (since PyTorch 1.6)
+        raise ValueError(f"{path} is not a PyTorch checkpoint (cut short, or another kind of "
+                         "file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -45,6 +45,23 @@ def latents_and_vae(root, tmp_path):
     train_run(root, tmp_path, "--latents", str(tmp_path / "cache"), "--vae", str(tmp_path / "v"))
 
 
+def small_cache(tmp_path, labels=None):
+    """A latent cache of 4 digits (a random tiny autoencoder); labels.npy replaced if given."""
+    from support import encode
+    import vae
+    model = system.randomise_(vae.Autoencoder(vae.PRESETS["tiny-kl"], scale=1.0), 0).eval()
+    ds = data.InMemoryDataset(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), [0, 1, 0, 1], "ab")
+    meta = encode.cache_meta(model, "tiny-kl", __file__, "digits", None, "train", 16, False, False)
+    data.encode_dataset(model, ds, str(tmp_path / "cache"), meta, batch_size=4)
+    if labels is not None:
+        np.save(tmp_path / "cache" / "labels.npy", np.asarray(labels, np.int64))
+    return str(tmp_path / "cache")
+
+
+def cache_with_labels(root, tmp_path, labels):
+    train_run(root, tmp_path, "--latents", small_cache(tmp_path, labels), "--preset", "digits")
+
+
 def sample_run(root, tmp_path, *flags):
     sample.main(["--ckpt", str(root / "run"), "--steps", "2", "--per-class", "1",
                  "--no-images", "--out", str(tmp_path / "s"), *flags])
@@ -121,21 +138,32 @@ def captions(root, tmp_path, text, encoding):  # what train.py reads first
     except ValueError as e:  # as train.py reports it
         raise SystemExit(f"train.py: {e}") from None
     assert os.path.exists(ds.paths[0]), ds.paths[0]  # no mark in the path
+    assert len(ds) == text.count("\n")  # one pair per line: U+2028 is inside a caption
 
 
-def metrics_on(root, tmp_path, fake, real=None):
-    np.savez(tmp_path / "fake.npz", arr_0=fake)
+def metrics_on(root, tmp_path, fake, real=None, labels=None, metric="fid"):
+    np.savez(tmp_path / "fake.npz", arr_0=fake, **({} if labels is None else {"labels": labels}))
     np.savez(tmp_path / "real.npz", arr_0=fake if real is None else real)
     from support import features
     clf = features.Classifier(10, 8, 1)
     torch.save({"model": clf.state_dict(), "num_classes": 10, "image_size": 8, "channels": 1},
                tmp_path / "clf.pt")
-    score(tmp_path)
+    score(tmp_path, metric=metric)
 
 
-def score(tmp_path, cache=""):
+def metrics_on_inception(root, tmp_path):
+    """IS of 4 samples in the default 10 splits (empty splits gave NaN)."""
+    from support import features
+    np.savez(tmp_path / "fake.npz", arr_0=NOISE[:4])
+    torch.save(features.InceptionV3().state_dict(), tmp_path / "inception.pth")
+    metrics.main(["--real", str(tmp_path / "fake.npz"), "--fake", str(tmp_path / "fake.npz"),
+                  "--features", f"inception:{tmp_path / 'inception.pth'}", "--metrics", "is",
+                  "--out", str(tmp_path / "m"), "--cache", ""])
+
+
+def score(tmp_path, cache="", metric="fid"):
     metrics.main(["--real", str(tmp_path / "real.npz"), "--fake", str(tmp_path / "fake.npz"),
-                  "--features", f"classifier:{tmp_path / 'clf.pt'}", "--metrics", "fid",
+                  "--features", f"classifier:{tmp_path / 'clf.pt'}", "--metrics", metric,
                   "--out", str(tmp_path / "m"), "--cache", str(cache)])
 
 
@@ -231,6 +259,24 @@ ROWS = [  # (what it checks, call, 'error' or 'note', words)
     ("two-samplings-into-one-folder", sample_beside_another, "error",
      "another sample \\(pid \\d+\\) is running"),
     ("stale-temporary-of-a-killed-save", stale_temporary, "note", "left by a killed save"),
+    ("latents-with-train-per-class",
+     lambda r, t: train_run(r, t, "--latents", "cache", "--train-per-class", "2"), "error",
+     "--train-per-class draws from"),
+    ("latent-cache-with-fewer-labels", lambda r, t: cache_with_labels(r, t, [0, 1, 0]), "error",
+     "3 conditions for 4 latents: it is damaged"),
+    ("latent-cache-with-more-labels", lambda r, t: cache_with_labels(r, t, [0, 1, 0, 1, 0]),
+     "error", "5 conditions for 4 latents"),
+    ("a-caption-with-a-line-separator",
+     lambda r, t: captions(r, t, "a.png\tline\u2028separated\na.png\tdog\n", "utf-8"),
+     "note", ""),
+    ("labels-beyond-the-classifiers-classes",
+     lambda r, t: metrics_on(r, t, NOISE, labels=np.arange(20), metric="acc"), "error",
+     "labels up to 19, the classifier .* knows 10 classes"),
+    ("fewer-samples-than-is-splits", lambda r, t: metrics_on_inception(r, t), "error",
+     "IS in 10 splits needs at least 10 images"),
+    ("ckpt-pointing-at-config-json",
+     lambda r, t: sample.main(["--ckpt", str(r / "run" / "config.json"), "--out", str(t / "s")]),
+     "error", "config.json is not a PyTorch checkpoint"),
 ]
 
 
@@ -250,4 +296,7 @@ def test_identical_statistics_give_an_fid_of_exactly_zero():  # a negative FID p
     x = np.random.default_rng(0).normal(size=(200, 16))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
     assert metrics.frechet_distance(mu, sigma, mu, sigma) == 0.0
+    few = np.random.default_rng(1).normal(size=(20, 64))  # fewer images than dimensions
+    mu, sigma = few.mean(0), np.cov(few, rowvar=False)
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == 0.0  # printed -1.571e-09
     assert system.pid_alive(os.getpid()) and not system.pid_alive(999999999)

@@ -146,6 +146,20 @@ def test_sampling_into_an_existing_output_replaces_it_whole(tmp_path):
     assert np.load(tmp_path / "s/s1/samples.npz")["arr_0"].shape[0] == 10
 
 
+def test_a_run_trained_again_to_the_same_step_is_sampled_again(tmp_path):
+    """The kept samples were keyed by the checkpoint's path and step: a run folder trained again
+    (another seed) to the same step kept the first model's samples."""
+    out = run(tmp_path, "r", "--steps", "1")
+    common = ["--ckpt", out, "--steps", "2", "--guidance", "2", "--per-class", "1",
+              "--no-images", "--out", str(tmp_path / "s")]
+    sample.main(common)
+    first = np.load(tmp_path / "s/s2/samples.npz")["arr_0"]
+    shutil.rmtree(out)
+    run(tmp_path, "r", "--steps", "1", "--seed", "5")
+    sample.main(common)
+    assert not np.array_equal(np.load(tmp_path / "s/s2/samples.npz")["arr_0"], first)
+
+
 def test_class_grids_are_labelled_with_class_names(tmp_path):
     out = run(tmp_path, "g", "--steps", "1")
     config = json.load(open(os.path.join(out, "config.json")))

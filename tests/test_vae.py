@@ -375,3 +375,19 @@ def test_runs_before_the_flip_option_resume_as_they_trained():
         runs.check_resumable({**base, "latents": "cache"},
                              {**base, "latents": "cache", "flip": False})
     runs.check_resumable({**base, "latents": None}, {**base, "latents": None, "flip": False})
+
+
+def test_a_damaged_autoencoder_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
+    """train_vae.py kept no previous checkpoint and never removed a killed save's temporary: a
+    damaged ckpt.pt ended the autoencoder run."""
+    fake_datasets(monkeypatch)
+    out = tmp_path / "ae"
+    common = ["--dataset", "tiny", "--preset", "tiny-kl", "--batch-size", "4", "--eval-images",
+              "4", "--save-every", "1", "--out", str(out)]
+    train_vae.main([*common, "--steps", "2"])
+    assert (out / "ckpt.prev.pt").exists()
+    (out / "ckpt.pt").write_bytes(b"cut")
+    (out / "ckpt.atomic-tmp999999999.pt").write_bytes(b"0" * 100)  # a killed save's
+    train_vae.main([*common, "--steps", "3", "--resume"])
+    assert not (out / "ckpt.atomic-tmp999999999.pt").exists()
+    assert json.load(open(out / "report.json"))["steps"] == 3
