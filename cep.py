@@ -61,6 +61,10 @@ class TextEmbedder(nn.Module):
     def __init__(self, path, context_dim, max_length=77, freeze=False, tokenizer=None,
                  attention_mask=True):
         super().__init__()
+        if path is None:
+            raise FileNotFoundError("captions need a text encoder: pass --text-encoder DIR, a "
+                                    "local bert-base-uncased (config.json, vocab.txt, "
+                                    "model.safetensors)")
         if not os.path.isfile(os.path.join(str(path), "config.json")):
             raise FileNotFoundError(
                 f"no BERT model directory at {path!r}: download bert-base-uncased from the Hugging "

@@ -364,7 +364,7 @@ def main(argv=None):
         if floor:
             print(f"real vs real: FID {floor['fid']:.3f} of {floor['n']} reference images against "
                   f"the other {floor['rest']} (what a perfect model scores at this n)")
-        os.makedirs(args.out, exist_ok=True)
+        system.out_folder(args.out)
         summary = {"features": extractor.name, "real": args.real, "train": args.train,
                    "metrics": metrics,
                    "options": {"k": args.k, "is_splits": args.is_splits, "tau": args.tau,

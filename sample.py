@@ -99,8 +99,12 @@ def conditions_to_sample(args, config):
     if config["text"]:
         if not args.prompts:
             raise SystemExit("text model: give --prompts FILE (one prompt per line)")
-        with open(args.prompts) as f:
-            lines = [line.rstrip("\n") for line in f]
+        try:
+            with open(args.prompts, encoding="utf-8-sig") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"sample.py: {args.prompts} is not UTF-8 ({e.reason} at byte "
+                             f"{e.start}): save it as UTF-8") from None
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise SystemExit(f"sample.py: {args.prompts} holds no prompts (one per line)")

@@ -42,7 +42,10 @@ def train(args, rank, world, device):
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     amp_dtype = torch.bfloat16 if bf16 else None
     images, clean, config, autoencoder = runs.prepare_data(args, device)
-    conditions = corrupt_conditions(args, clean, config["num_classes"])  # fixed once (Sec. 3.1)
+    try:  # fixed once (Sec. 3.1); a bad --eta, --corrupt-classes or captions file: one line
+        conditions = corrupt_conditions(args, clean, config["num_classes"])
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
     B, accum = args.batch_size, args.grad_accum
     G, mine = B * world * accum, slice(rank * accum * B, (rank + 1) * accum * B)  # this rank's
     config["global_batch"] = G  # a resume keeps it

@@ -38,6 +38,9 @@ def emoji_bitmaps(font_path):
     except FileNotFoundError:
         raise SystemExit(f"{font_path} not found: install the font (Debian: apt-get install "
                          "fonts-noto-color-emoji) or pass --font") from None
+    if "CBDT" not in font:
+        raise SystemExit(f"{font_path} has no colour bitmaps (no CBDT table): pass the Noto Color "
+                         "Emoji font (NotoColorEmoji.ttf)")
     strike = font["CBDT"].strikeData[0]  # glyph name -> bitmap (PNG bytes)
     return {cp: Image.open(io.BytesIO(strike[glyph].imageData)).convert("RGBA")
             for cp, glyph in font.getBestCmap().items() if glyph in strike}

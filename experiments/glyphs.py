@@ -23,7 +23,6 @@ Glyphs are white on black, rendered at 4x, the ink centred, shrunk only when it 
 then averaged down to 32x32. Mirrored glyphs are other characters: no flips anywhere.
 """
 import argparse
-import json
 import os
 import subprocess
 

@@ -84,7 +84,7 @@ def train(args):
                              f"{k} ({c.in_channels})" for k, c in vae.PRESETS.items()) + ")")
     model = vae.Autoencoder(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's betas
-    os.makedirs(args.out, exist_ok=True)
+    system.out_folder(args.out)
     system.remove_stale_temporaries(args.out)  # what a killed save left
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step = 0

@@ -53,12 +53,17 @@ def load(path, which="ema", device="cpu", text_encoder=None, unsafe_pickle=False
     if os.path.isdir(path) and released.is_pipeline(path):
         return (*from_state(*released.pipeline(path), path, device), 0)
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not os.path.exists(system.previous_checkpoint(path)):
+        # (between a save's two renames only ckpt.prev.pt is there: readable_checkpoint reads it)
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or give "
                                 f"{released.CHECKPOINT_HINT}")
     ckpt = readable_checkpoint(path, unsafe_pickle)
     if "config" not in ckpt:  # not a run of train.py
         return (*from_state(*released.ldm_checkpoint(ckpt, path), path, device), 0)
+    if "text" not in ckpt["config"]:
+        what = "an autoencoder (vae.py)" if "kind" in ckpt["config"] else "another kind of model"
+        raise ValueError(f"{path} holds {what}, not a diffusion model: give a train.py run or "
+                         f"{released.CHECKPOINT_HINT}")
     config = dict(ckpt["config"])
     if config["text"]:
         config["text_encoder"] = text_encoder or config["text_encoder"]
@@ -81,7 +86,8 @@ def readable_checkpoint(path, unsafe_pickle=False):
         try:
             ckpt = weights.torch_load(candidate, unsafe_pickle)
         except Exception as e:  # truncated or foreign file: torch raises several kinds
-            problems.append(f"{candidate} cannot be read ({type(e).__name__}: {str(e)[:80]})")
+            first_line = (str(e).splitlines() or [""])[0]  # torch's own messages run long
+            problems.append(f"{candidate} cannot be read ({type(e).__name__}: {first_line})")
             continue
         if candidate != path:
             print(f"{problems[0]}; using the previous checkpoint {candidate}")
@@ -100,5 +106,10 @@ def from_state(config, state, scheduler, path, device, which="ema"):
     model = build_denoiser(config)
     if config["text"] and config.get("released"):  # BERT was read from the release's bert/
         state = {**model.embedder.state_dict(prefix="embedder."), **state}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch lists every mismatch on lines of their own
+        mismatch = next((line.strip() for line in str(e).splitlines()[1:]), str(e))
+        raise ValueError(f"{path}: its {which} weights do not fit the model its config "
+                         f"describes ({mismatch}): the file is damaged or was edited") from None
     return model.to(device).eval(), config

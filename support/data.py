@@ -16,6 +16,7 @@ LatentCache reads it.
 """
 import functools
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -117,6 +118,9 @@ def to_8bit(im):
     return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
 
 
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file
+
+
 def file_channels(paths, probe=2000):
     """1 when the files are all grayscale, else 3: three equal channels would triple the work and
     leave the model a direction the data never uses. Every file is looked at up to `probe` files,
@@ -130,7 +134,7 @@ def file_channels(paths, probe=2000):
             with Image.open(path) as im:
                 transparent |= im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
                 gray.append(is_grayscale(im))
-        except (OSError, ValueError):  # named when it is read (--check-images lists them all)
+        except IMAGE_ERRORS:  # named when it is read (--check-images lists them all)
             continue
     if transparent:
         print("note: some images have transparency; they are composited onto a white background")
@@ -144,7 +148,7 @@ def unreadable_images(paths):
         try:
             with Image.open(path) as im:
                 im.load()
-        except (OSError, ValueError) as e:
+        except IMAGE_ERRORS as e:
             bad.append((path, str(e)))
     return bad
 
@@ -173,7 +177,7 @@ def read_image(path, image_size, channels=3):
             im = to_8bit(im).convert("RGBA")  # every mode, palettes with transparency included
             white = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(white, im).convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+    except IMAGE_ERRORS as e:  # PIL.UnidentifiedImageError is an OSError
         raise RuntimeError(f"cannot read image file {path}: {e}") from e
     arr = center_crop_arr(im, image_size)
     arr = arr[:, :, None] if arr.ndim == 2 else arr  # [S, S, C]
@@ -459,7 +463,7 @@ def create_cache(model, dataset, out, meta, batch_size, dtype, views):
     if model.scale is None:
         raise ValueError("the KL autoencoder's latent scale is not set (vae.measure_scale)")
     files = cache_files(out)
-    os.makedirs(out, exist_ok=True)
+    system.out_folder(out)
     with torch.no_grad():
         z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
     shape = (len(dataset), views, *z.shape[1:])
@@ -476,6 +480,36 @@ def create_cache(model, dataset, out, meta, batch_size, dtype, views):
         "class_names": getattr(dataset, "class_names", None), "complete": False})
 
 
+def contents_digest(dataset):
+    """A hash of what a dataset holds, file names (as given), labels, class names and captions:
+    a cache records it, so a folder changed since (a class renamed) is noticed."""
+    labels = getattr(dataset, "labels", None)
+    contents = {"paths": getattr(dataset, "paths", None), "labels": None if labels is None
+                else np.asarray(labels).tolist(), "captions": getattr(dataset, "captions", None),
+                "class_names": getattr(dataset, "class_names", None)}
+    return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:16]
+
+
+def cache_differences(old, meta, dataset, batch_size):
+    """What differs between a cache's recorded meta and this command's, one phrase each
+    (settings a cache did not yet record are not compared)."""
+    differences = [f"{k}: cache {old[k]!r}, now {v!r}" for k, v in meta.items()
+                   if k in old and k != "contents_sha256" and old[k] != v]
+    if old["shape"][0] != len(dataset):
+        differences.append(f"{old['shape'][0]} images in the cache, {len(dataset)} now")
+    names = getattr(dataset, "class_names", None) or []
+    if old.get("class_names") and old["class_names"] != names:
+        renamed = [f"{a} -> {b}" for a, b in zip(old["class_names"], names) if a != b][:3]
+        differences.append("class names " + (", ".join(renamed) or f"{len(old['class_names'])} "
+                                             f"then, {len(names)} now"))
+    changed = old.get("contents_sha256", meta["contents_sha256"]) != meta["contents_sha256"]
+    if changed and not differences:
+        differences.append("the same number of images, but other files, labels or captions")
+    if old["chunk"] != batch_size:
+        differences.append(f"--batch-size: cache {old['chunk']}, now {batch_size}")
+    return differences
+
+
 @torch.no_grad()
 def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, num_workers=0,
                    rank=0, world=1, device="cpu"):
@@ -484,15 +518,14 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
     flushed, so a killed run restarts at the first chunk not recorded (any world size). meta must
     name preset, weights, dataset and flip."""
     files = cache_files(out)
-    meta = json.loads(json.dumps(meta))  # as stored (tuples become lists)
+    meta = json.loads(json.dumps({**meta, "contents_sha256": contents_digest(dataset)}))
     if rank == 0:
         if os.path.exists(files["meta"]):
             old = {"flip": True, **json.load(open(files["meta"]))}  # older caches: both flips
-            same = all(old.get(k) == v for k, v in meta.items())
-            if not same or old["chunk"] != batch_size or old["shape"][0] != len(dataset):
-                raise SystemExit(f"{out} holds a different cache "
-                                 f"({ {k: old.get(k) for k in meta} }, chunk {old['chunk']}): "
-                                 f"choose another --out or use the same settings to resume")
+            differences = cache_differences(old, meta, dataset, batch_size)
+            if differences:
+                raise SystemExit(f"{out} holds a different cache ({'; '.join(differences)}): "
+                                 "choose another --out, or the same settings to resume it")
         else:
             create_cache(model, dataset, out, meta, batch_size, dtype, 2 if meta["flip"] else 1)
     if world > 1:
@@ -523,6 +556,15 @@ def encode_dataset(model, dataset, out, meta, batch_size=64, dtype=np.float16, n
         system.write_json(files["meta"], {**meta, "complete": True})
 
 
+def read_cache_file(path, read):
+    """read(path), or one line naming the file when it is cut short or damaged."""
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:  # numpy and json raise these for a cut file
+        raise ValueError(f"{path} cannot be read ({e}): the latent cache is damaged; encode it "
+                         "again into a new folder") from None
+
+
 class LatentCache(torch.utils.data.Dataset):
     """What `support/encode.py` wrote: cache[i] -> (latents [views, C, h, w] float32, label or
     caption), views 2 when the mirror was cached (.flip); .latents (the memmap), .labels (int64
@@ -534,18 +576,20 @@ class LatentCache(torch.utils.data.Dataset):
         if not os.path.exists(files["meta"]):
             raise FileNotFoundError(f"no latent cache at {path}: write one with `python -m "
                                     f"support.encode ... --out {path}`")
-        self.meta = json.load(open(files["meta"]))
-        if not self.meta["complete"]:
+        self.path = path
+        self.meta = read_cache_file(files["meta"], lambda f: json.load(open(f)))
+        if not self.meta.get("complete"):
             raise ValueError(f"latent cache {path} is incomplete: rerun the same `support.encode` "
                              "command to resume it")
         self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
         self.class_names = self.meta.get("class_names")
-        self.latents = np.load(files["latents"], mmap_mode="r")
+        self.latents = read_cache_file(files["latents"], lambda f: np.load(f, mmap_mode="r"))
         self.flip = self.latents.shape[1] == 2  # caches written before --flip hold both
-        self.labels = np.load(files["labels"]) if os.path.exists(files["labels"]) else None
-        self.captions = None
+        self.labels = self.captions = None
+        if os.path.exists(files["labels"]):
+            self.labels = read_cache_file(files["labels"], np.load)
         if os.path.exists(files["captions"]):
-            self.captions = json.load(open(files["captions"]))
+            self.captions = read_cache_file(files["captions"], lambda f: json.load(open(f)))
         conditions = self.labels if self.labels is not None else self.captions
         if conditions is None or len(conditions) != len(self.latents):
             found = "no labels.npy or captions.json" if conditions is None else (
@@ -558,6 +602,9 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         z = torch.from_numpy(np.array(self.latents[i], dtype=np.float32))
+        if not torch.isfinite(z).all():  # else a NaN loss would blame the learning rate
+            raise RuntimeError(f"cannot read latent {i} of {self.path}: it holds NaN or inf; the "
+                               "cache is damaged: encode it again into a new folder")
         return z, (self.captions[i] if self.captions is not None else int(self.labels[i]))
 
 

@@ -9,6 +9,7 @@ schedule as trained_betas, linspace spacing: the paper's DPM-Solver protocol), m
 """
 import argparse
 import os
+import shutil
 
 import safetensors.torch
 import torch
@@ -78,6 +79,22 @@ def export(run, out, which="ema"):
     model, config, _ = checkpoints.load(run, which)
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: choose a new directory")
+    if config["text"] and config["space"] != "latent":
+        raise ValueError("a pixel-space text model has no released layout (the text pipeline "
+                         "decodes latents): sample it from its run directory")
+    partial = f"{os.path.normpath(out)}{system.TEMPORARY}{os.getpid()}"  # renamed when whole
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write_pipeline(model, config, partial)
+        os.rename(partial, out)
+    except BaseException:  # a full disk, a missing autoencoder, Ctrl-C: no half pipeline left
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def write_pipeline(model, config, out):
+    """The pipeline directory's components and model_index.json, written into `out`."""
     ucfg = model.unet.config
     theirs = weights.unet_key_map(ucfg)
     save_component(os.path.join(out, "unet"),
@@ -115,7 +132,6 @@ def export(run, out, which="ema"):
     system.write_json(os.path.join(out, "model_index.json"),
                       {"_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION,
                        **components})
-    return out
 
 
 def main(argv=None):
@@ -127,7 +143,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         print(f"wrote {export(args.run, args.out, args.weights)}")
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing or existing paths, a full disk, a foreign file
         raise SystemExit(f"export.py: {e}") from None
 
 

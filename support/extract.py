@@ -30,12 +30,19 @@ class NpzSource:
 
     def __init__(self, path):
         self.path = path
-        with np.load(path, allow_pickle=False) as f:
-            self.extra = {k: f[k] for k in f.files if k != "arr_0"}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                self.extra = {k: f[k] for k in f.files if k != "arr_0"}
+            self.zip = zipfile.ZipFile(path)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} cannot be read ({e}): cut short or not an .npz; write it "
+                             "again") from None
         self.labels = self.extra.get("labels")
         self.captions = self.extra.get("captions")
-        self.zip = zipfile.ZipFile(path)
         self.length = 0
+        if "arr_0.npy" not in self.zip.namelist() and "mu" not in self.extra:
+            raise ValueError(f"{path} holds neither images (arr_0) nor FID statistics (mu, "
+                             f"sigma), only {sorted(self.extra) or 'nothing'}")
         if "arr_0.npy" in self.zip.namelist():
             with self.zip.open("arr_0.npy") as fh:
                 version = np.lib.format.read_magic(fh)
@@ -58,6 +65,10 @@ class NpzSource:
                                  "too small for a feature network (a wrong shape?)")
             self.length = self.shape[0]
             self.fh, self.pos = None, None
+        if self.labels is not None and (self.labels.dtype.kind not in "iu"
+                                        or self.labels.shape != (self.length,)):
+            raise ValueError(f"{path}: labels must be {self.length} integer class indices, one "
+                             f"per image; found {self.labels.dtype} {self.labels.shape}")
 
     def __len__(self):
         return self.length
@@ -170,7 +181,10 @@ def fake_runs(specs):
     scale."""
     rows = []
     for spec in specs:
-        label, _, path = spec.rpartition("=")
+        if os.path.exists(spec) or "=" not in spec:  # a path, '=' and all
+            label, path = "", spec
+        else:  # LABEL=PATH, split at the first '='
+            label, _, path = spec.partition("=")
         path = os.path.normpath(path)
         scale_dir = re.fullmatch(r"s([0-9.]+)", os.path.basename(os.path.dirname(path)))
         sweep = sorted(glob.glob(os.path.join(path, "s*", "samples.npz")),

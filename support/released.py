@@ -77,7 +77,8 @@ def read_weights(folder):
             try:
                 return system.read_weights(path)
             except Exception as e:  # safetensors and torch raise several kinds for a cut file
-                raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}): "
+                first_line = (str(e).splitlines() or [""])[0]
+                raise ValueError(f"{path} cannot be read ({type(e).__name__}: {first_line}): "
                                  "cut short or not a weights file; download it again") from None
     raise FileNotFoundError(f"no weights (diffusion_pytorch_model.safetensors) in {folder}: "
                             f"expected {CHECKPOINT_HINT}")

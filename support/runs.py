@@ -126,7 +126,7 @@ def batches(args, images, step, world, rank, n, cuda):
     try:
         yield from loader
     except RuntimeError as e:  # a worker's (or the loop's own) read error: an unreadable file
-        reasons = re.findall(r"cannot read image file [^\n]*", str(e))  # last: the message,
+        reasons = re.findall(r"cannot read (?:image file|latent) [^\n]*", str(e))  # last: the one,
         if not reasons:  # not the source line a worker's traceback quotes
             raise
         # end the workers now: they ignore the SIGTERM with which Python's exit would end them,
@@ -173,6 +173,9 @@ ADDED_LATER = {"context_dim": None, "no_attention_mask": False, "attention_mask"
 
 
 def check_resumable(saved, config):
+    """Refuse a resume whose flags differ from the checkpoint's (saved: its config and step),
+    but for RESUMABLE ones and a lower --lr, the advice after a blow-up, which is recorded in
+    config["lr_changes"] as [step, old, new]."""
     # before --flip, latent caches held both flips and runs on them always drew one
     saved = {**ADDED_LATER, "flip": bool(saved.get("latents")), **saved}
     saved_batch = saved.get("global_batch", saved["batch_size"])
@@ -185,8 +188,11 @@ def check_resumable(saved, config):
                          f"whose product with the number of processes is {saved_batch} "
                          f"(e.g. --batch-size {hint})")
     data_keys = {"num_examples"} if config["data_changed_ok"] else set()  # the user said so
+    lower_lr = {"lr"} if config["lr"] < saved["lr"] else set()
+    config["lr_changes"] = saved.get("lr_changes", []) + (
+        [[saved["step"], saved["lr"], config["lr"]]] if lower_lr else [])
     diff = {k: (saved.get(k), v) for k, v in config.items()
-            if k not in RESUMABLE | data_keys and saved.get(k) != v}
+            if k not in RESUMABLE | data_keys | lower_lr | {"lr_changes"} and saved.get(k) != v}
     if diff:
         lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}"
                           for k, (a, b) in diff.items())
@@ -203,7 +209,10 @@ def build_model(args, config, device):
                          "--out")
     start = init_weights(args, config) if args.init else None  # sets config's U-Net and classes
     torch.manual_seed(args.seed)  # the initial weights
-    model = checkpoints.build_denoiser(config).to(device)
+    try:  # a U-Net the flags cannot build (--head-channels 7), no text encoder: one line
+        model = checkpoints.build_denoiser(config).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: {e}") from None
     if start is not None:
         model.load_state_dict(start)
     ema = checkpoints.build_denoiser(config).to(device).eval().requires_grad_(False)
@@ -216,7 +225,7 @@ def build_model(args, config, device):
         ckpt = checkpoints.readable_checkpoint(ckpt_path)
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
-    check_resumable(ckpt["config"], config)
+    check_resumable({**ckpt["config"], "step": ckpt["step"]}, config)
     if ckpt["step"] > args.steps:
         raise SystemExit(f"{ckpt_path} is at step {ckpt['step']}, past --steps {args.steps}: "
                          "nothing to do (raise --steps to train on)")
@@ -224,6 +233,11 @@ def build_model(args, config, device):
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
+    for group in opt.param_groups:  # a lowered --lr applies from here on
+        group["lr"] = args.lr
+    if config["lr_changes"] and config["lr_changes"][-1][0] == ckpt["step"]:
+        print(f"learning rate lowered from {config['lr_changes'][-1][1]:g} to {args.lr:g} at "
+              f"step {ckpt['step']} (recorded in config.json)")
     return model, ema, opt, ckpt["step"], ckpt.get("lowest_loss")  # the loss history
 
 
@@ -296,12 +310,17 @@ def summary(args, config, model, step):
 class Bookkeeping:
     """The end of every training step: the progress bar, the log line, the checks of the loss
     and weights, the checkpoint (atomic, the previous one kept) and the stop on Ctrl-C / SIGTERM.
-    A loss is refused as blown up when a logged mean exceeds BLOWN_UP times the lowest logged
-    so far in the run (kept in the checkpoint), or is not finite. The loss of a step measures
+    A loss is refused as blown up when its mean over the last JUDGED samples or more (the
+    logged intervals that make them up) exceeds BLOWN_UP times the lowest such mean so far in
+    the run (kept in the checkpoint; a single small batch's loss varies far more than 10x with
+    t), when a logged mean exceeds BLOWN_UP times the loss of predicting zero noise, or when it
+    is not finite. The loss of a step measures
     the weights before it, so a checkpoint saved at or after the step before the bad interval
     holds the weights that went wrong: it is set aside as ckpt.bad.pt and the previous one, if it
     predates them, becomes ckpt.pt again; ckpt.pt is then always the last good checkpoint."""
     BLOWN_UP = 10.0
+    JUDGED = 256  # samples in the mean a blow-up is judged on
+    ZERO_PREDICTION = 1.0  # Eq. 8's loss of predicting eps = 0, eps ~ N(0, I): any mean 10x it
 
     def __init__(self, args, config, step, global_batch, rank, world, device, autoencoder,
                  captions=None, lowest_loss=None):
@@ -315,6 +334,7 @@ class Bookkeeping:
         self.t0, self.steps_timed = time.time(), 0
         self.first_step, self.clock = step, None  # the wall-time estimate after a few steps
         self.lowest, self.saved = lowest_loss, [step] if step else []  # ckpt.pt, ckpt.prev.pt
+        self.recent = []  # (first step, mean loss, samples) of the last logged intervals
 
     def after_step(self, step, model, ema, opt, received):
         """Log, check, save and stop as due after `step` (raises SystemExit to stop)."""
@@ -327,9 +347,10 @@ class Bookkeeping:
             preview(ema, self.config, self.autoencoder, step, args.out, self.captions)
         stopping = system.stop_requested(received, step, args.log_every, self.world, self.device)
         save_now = step % args.ckpt_every == 0 or step == args.steps or stopping
-        if step % args.log_every == 0 or save_now:  # never save weights after a bad loss
-            mean_loss = self.checked_loss(step)
-        if step % args.log_every == 0 or step == args.steps:
+        logging = step % args.log_every == 0 or step == args.steps
+        if logging or save_now:  # never save weights after a bad loss
+            mean_loss = self.checked_loss(step, logging)
+        if logging:
             if self.rank == 0:
                 rate = self.steps_timed * self.G / (time.time() - self.t0)
                 log_line(args.out, step, self.G, mean_loss, rate, self.device, self.bar)
@@ -344,18 +365,35 @@ class Bookkeeping:
             raise SystemExit(f"stopped by {name} after step {step}: checkpoint written; "
                              f"continue with the same command and --resume")
 
-    def checked_loss(self, step):
-        """The mean loss since the last log, refused when non-finite or blown up."""
+    def checked_loss(self, step, logging):
+        """The mean loss since the last log, refused when non-finite or when the mean over the
+        newest JUDGED samples or more is blown up; a logged interval joins self.recent."""
         mean_loss = system.all_reduce_mean(self.loss_sum.clone(), self.world) / self.steps_timed
         first = step - self.steps_timed + 1
         steps = f"steps {first} to {step}"
         if not math.isfinite(mean_loss):
             raise SystemExit(f"non-finite loss ({mean_loss}) in {steps}; {self.last_good(first)}")
-        if self.lowest is not None and mean_loss > self.BLOWN_UP * self.lowest:
-            raise SystemExit(f"the loss blew up in {steps}: {mean_loss:.4g}, over "
-                             f"{self.BLOWN_UP:g}x the lowest logged so far ({self.lowest:.4g}); "
-                             f"not saved (a lower --lr?); {self.last_good(first)}")
-        self.lowest = mean_loss if self.lowest is None else min(self.lowest, mean_loss)
+        intervals = [*self.recent, (first, mean_loss, self.steps_timed * self.G)]
+        while sum(n for _, _, n in intervals[1:]) >= self.JUDGED:
+            intervals.pop(0)  # keep the newest intervals that hold JUDGED samples or more
+        if logging:
+            self.recent = intervals
+        samples = sum(n for _, _, n in intervals)
+        window = sum(m * n for _, m, n in intervals) / samples if samples >= self.JUDGED else None
+        bound = self.BLOWN_UP * min(self.ZERO_PREDICTION, self.lowest or self.ZERO_PREDICTION)
+        if mean_loss > self.BLOWN_UP * self.ZERO_PREDICTION or (
+                window is not None and self.lowest is not None and window > bound):
+            # from the first interval over the bound on its own, else the whole window
+            over = [f for f, m, _ in intervals if m > bound]
+            first = over[0] if over else intervals[0][0]
+            lowest = "none yet" if self.lowest is None else f"{self.lowest:.4g}"
+            raise SystemExit(f"the loss blew up in steps {first} to {step}: {mean_loss:.4g} in "
+                             f"the last logged steps, over {self.BLOWN_UP:g}x the lowest mean of "
+                             f"{self.JUDGED} samples so far ({lowest}) or {self.BLOWN_UP:g}x "
+                             "the loss of predicting zero noise (1); not saved (resume with a "
+                             f"lower --lr?); {self.last_good(first)}")
+        if window is not None:
+            self.lowest = window if self.lowest is None else min(self.lowest, window)
         return mean_loss
 
     def last_good(self, first_bad):
@@ -374,16 +412,18 @@ class Bookkeeping:
         return f"last good checkpoint: {self.ckpt_path} (step {good[0]}){moved}"
 
     def stop_on_unreadable(self, error, step, model, ema, opt):
-        """An image that cannot be read: save the steps done (one process; with several, the
-        last checkpoint stays) and stop with one line naming the file."""
-        saved = ""
+        """An image (or cached latent) that cannot be read: save the steps done (one process;
+        with several, the last checkpoint stays) and stop with one line naming it."""
+        parts = [f"train.py: {error} (at step {step})"]
         if self.world == 1 and step not in self.saved and step > 0:
             self.save(step, model, ema, opt)
-            saved = f"checkpoint of step {step} written; "
+            parts.append(f"checkpoint of step {step} written")
+        if "cannot read image file" in str(error):  # a damaged cache says what to do itself
+            parts.append("replace the file and continue with --resume (--check-images lists "
+                         "every unreadable file; removing it changes the data: "
+                         "--data-changed-ok)")
         self.bar.close()  # the message is the last line
-        raise SystemExit(f"train.py: {error} (at step {step}); {saved}replace the file and "
-                         "continue with --resume (--check-images lists every unreadable file; "
-                         "removing it changes the data: --data-changed-ok)")
+        raise SystemExit("; ".join(parts))
 
     def save(self, step, model, ema, opt):
         if not all(torch.isfinite(p).all() for p in model.parameters()):

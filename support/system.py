@@ -169,12 +169,27 @@ def pid_alive(pid):
     return True
 
 
+def out_folder(folder):
+    """Create an output folder, or stop with one line: a file of that name, no permission, a
+    read-only disk."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"{folder} is a file, not a folder: choose another output folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create {folder} ({e.strerror}): choose another output "
+                         "folder") from None
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"cannot write in {folder}: choose another output folder")
+    return folder
+
+
 @contextlib.contextmanager
 def folder_lock(folder, what):
     """One `what` at a time in `folder`: an exclusive flock on FOLDER/.WHAT.lock, taken atomically
     and released by the kernel when the process ends however it ends (no stale lock after a
     kill, whatever the file holds); a second process stops at once, naming the first."""
-    os.makedirs(folder, exist_ok=True)
+    out_folder(folder)
     path = os.path.join(folder, f".{what}.lock")
     try:
         f = open(path, "a+")

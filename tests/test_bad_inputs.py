@@ -1,11 +1,13 @@
 """Bad inputs as a table: each row a bad input a careful user tried, named by what it checks, the
 script it went to, and what must happen: a one-line error with these words (SystemExit), or a
 note with these words and the right result. A regression shows as the row's name."""
+import dataclasses
 import json
 import os
 import re
 import shutil
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,8 @@ import torch
 import metrics
 import sample
 import train
-from experiments import sweep, train_vae
-from support import data, system
+from experiments import emoji, sweep, train_vae
+from support import data, export, system
 from conftest import TINY, write_pipeline
 
 
@@ -192,6 +194,142 @@ def stale_temporary(root, tmp_path):  # a save killed by SIGKILL left its tempor
     assert os.path.exists(run / "notes.tmp999999.txt")  # not the project's: kept
 
 
+def small_autoencoder(tmp_path):
+    """A tiny KL autoencoder's checkpoint, as experiments/train_vae.py writes one."""
+    import vae
+    model = vae.Autoencoder(vae.PRESETS["tiny-kl"], scale=1.0)
+    torch.save({"config": dataclasses.asdict(model.config), "preset": "tiny-kl", "scale": 1.0,
+                "model": model.state_dict(), "step": 0}, tmp_path / "autoencoder.pt")
+    return str(tmp_path / "autoencoder.pt")
+
+
+def caption_cache_without_encoder(root, tmp_path):
+    """A latent cache of captioned images, trained on without --text-encoder."""
+    from support import encode
+    import vae
+    from PIL import Image
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    ds = data.FileDataset([str(tmp_path / f"{i}.png") for i in range(4)], 16,
+                          captions=["a dog", "a cat", "a red dog", "a cat"])
+    model = system.randomise_(vae.Autoencoder(vae.PRESETS["tiny-kl"], scale=1.0), 0).eval()
+    meta = encode.cache_meta(model, "tiny-kl", __file__, "captions", None, "train", 16, False,
+                             False)
+    data.encode_dataset(model, ds, str(tmp_path / "cache"), meta, batch_size=4)
+    train_run(root, tmp_path, "--latents", str(tmp_path / "cache"), "--preset", "digits")
+
+
+def cache_of_a_renamed_class(root, tmp_path):
+    """The same support.encode command after a class folder is renamed (same images)."""
+    from support import encode
+    from PIL import Image
+    for name in ("apple", "pear"):
+        os.makedirs(tmp_path / "imgs" / name)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(tmp_path / "imgs" / name / f"{i}.png")
+    command = ["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--image-size",
+               "16", "--weights", small_autoencoder(tmp_path), "--out", str(tmp_path / "cache"),
+               "--num-workers", "0"]
+    encode.main(command)
+    os.rename(tmp_path / "imgs" / "pear", tmp_path / "imgs" / "quince")
+    encode.main(command)
+
+
+def between_renames(root, tmp_path):
+    """sample.py while a save has moved ckpt.pt to ckpt.prev.pt and not yet renamed the new one
+    into place: it samples the previous checkpoint."""
+    run = copy(root, "run", tmp_path)
+    os.replace(run / "ckpt.pt", run / "ckpt.prev.pt")
+    sample_run(tmp_path, tmp_path)
+
+
+def wrong_shape(root, tmp_path):
+    """A checkpoint whose class table was replaced by a tensor of another shape."""
+    run = copy(root, "run", tmp_path)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["ema"]["embedder.embedding.weight"] = torch.zeros(3, 3)
+    torch.save(ckpt, run / "ckpt.pt")
+    sample_run(tmp_path, tmp_path)
+
+
+def nan_latent(root, tmp_path):
+    """A latent cache with a NaN in one latent (a disk error, an overflowing encoder)."""
+    cache = small_cache(tmp_path)
+    latents = np.load(os.path.join(cache, "latents.npy"), mmap_mode="r+")
+    latents[1, 0, 0, 0, 0] = np.nan
+    latents.flush()
+    train_run(root, tmp_path, "--latents", cache, "--preset", "digits")
+
+
+def cut_cache_file(root, tmp_path, name, keep):
+    """A latent cache with one of its files cut to its first `keep` bytes."""
+    cache = small_cache(tmp_path)
+    path = os.path.join(cache, name)
+    with open(path, "rb") as f:
+        head = f.read(keep)
+    with open(path, "wb") as f:
+        f.write(head)
+    train_run(root, tmp_path, "--latents", cache, "--preset", "digits")
+
+
+def folder_with_a_bomb(root, tmp_path):
+    """A class folder with an image over PIL's decompression-bomb limit (lowered here)."""
+    from PIL import Image
+    os.makedirs(tmp_path / "imgs" / "a")
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    Image.new("L", (32, 32)).save(tmp_path / "imgs" / "a" / "big.png")  # 1,024 pixels
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 256  # over twice it: an error
+    try:
+        train.main(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"),
+                    "--image-size", "8", "--steps", "1", "--num-workers", "0",
+                    "--out", str(tmp_path / "new")])
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def fake_npz(root, tmp_path, name="fake.npz", cut=False, **arrays):
+    """metrics.py on a samples file: `arrays` saved as `name` (in a folder named with '='),
+    optionally cut in half."""
+    folder = tmp_path / "a=b"
+    os.makedirs(folder)
+    np.savez(folder / name, **arrays)
+    if cut:
+        size = os.path.getsize(folder / name)
+        with open(folder / name, "r+b") as f:
+            f.truncate(size // 2)
+    np.savez(tmp_path / "real.npz", arr_0=NOISE)
+    from support import features
+    clf = features.Classifier(10, 8, 1)
+    torch.save({"model": clf.state_dict(), "num_classes": 10, "image_size": 8, "channels": 1},
+               tmp_path / "clf.pt")
+    metrics.main(["--real", str(tmp_path / "real.npz"), "--fake", str(folder / name),
+                  "--features", f"classifier:{tmp_path / 'clf.pt'}", "--metrics", "fid,acc",
+                  "--out", str(tmp_path / "m")])
+
+
+def export_on_a_full_disk(root, tmp_path):
+    """The disk fills at the last file of an export: no half pipeline is left, and the same
+    command then writes it whole."""
+    write_json, out = system.write_json, str(tmp_path / "pipeline")
+
+    def full(path, value):
+        if path.endswith("model_index.json"):
+            raise OSError(28, "No space left on device")
+        write_json(path, value)
+    system.write_json = full
+    try:
+        export.main([str(root / "run"), out])
+    except SystemExit as e:
+        assert os.listdir(tmp_path) == [], os.listdir(tmp_path)  # nothing half-written
+        system.write_json = write_json
+        export.main([str(root / "run"), out])
+        assert os.path.exists(os.path.join(out, "model_index.json"))
+        raise e
+    finally:
+        system.write_json = write_json
+
+
 GREY = np.zeros((20, 8, 8, 1), np.uint8)
 NOISE = np.random.default_rng(0).integers(0, 255, (20, 8, 8, 1), dtype=np.uint8)
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -247,8 +385,8 @@ ROWS = [  # (what it checks, call, 'error' or 'note', words)
     ("reference-that-does-not-vary", lambda r, t: metrics_on(r, t, NOISE, GREY), "note",
      "do not vary"),
     ("feature-cache-entry-cut", damaged_cache, "note", "cannot be read .*recomputing them"),
-    ("learning-rate-1e6", lambda r, t: train_run(r, t, "--lr", "1e6", "--steps", "6"), "error",
-     "(blew up|non-finite loss) in steps"),
+    ("learning-rate-1e6", lambda r, t: train_run(r, t, "--lr", "1e6", "--steps", "40"), "error",
+     "(blew up|non-finite loss.*) in steps"),
     ("diverged-weights-saturate", saturating_model, "note", "sit at -1 or \\+1 .*train longer"),
     ("samples-and-reference-of-other-sizes",
      lambda r, t: metrics_on(r, t, NOISE, NOISE[:, :4, :4]), "note",
@@ -277,6 +415,51 @@ ROWS = [  # (what it checks, call, 'error' or 'note', words)
     ("ckpt-pointing-at-config-json",
      lambda r, t: sample.main(["--ckpt", str(r / "run" / "config.json"), "--out", str(t / "s")]),
      "error", "config.json is not a PyTorch checkpoint"),
+    ("ckpt-pointing-at-an-autoencoder",
+     lambda r, t: sample.main(["--ckpt", small_autoencoder(t), "--out", str(t / "s")]),
+     "error", "holds an autoencoder \\(vae.py\\), not a diffusion model"),
+    ("out-is-a-file", lambda r, t: (open(t / "f", "w").close(),
+                                    train.main([*TINY, "--steps", "1", "--out", str(t / "f")])),
+     "error", "is a file, not a folder"),
+    ("asymmetric-classes-beyond-the-classes",
+     lambda r, t: train_run(r, t, "--eta", "0.1", "--corruption", "asymmetric",
+                            "--corrupt-classes", "0,12"), "error",
+     "^train.py: asymmetric corruption needs a subset .* got \\[0, 12\\]"),
+    ("head-channels-that-do-not-divide", lambda r, t: train_run(r, t, "--head-channels", "7"),
+     "error", "^train.py: channel width 32 is not a multiple of head_channels 7"),
+    ("latent-cache-of-a-renamed-class", cache_of_a_renamed_class, "error",
+     "holds a different cache \\(class names pear -> quince\\)"),
+    ("latent-cache-latents-cut-short", lambda r, t: cut_cache_file(r, t, "latents.npy", 200),
+     "error", "latents.npy cannot be read .*encode it again"),
+    ("latent-cache-meta-cut-short", lambda r, t: cut_cache_file(r, t, "meta.json", 50),
+     "error", "meta.json cannot be read .*encode it again"),
+    ("caption-cache-without-a-text-encoder", caption_cache_without_encoder, "error",
+     "^train.py: captions need a text encoder: pass --text-encoder DIR"),
+    ("an-image-over-the-decompression-bomb-limit", folder_with_a_bomb, "error",
+     "cannot read image file .*big.png: .*decompression bomb"),
+    ("samples-npz-cut-short", lambda r, t: fake_npz(r, t, cut=True, arr_0=NOISE), "error",
+     "a=b/fake.npz cannot be read .*cut short"),
+    ("samples-npz-without-arr-0", lambda r, t: fake_npz(r, t, images=NOISE), "error",
+     "holds neither images \\(arr_0\\) nor FID statistics"),
+    ("samples-with-fewer-labels", lambda r, t: fake_npz(r, t, arr_0=NOISE, labels=np.zeros(5)),
+     "error", "labels must be 20 integer class indices"),
+    ("samples-with-labels-as-strings",
+     lambda r, t: fake_npz(r, t, arr_0=NOISE, labels=np.array(["0"] * 20)), "error",
+     "labels must be 20 integer class indices, one per image; found <U1"),
+    ("samples-in-a-folder-named-with-an-equals-sign",
+     lambda r, t: fake_npz(r, t, arr_0=NOISE, labels=np.arange(20) % 10), "note", "fake\\s"),
+    ("sample-between-the-two-renames-of-a-save", between_renames, "note",
+     "ckpt.pt is missing; using the previous checkpoint"),
+    ("checkpoint-with-a-tensor-of-the-wrong-shape", wrong_shape, "error",
+     "ckpt.pt: its ema weights do not fit the model its config describes \\(size mismatch"),
+    ("latent-cache-holding-nan", nan_latent, "error",
+     "^train.py: cannot read latent 1 of .*: it holds NaN or inf"),
+    ("emoji-font-without-colour-bitmaps",
+     lambda r, t: emoji.main(["--font", os.path.join(os.path.dirname(matplotlib.__file__),
+                                                     "mpl-data/fonts/ttf/DejaVuSans.ttf"),
+                              "--out", str(t / "e")]),
+     "error", "DejaVuSans.ttf has no colour bitmaps"),
+    ("export-on-a-full-disk", export_on_a_full_disk, "error", "No space left on device"),
 ]
 
 

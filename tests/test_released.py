@@ -213,6 +213,10 @@ def test_text_model_samples_equal_the_diffusers_loop(tmp_path):
     sample.main(["--ckpt", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt"),
                  "--steps", "5", "--guidance", "3", "--out", str(tmp_path / "s"), "--no-images"])
     ours = np.load(tmp_path / "s" / "s3" / "samples.npz")["arr_0"].astype(float)
+    (tmp_path / "latin-1.txt").write_bytes("a caf\xe9 dog\n".encode("latin-1"))  # a bad input
+    with pytest.raises(SystemExit, match="latin-1.txt is not UTF-8 .* at byte 5"):
+        sample.main(["--ckpt", str(tmp_path / "model"), "--prompts",
+                     str(tmp_path / "latin-1.txt"), "--out", str(tmp_path / "l")])
     bert = BertModel.from_pretrained(tmp_path / "model" / "bert").eval()
     tokenizer = BertTokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
     ids = tokenizer(["", ""] + prompts, padding="max_length", truncation=True, max_length=77,
@@ -302,3 +306,9 @@ def test_export_of_a_text_run_round_trips_and_refuses_what_the_pipeline_cannot_r
     train.main([*flags, "--text-encoder", str(tmp_path / "model" / "bert"), "--out", masked])
     with pytest.raises(SystemExit, match="attention mask .*--no-attention-mask"):
         export.main([masked, str(tmp_path / "refused")])
+    pixel = str(tmp_path / "pixel")  # the text pipeline decodes latents: a pixel model cannot go
+    pixel_flags = [f for f in flags if f not in ("--vae", str(tmp_path / "model" / "vqvae"))]
+    train.main([*pixel_flags, "--text-encoder", str(tmp_path / "model" / "bert"), "--out", pixel])
+    with pytest.raises(SystemExit, match="a pixel-space text model has no released layout"):
+        export.main([pixel, str(tmp_path / "refused")])
+    assert not os.path.exists(tmp_path / "refused")

@@ -71,24 +71,49 @@ def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
 
 
 def test_a_blown_up_loss_sets_its_checkpoints_aside(tmp_path, monkeypatch):
-    """The loss of steps 5-6 blows up (1000x): the checkpoint of step 4 holds the weights that
-    gave it and is set aside; the one of step 2 becomes ckpt.pt, so 'last good' is true."""
+    """The loss of steps 17-20 blows up (1000x; intervals of 4 steps of 16, judged over 256
+    samples): the checkpoint of step 16 holds the weights that gave it and is set aside; the one
+    of step 12 becomes ckpt.pt, so 'last good' is true."""
     loss, calls = diffusion.training_loss, []
 
     def blowing_up(*a, **k):
         calls.append(1)
-        return loss(*a, **k) * (1000.0 if len(calls) > 4 else 1.0)
+        return loss(*a, **k) * (1000.0 if len(calls) > 16 else 1.0)
     monkeypatch.setattr(diffusion, "training_loss", blowing_up)
-    with pytest.raises(SystemExit, match=r"blew up in steps 5 to 6.*last good checkpoint: .*"
-                                         r"ckpt.pt \(step 2\); ckpt.pt of step 4 .*ckpt.bad.pt"):
-        run(tmp_path, "up", "--steps", "8", "--log-every", "2", "--ckpt-every", "2")
+    with pytest.raises(SystemExit, match=r"blew up in steps 17 to 20.*last good checkpoint: .*"
+                                         r"ckpt.pt \(step 12\); ckpt.pt of step 16 .*ckpt.bad.pt"):
+        run(tmp_path, "up", "--steps", "24", "--log-every", "4", "--ckpt-every", "4")
     kept = torch.load(tmp_path / "up" / "ckpt.pt", weights_only=True)
-    assert kept["step"] == 2 and kept["lowest_loss"] < 2
-    assert torch.load(tmp_path / "up" / "ckpt.bad.pt", weights_only=True)["step"] == 4
+    assert kept["step"] == 12 and kept["lowest_loss"] is None  # 192 samples: not yet judged
+    bad = torch.load(tmp_path / "up" / "ckpt.bad.pt", weights_only=True)
+    assert bad["step"] == 16 and bad["lowest_loss"] < 2
     monkeypatch.setattr(diffusion, "training_loss", loss)
     with pytest.raises(SystemExit, match="(blew up|non-finite).*no good checkpoint"):
-        run(tmp_path, "lr", "--steps", "6", "--lr", "1e6", "--log-every", "1", "--ckpt-every", "1")
+        run(tmp_path, "lr", "--steps", "40", "--lr", "1e6", "--log-every", "1",
+            "--ckpt-every", "1")
     assert not os.path.exists(tmp_path / "lr" / "ckpt.pt")
+
+
+def test_single_samples_logged_every_step_do_not_stop_a_healthy_run(tmp_path):
+    """Batch 1 logged every step: one sample's loss varies far more than 10x with t, so the
+    blow-up is judged on the mean of the last 256 samples; 300 healthy steps run through."""
+    out = run(tmp_path, "b1", "--batch-size", "1", "--steps", "300", "--ckpt-every", "300")
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(losses) == 300 and max(losses) > 10 * min(losses)  # the old rule stopped it
+
+
+def test_a_resume_may_lower_the_learning_rate_and_records_it(tmp_path):
+    """The advice after a blow-up: resume with a lower --lr; a higher one is refused."""
+    out = run(tmp_path, "lr", "--steps", "2", "--lr", "1e-3")
+    with pytest.raises(SystemExit, match="(?s)another config.*--lr: checkpoint 0.001, now 0.01"):
+        run(tmp_path, "lr", "--steps", "4", "--lr", "1e-2", "--resume")
+    run(tmp_path, "lr", "--steps", "4", "--lr", "1e-4", "--resume")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["lr_changes"] == [[2, 1e-3, 1e-4]]
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    assert json.load(open(os.path.join(out, "config.json")))["lr_changes"] == [[2, 1e-3, 1e-4]]
+    run(tmp_path, "lr", "--steps", "5", "--lr", "1e-4", "--resume")  # the lower rate kept
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 5
 
 
 def test_corruption_manifest_written(tmp_path):

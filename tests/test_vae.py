@@ -369,7 +369,7 @@ def test_flip_is_a_choice_of_the_cache_and_the_run(tmp_path):
 def test_runs_before_the_flip_option_resume_as_they_trained():
     """A latent run saved before --flip existed drew a mirror every step: resuming it needs
     --flip; a pixel run of then did not flip."""
-    base = {"global_batch": 8, "batch_size": 8, "data_changed_ok": False}
+    base = {"global_batch": 8, "batch_size": 8, "data_changed_ok": False, "lr": 1e-4, "step": 4}
     runs.check_resumable({**base, "latents": "cache"}, {**base, "latents": "cache", "flip": True})
     with pytest.raises(SystemExit, match="--flip: checkpoint True, now False"):
         runs.check_resumable({**base, "latents": "cache"},
