@@ -468,6 +468,7 @@ def create_cache(model, dataset, out, meta, batch_size, dtype, views):
         z = model.latent(dataset[0][0][None].to(next(model.parameters()).device))
     shape = (len(dataset), views, *z.shape[1:])
     np.lib.format.open_memmap(files["latents"], mode="w+", dtype=dtype, shape=shape).flush()
+    reserve_disk(files["latents"])  # else a full disk kills the writes to the map with SIGBUS
     chunks = math.ceil(len(dataset) / batch_size)
     np.lib.format.open_memmap(files["done"], mode="w+", dtype=np.bool_, shape=(chunks,)).flush()
     if getattr(dataset, "captions", None) is not None:
@@ -508,6 +509,17 @@ def cache_differences(old, meta, dataset, batch_size):
     if old["chunk"] != batch_size:
         differences.append(f"--batch-size: cache {old['chunk']}, now {batch_size}")
     return differences
+
+
+def reserve_disk(path):
+    """Allocate a sparse file's blocks now, or stop with one line when the disk has no room."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            raise SystemExit(f"no room for {path} ({size / 2 ** 30:.2f} GiB: {e.strerror}): "
+                             "free some, or choose another --out") from None
 
 
 @torch.no_grad()

@@ -261,6 +261,28 @@ def nan_latent(root, tmp_path):
     train_run(root, tmp_path, "--latents", cache, "--preset", "digits")
 
 
+def stale_lock_files(root, tmp_path):
+    """A lock file left holding garbage, then one naming a live process that holds no lock:
+    the kernel's lock is what counts, so both runs go ahead."""
+    for text in ("\x00garbage", str(os.getppid())):
+        os.makedirs(tmp_path / "new")
+        (tmp_path / "new" / ".train.lock").write_text(text)
+        train_run(root, tmp_path)
+        shutil.rmtree(tmp_path / "new")
+
+
+def cache_on_a_full_disk(root, tmp_path):
+    """The disk has no room for the latent cache: one line before any latent is written (the
+    memory map's writes would die of SIGBUS)."""
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    fallocate, os.posix_fallocate = os.posix_fallocate, full
+    try:
+        small_cache(tmp_path)
+    finally:
+        os.posix_fallocate = fallocate
+
+
 def cut_cache_file(root, tmp_path, name, keep):
     """A latent cache with one of its files cut to its first `keep` bytes."""
     cache = small_cache(tmp_path)
@@ -429,6 +451,10 @@ ROWS = [  # (what it checks, call, 'error' or 'note', words)
      "error", "^train.py: channel width 32 is not a multiple of head_channels 7"),
     ("latent-cache-of-a-renamed-class", cache_of_a_renamed_class, "error",
      "holds a different cache \\(class names pear -> quince\\)"),
+    ("lock-file-holding-garbage-or-a-live-pid",
+     stale_lock_files, "note", "run .*new: "),
+    ("latent-cache-on-a-full-disk", cache_on_a_full_disk, "error",
+     "no room for .*latents.npy .*No space left on device"),
     ("latent-cache-latents-cut-short", lambda r, t: cut_cache_file(r, t, "latents.npy", 200),
      "error", "latents.npy cannot be read .*encode it again"),
     ("latent-cache-meta-cut-short", lambda r, t: cut_cache_file(r, t, "meta.json", 50),
