@@ -250,7 +250,9 @@ def parse_args(argv=None):
                    help="micro-batches per step: global batch = batch-size x processes x "
                         "grad-accum (paper: 512 = 64 x 8 x 1; one GPU: 64 x 1 x 8)")
     o.add_argument("--lr", type=float, default=1e-3,
-                   help="AdamW learning rate (paper: 1e-4; the default suits the small CPU models)")
+                   help="AdamW learning rate (paper: 1e-4; the default suits the small CPU "
+                        "models); a --resume may lower it, as advised after a blown-up loss "
+                        "(recorded)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     o.add_argument("--grad-clip", type=float, default=0.0,
                    help="max gradient norm; 0 = off (LDM trains without clipping)")

@@ -345,7 +345,7 @@ class Bookkeeping:
             self.estimate(step)
         if self.rank == 0 and args.sample_every and step % args.sample_every == 0:
             preview(ema, self.config, self.autoencoder, step, args.out, self.captions)
-        stopping = system.stop_requested(received, step, args.log_every, self.world, self.device)
+        stopping = system.stop_requested(received, self.world, self.device)
         save_now = step % args.ckpt_every == 0 or step == args.steps or stopping
         logging = step % args.log_every == 0 or step == args.steps
         if logging or save_now:  # never save weights after a bad loss
@@ -358,6 +358,8 @@ class Bookkeeping:
             self.t0, self.steps_timed = time.time(), 0
         if save_now:
             self.save(step, model, ema, opt)
+            # a signal during the save: stop now, on the checkpoint just written
+            stopping = stopping or system.stop_requested(received, self.world, self.device)
         if stopping:
             if self.world > 1:
                 dist.barrier()

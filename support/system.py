@@ -231,12 +231,12 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
-def stop_requested(received, step, log_every, world, device):
-    """One process: after any step. Several: at log steps, all ranks together (one all-reduce)."""
+def stop_requested(received, world, device):
+    """Whether any process received a stop signal: after every step, all ranks together (one
+    all-reduce of a number: torchrun and Slurm send SIGKILL 30 s after their SIGTERM, so waiting
+    for a log step could lose the save)."""
     if world == 1:
         return bool(received)
-    if step % log_every:
-        return False
     flag = torch.tensor(float(bool(received)), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0

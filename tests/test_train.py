@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -147,6 +148,45 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     a, b = params(one), params(two)
     off = sum(((a[k] - b[k]).abs() > 1e-5).sum().item() for k in a)
     assert off <= 1e-4 * sum(v.numel() for v in a.values())
+
+
+def _signalled_worker(rank, world, port, argv, out):
+    """A DDP rank whose rank 1 receives a SIGTERM during step 2 (its own, as a node's scheduler
+    may signal one node first); each rank writes how it stopped."""
+    import signal
+    loss, calls = diffusion.training_loss, []
+
+    def loss_then_signal(*a, **k):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*a, **k)
+    diffusion.training_loss = loss_then_signal
+    try:
+        _ddp_worker(rank, world, port, argv)
+    except SystemExit as e:
+        (out / f"rank{rank}.txt").write_text(str(e))
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_after_that_step(tmp_path):
+    """torchrun and Slurm send SIGKILL 30 s after SIGTERM: every rank must stop at the end of
+    the step the signal came in and save then, not at the next log step (--log-every 50)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    argv = [*TINY[:2], "--batch-size", "8", "--log-every", "50", "--num-workers", "0",
+            "--steps", "6", "--ckpt-every", "1000", "--out", str(out)]
+    ranks = mp.spawn(_signalled_worker, args=(2, port, argv, tmp_path), nprocs=2, join=False)
+    deadline = time.time() + 300  # they used to wait for each other at different steps
+    while not ranks.join(timeout=max(1.0, deadline - time.time())):  # True when both ended
+        if time.time() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not stop")
+    assert (tmp_path / "rank1.txt").read_text().startswith("stopped by SIGTERM after step 2")
+    assert "after step 2" in (tmp_path / "rank0.txt").read_text()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_latent_cache_training_and_decoding(tmp_path):
