@@ -596,6 +596,12 @@ class LatentCache(torch.utils.data.Dataset):
         self.scale, self.num_classes = self.meta["scale"], self.meta["num_classes"]
         self.class_names = self.meta.get("class_names")
         self.latents = read_cache_file(files["latents"], lambda f: np.load(f, mmap_mode="r"))
+        recorded = self.meta.get("shape", list(self.latents.shape))
+        if self.latents.ndim != 5 or list(self.latents.shape) != recorded:
+            raise ValueError(f"{files['latents']} holds an array of shape "
+                             f"{list(self.latents.shape)}, not the [N, views, C, h, w] = "
+                             f"{recorded} its meta.json records: the cache is damaged or not "
+                             "support.encode's; encode it again into a new folder")
         self.flip = self.latents.shape[1] == 2  # caches written before --flip hold both
         self.labels = self.captions = None
         if os.path.exists(files["labels"]):

@@ -242,9 +242,15 @@ def load_classifier(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"classifier checkpoint not found at '{path}'; train one with: "
                                 "python -m support.features train-classifier --out PATH")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = Classifier(ckpt["num_classes"], ckpt["image_size"], ckpt["channels"])
-    model.load_state_dict(ckpt["model"])
+    try:  # tensors and plain data only: a file that pickles code is refused, not run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = Classifier(ckpt["num_classes"], ckpt["image_size"], ckpt["channels"])
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # torch raises several kinds for a foreign or damaged file
+        first_line = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a classifier of support/features.py "
+                         f"({type(e).__name__}: {first_line}): train one with python -m "
+                         "support.features train-classifier --out PATH") from None
     return model.eval().requires_grad_(False)
 
 

@@ -283,6 +283,27 @@ def cache_on_a_full_disk(root, tmp_path):
         os.posix_fallocate = fallocate
 
 
+class Payload:
+    """What a hostile checkpoint pickles: a call that would run when the file is unpickled."""
+    def __reduce__(self):
+        return (os.remove, ("/nonexistent/never-run",))
+
+
+def classifier_payload(root, tmp_path):
+    torch.save({"model": Payload(), "num_classes": 10}, tmp_path / "evil.pt")
+    np.savez(tmp_path / "real.npz", arr_0=NOISE)
+    metrics.main(["--real", str(tmp_path / "real.npz"), "--fake", str(tmp_path / "real.npz"),
+                  "--features", f"classifier:{tmp_path / 'evil.pt'}", "--metrics", "fid",
+                  "--out", str(tmp_path / "m")])
+
+
+def foreign_cache_shape(root, tmp_path):
+    """A latent cache whose latents.npy was replaced by an array of another layout."""
+    cache = small_cache(tmp_path)
+    np.save(os.path.join(cache, "latents.npy"), np.zeros((4, 8, 8), np.float16))
+    train_run(root, tmp_path, "--latents", cache, "--preset", "digits")
+
+
 def cut_cache_file(root, tmp_path, name, keep):
     """A latent cache with one of its files cut to its first `keep` bytes."""
     cache = small_cache(tmp_path)
@@ -455,6 +476,8 @@ ROWS = [  # (what it checks, call, 'error' or 'note', words)
      stale_lock_files, "note", "run .*new: "),
     ("latent-cache-on-a-full-disk", cache_on_a_full_disk, "error",
      "no room for .*latents.npy .*No space left on device"),
+    ("latent-cache-of-a-foreign-shape", foreign_cache_shape, "error",
+     "latents.npy holds an array of shape \\[4, 8, 8\\], not the \\[N, views, C, h, w\\]"),
     ("latent-cache-latents-cut-short", lambda r, t: cut_cache_file(r, t, "latents.npy", 200),
      "error", "latents.npy cannot be read .*encode it again"),
     ("latent-cache-meta-cut-short", lambda r, t: cut_cache_file(r, t, "meta.json", 50),
@@ -485,6 +508,8 @@ ROWS = [  # (what it checks, call, 'error' or 'note', words)
                                                      "mpl-data/fonts/ttf/DejaVuSans.ttf"),
                               "--out", str(t / "e")]),
      "error", "DejaVuSans.ttf has no colour bitmaps"),
+    ("classifier-holding-a-pickled-payload", classifier_payload, "error",
+     "^metrics.py: .*evil.pt is not a classifier of support/features.py \\(UnpicklingError"),
     ("export-on-a-full-disk", export_on_a_full_disk, "error", "No space left on device"),
 ]
 
