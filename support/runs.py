@@ -314,10 +314,10 @@ class Bookkeeping:
     logged intervals that make them up) exceeds BLOWN_UP times the lowest such mean so far in
     the run (kept in the checkpoint; a single small batch's loss varies far more than 10x with
     t), when a logged mean exceeds BLOWN_UP times the loss of predicting zero noise, or when it
-    is not finite. The loss of a step measures
-    the weights before it, so a checkpoint saved at or after the step before the bad interval
-    holds the weights that went wrong: it is set aside as ckpt.bad.pt and the previous one, if it
-    predates them, becomes ckpt.pt again; ckpt.pt is then always the last good checkpoint."""
+    is not finite. The loss of a step measures the weights before it, so a checkpoint saved at or
+    after the step before the bad interval holds the weights that went wrong: it is set aside as
+    ckpt.bad.pt and the previous one, if it predates them, becomes ckpt.pt again; ckpt.pt is then
+    always the last good checkpoint."""
     BLOWN_UP = 10.0
     JUDGED = 256  # samples in the mean a blow-up is judged on
     ZERO_PREDICTION = 1.0  # Eq. 8's loss of predicting eps = 0, eps ~ N(0, I): any mean 10x it
