@@ -39,12 +39,17 @@ Secondary: the positive control of Table 6, dropout 0.1 on the class embedding i
 (3 seeds) - clean, top-1 % RMD, and each arm at its best guidance scale of s in {1, 1.5, 2, 3, 4}
 on seeds 0 and 1. Reading: a null beside a control that moved says "regime reached, no effect";
 a null beside a dead control says "regime still missed".
-Each (arm, seed) is one job, skipped when its artefacts are complete (the checkpoint's own step,
-the samples' recorded settings, the metrics' config), so a killed sweep resumes where it stopped.
+Each (arm, seed) is one job. A finished job leaves its record, OUT/jobs/ARM-sSEED.json: its rows,
+the settings that made them and the yardstick's fingerprint (a hash of its images, split and
+trained networks). A job with a matching record is not run again, even with its run folder gone:
+the records, with the yardstick's trained networks (OUT/classifier.pt, OUT/autoencoder), copied
+to a fresh machine resume the sweep there. Without a record, a job reuses what is complete (the
+checkpoint's own step, the samples' recorded settings), so a killed sweep resumes where it stopped.
 """
 import argparse
 import concurrent.futures
 import csv
+import hashlib
 import json
 import math
 import multiprocessing
@@ -119,6 +124,7 @@ METRICS = ("fid", "kid", "fid_floor_n", "fid_train", "precision", "recall", "cla
            "copy_share", "copy_ratio", "nn_train")
 EMBEDDING = ("emb_norm", "emb_dist", "delta_rms", "delta_over_dist")
 MIN_SEEDS_TO_BOLD = 4  # intervals from fewer seeds are printed, never marked
+GRID_SEED = 0  # the seed whose samples the grids show
 
 
 def parse_args(argv=None):
@@ -199,17 +205,10 @@ def reference(out, size):
         return dict(np.load(path))
     images, labels, parts = split(size)
     system.write_atomic(os.path.join(out, "split.npz"), lambda tmp: np.savez(tmp, **parts))
-    names = [str(c) for c in range(int(labels.max()) + 1)]
-    fit, check = (data.InMemoryDataset(images[torch.from_numpy(parts[k])], labels[parts[k]], names)
-                  for k in ("classifier", "floor"))
-    opts = types.SimpleNamespace(epochs=size["classifier_epochs"], lr=1e-3, batch_size=128,
-                                 max_steps=size.get("classifier_max_steps"), seed=0)
-    if size.get("classifier_shift"):
-        fit = glyphs.Shifted(fit, size["classifier_shift"])
-    clf, accuracy = features.fit_classifier(fit, check, len(names), opts)
-    features.save_classifier(os.path.join(out, "classifier.pt"), clf, accuracy, size["dataset"])
+    clf, accuracy = feature_classifier(out, size, images, labels, parts)
     scored = {k: images[torch.from_numpy(v)] for k, v in parts.items() if k != "classifier"}
     ref = {"classifier_accuracy": accuracy}
+    networks = [clf]
     if "first_stage" in size:  # the paper's pipeline: the first stage on both sides
         train_images, train_labels = scored["train"], labels[parts["train"]]
         autoencoder = latent.first_stage(out, size, train_images, train_labels)
@@ -217,6 +216,8 @@ def reference(out, size):
         scored = {k: latent.reconstruct(autoencoder, v) for k, v in scored.items()}
         ref["reconstruction_accuracy"] = accept_first_stage(clf, scored["floor"],
                                                             labels[parts["floor"]], accuracy, size)
+        networks.append(autoencoder)
+    ref["fingerprint"] = fingerprint(images, parts, networks)
     ref.update({f"{k}_images": nhwc(v) for k, v in scored.items()})
     ref.update({f"{k}_labels": labels[v] for k, v in parts.items()})
     for k in ("reference", "train"):
@@ -225,6 +226,41 @@ def reference(out, size):
                                                         ref["reference_labels"])
     system.write_atomic(path, lambda tmp: np.savez(tmp, **ref))
     return ref
+
+
+def feature_classifier(out, size, images, labels, parts):
+    """(The feature classifier, its accuracy on the floor set): OUT/classifier.pt where it is
+    already there (a yardstick carried to another machine), else fit on the classifier part."""
+    path = os.path.join(out, "classifier.pt")
+    floor = torch.from_numpy(parts["floor"])
+    if os.path.exists(path):
+        clf = features.load_classifier(path)
+        with torch.no_grad():
+            accuracy = float((clf.predict(images[floor]).numpy() == labels[floor]).mean())
+        return clf, accuracy
+    names = [str(c) for c in range(int(labels.max()) + 1)]
+    fit = data.InMemoryDataset(images[torch.from_numpy(parts["classifier"])],
+                               labels[parts["classifier"]], names)
+    check = data.InMemoryDataset(images[floor], labels[floor], names)
+    opts = types.SimpleNamespace(epochs=size["classifier_epochs"], lr=1e-3, batch_size=128,
+                                 max_steps=size.get("classifier_max_steps"), seed=0)
+    if size.get("classifier_shift"):
+        fit = glyphs.Shifted(fit, size["classifier_shift"])
+    clf, accuracy = features.fit_classifier(fit, check, len(names), opts)
+    features.save_classifier(path, clf, accuracy, size["dataset"])
+    return clf, accuracy
+
+
+def fingerprint(images, parts, networks):
+    """A hash of what the yardstick is made of: the images, the split and the weights of its
+    trained networks (the classifier; the autoencoder of the latent settings)."""
+    digest = hashlib.sha256(images.numpy().tobytes())
+    for name in sorted(parts):
+        digest.update(parts[name].tobytes())
+    for network in networks:
+        for tensor in network.state_dict().values():
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def accept_first_stage(clf, reconstructed, labels, real_accuracy, size):
@@ -405,10 +441,15 @@ def job_dir(arm, seed, out):
 
 
 def run_job(job):
-    """Train (or resume), sample every scale, evaluate: one (arm, seed). CADS samples the clean
-    model of the same seed."""
+    """Train (or resume), sample every scale, evaluate: one (arm, seed), unless its record
+    matches. CADS samples the clean model of the same seed."""
     torch.set_num_threads(1)  # the evaluation; train and sample get --threads 1
     arm, seed, size, out = job
+    ref = dict(np.load(os.path.join(out, "reference.npz")))
+    key = record_key(arm, seed, size, ref)
+    rows = recorded_rows(record_path(arm, seed, out), key)
+    if rows is not None:
+        return rows
     started = time.time()
     run_dir = job_dir(arm, seed, out)
     step = checkpoint_step(run_dir)
@@ -421,7 +462,6 @@ def run_job(job):
     if not samples_done(samples, size, arm == "cads", seed):
         for scale, per_class in scales_of(size, seed).items():
             draw(run_dir, samples, scale, per_class, size, seed, arm == "cads")
-    ref = dict(np.load(os.path.join(out, "reference.npz")))
     clf = features.load_classifier(os.path.join(out, "classifier.pt"))
     emb = embedding_diagnostics(run_dir)
     rows = []
@@ -430,7 +470,51 @@ def run_job(job):
             row = evaluate(f["arr_0"], f["labels"], ref, clf)
         rows.append({"arm": arm, "seed": seed, "scale": scale, **row, **emb,
                      "minutes": (time.time() - started) / 60})
+    os.makedirs(os.path.join(out, "jobs"), exist_ok=True)
+    if seed == GRID_SEED:
+        save_grid(os.path.join(samples, "s2", "samples.npz"), grid_path(arm, out))
+    system.write_json(record_path(arm, seed, out), {"key": key, "rows": rows})
     return rows
+
+
+# ----------------------------------------------------------------------------- job records
+
+def record_key(arm, seed, size, ref):
+    """What a job's rows depend on (as JSON reads it back)."""
+    return {"arm": arm, "seed": seed, "flags": ARMS[arm], "steps": size["steps"],
+            "batch": size["batch"], "lr": size["lr"], "flip": bool(size.get("flip")),
+            "sample_steps": size["sample_steps"],
+            "samples": {f"{s:g}": n for s, n in scales_of(size, seed).items()},
+            "yardstick": str(ref["fingerprint"])}
+
+
+def record_path(arm, seed, out):
+    return os.path.join(out, "jobs", f"{arm}-s{seed}.json")
+
+
+def recorded_rows(path, key):
+    """The rows of a finished job's record, or None if there is none or it was made otherwise."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):  # none yet, or not a record: run the job
+        return None
+    return record["rows"] if record.get("key") == key else None
+
+
+def grid_path(arm, out):
+    return os.path.join(out, "jobs", f"{arm}-s{GRID_SEED}-grid.npz")
+
+
+def save_grid(samples_path, path, per_class=10, max_classes=16):
+    """The samples a grid shows (the first per_class of the first max_classes classes at s = 2),
+    kept beside the job's record."""
+    with np.load(samples_path) as f:
+        images, labels = f["arr_0"], f["labels"]
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                           for c in np.unique(labels)[:max_classes]])
+    system.write_atomic(path, lambda tmp: np.savez_compressed(tmp, images=images[keep],
+                                                              labels=labels[keep]))
 
 
 # ----------------------------------------------------------------------------- the budget ladder
@@ -665,29 +749,28 @@ def plot_ladder(rows, floors, budget, out):
     plt.close(fig)
 
 
-def plot_grids(out, seed=0, scale=2.0, per_class=10, max_classes=16):
-    """grids_s0_s2.png: the first samples of the first classes (up to max_classes) from every
-    primary arm and the control of one seed, side by side; sample i starts from the same noise in
-    every arm, so the cells pair up."""
+def plot_grids(out, per_class=10):
+    """grids_s0_s2.png: the first samples of the first classes from every primary arm and the
+    control of seed GRID_SEED at s = 2 (as save_grid kept them), side by side; sample i starts
+    from the same noise in every arm, so the cells pair up."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    arms = [a for a in (*PRIMARY, *CONTROL) if os.path.exists(job_dir(a, seed, out))]
-    fig, ax = plt.subplots(1, len(arms), figsize=(6 * len(arms), 6.2))
-    for a, arm in zip(ax, arms):
-        path = os.path.join(job_dir(arm, seed, out), "samples", f"s{scale:g}", "samples.npz")
-        with np.load(path) as f:
-            images, labels = f["arr_0"], f["labels"]
-        classes = np.unique(labels)[:max_classes]
+    arms = [a for a in (*PRIMARY, *CONTROL) if os.path.exists(grid_path(a, out))]
+    fig, ax = plt.subplots(1, len(arms), figsize=(6 * len(arms), 6.2), squeeze=False)
+    for a, arm in zip(ax[0], arms):
+        with np.load(grid_path(arm, out)) as f:
+            images, labels = f["images"], f["labels"]
+        classes = np.unique(labels)
         rows = [np.concatenate(list(images[labels == c][:per_class]), axis=1)  # [H, cols*W, C]
                 for c in classes]
         grid = np.concatenate(rows)  # [classes*H, cols*W, C]
         a.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
         h = images.shape[1]
         a.set(xticks=[], yticks=h * np.arange(len(classes)) + h / 2, yticklabels=classes,
-              title=f"{arm}, seed {seed}, s = {scale:g}")
+              title=f"{arm}, seed {GRID_SEED}, s = 2")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"grids_s{seed}_s{scale:g}.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"grids_s{GRID_SEED}_s2.png"), dpi=110)
     plt.close(fig)
 
 
@@ -696,7 +779,7 @@ def plot_grids(out, seed=0, scale=2.0, per_class=10, max_classes=16):
 def steps_left(job):
     """Training steps a job has still to run (a CADS job samples the trained clean model)."""
     arm, seed, size, out = job
-    if arm == "cads":
+    if arm == "cads" or os.path.exists(record_path(arm, seed, out)):
         return 0
     return size["steps"] - (checkpoint_step(job_dir(arm, seed, out)) or 0)
 
@@ -726,6 +809,7 @@ def run_all(jobs, args, t_start):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_num_threads(1)  # the yardstick, as every job: its numbers do not depend on the cores
     size = {**SETTINGS[args.setting], **(SMOKE if args.smoke else {})}
     if args.smoke and "first_stage" in size:
         size["first_stage"] = {**SMOKE_FIRST_STAGE, "accept": None}

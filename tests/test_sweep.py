@@ -125,6 +125,32 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 
+def test_job_records_resume_a_sweep_on_a_fresh_machine(tmp_path):
+    """The records and the feature classifier, copied to a new folder: the yardstick is rebuilt
+    there around that classifier, the recorded jobs are not run again, and a record of another
+    yardstick is rerun and gives its row."""
+    out, moved = str(tmp_path / "sweep"), str(tmp_path / "moved")
+    argv = ["--smoke", "--workers", "1", "--seeds", "2", "--mechanism-seeds", "0"]
+    rows, _ = sweep.main([*argv, "--out", out])
+    record = json.load(open(os.path.join(out, "jobs", "eta5-s1.json")))
+    assert record["rows"] == [r for r in rows if (r["arm"], r["seed"]) == ("eta5", 1)]
+    assert os.path.exists(os.path.join(out, "jobs", "clean-s0-grid.npz"))
+    shutil.copytree(os.path.join(out, "jobs"), os.path.join(moved, "jobs"))
+    shutil.copy2(os.path.join(out, "classifier.pt"), moved)
+    fitted = os.path.getmtime(os.path.join(moved, "classifier.pt"))
+    record["key"]["yardstick"] = "0" * 16  # as if made against another yardstick
+    json.dump(record, open(os.path.join(moved, "jobs", "eta5-s1.json"), "w"))
+    again, _ = sweep.main([*argv, "--out", moved])
+    assert [d for d in os.listdir(moved) if d.endswith(("-s0", "-s1"))] == ["eta5-s1"]
+    timeless = lambda rs: [{k: v for k, v in r.items() if k != "minutes"} for r in rs]  # noqa: E731
+    assert timeless(again) == timeless(rows)  # every number, the rerun job's included
+    assert os.path.exists(os.path.join(moved, "grids_s0_s2.png"))
+    assert os.path.getmtime(os.path.join(moved, "classifier.pt")) == fitted  # not fit again
+    ref, ref_moved = (np.load(os.path.join(d, "reference.npz")) for d in (out, moved))
+    assert ref["fingerprint"] == ref_moved["fingerprint"]
+    assert ref["classifier_accuracy"] == ref_moved["classifier_accuracy"]
+
+
 def test_latent_setting_smoke_runs_the_paper_pipeline_and_resumes(tmp_path):
     """Fashion-MNIST through the LDM pipeline, tiny: autoencoder, the training set cached as
     latents (both flips), training on latents, sampling and decoding, metrics against
