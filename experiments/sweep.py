@@ -125,6 +125,7 @@ METRICS = ("fid", "kid", "fid_floor_n", "fid_train", "precision", "recall", "cla
 EMBEDDING = ("emb_norm", "emb_dist", "delta_rms", "delta_over_dist")
 MIN_SEEDS_TO_BOLD = 4  # intervals from fewer seeds are printed, never marked
 GRID_SEED = 0  # the seed whose samples the grids show
+GRID_PER_CLASS, GRID_CLASSES = 10, 16  # a grid: 10 samples of each of the first 16 classes
 
 
 def parse_args(argv=None):
@@ -506,13 +507,12 @@ def grid_path(arm, out):
     return os.path.join(out, "jobs", f"{arm}-s{GRID_SEED}-grid.npz")
 
 
-def save_grid(samples_path, path, per_class=10, max_classes=16):
-    """The samples a grid shows (the first per_class of the first max_classes classes at s = 2),
-    kept beside the job's record."""
+def save_grid(samples_path, path):
+    """The samples a grid shows (at s = 2), kept beside the job's record."""
     with np.load(samples_path) as f:
         images, labels = f["arr_0"], f["labels"]
-    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
-                           for c in np.unique(labels)[:max_classes]])
+    keep = np.concatenate([np.flatnonzero(labels == c)[:GRID_PER_CLASS]
+                           for c in np.unique(labels)[:GRID_CLASSES]])
     system.write_atomic(path, lambda tmp: np.savez_compressed(tmp, images=images[keep],
                                                               labels=labels[keep]))
 
@@ -749,7 +749,7 @@ def plot_ladder(rows, floors, budget, out):
     plt.close(fig)
 
 
-def plot_grids(out, per_class=10):
+def plot_grids(out):
     """grids_s0_s2.png: the first samples of the first classes from every primary arm and the
     control of seed GRID_SEED at s = 2 (as save_grid kept them), side by side; sample i starts
     from the same noise in every arm, so the cells pair up."""
@@ -762,7 +762,7 @@ def plot_grids(out, per_class=10):
         with np.load(grid_path(arm, out)) as f:
             images, labels = f["images"], f["labels"]
         classes = np.unique(labels)
-        rows = [np.concatenate(list(images[labels == c][:per_class]), axis=1)  # [H, cols*W, C]
+        rows = [np.concatenate(list(images[labels == c]), axis=1)  # [H, cols*W, C]
                 for c in classes]
         grid = np.concatenate(rows)  # [classes*H, cols*W, C]
         a.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
@@ -776,19 +776,21 @@ def plot_grids(out, per_class=10):
 
 # ----------------------------------------------------------------------------- driver
 
-def steps_left(job):
-    """Training steps a job has still to run (a CADS job samples the trained clean model)."""
+def steps_left(job, ref):
+    """Training steps a job has still to run (a CADS job samples the trained clean model; a job
+    with a matching record runs nothing)."""
     arm, seed, size, out = job
-    if arm == "cads" or os.path.exists(record_path(arm, seed, out)):
+    key = record_key(arm, seed, size, ref)
+    if arm == "cads" or recorded_rows(record_path(arm, seed, out), key) is not None:
         return 0
     return size["steps"] - (checkpoint_step(job_dir(arm, seed, out)) or 0)
 
 
-def run_all(jobs, args, t_start):
+def run_all(jobs, ref, args, t_start):
     """Run jobs (in a pool of spawned one-thread workers), printing progress and the time left,
     estimated from the training steps run so far in this invocation (jobs a previous one
     finished cost almost nothing and say nothing about the rate)."""
-    todo = [steps_left(job) for job in jobs]
+    todo = [steps_left(job, ref) for job in jobs]
     if args.workers == 1:
         results = map(run_job, jobs)
     else:
@@ -871,7 +873,7 @@ def run_sweep(args, size):
     jobs += [(arm, seed, size, args.out) for seed in range(args.control_seeds)
              for arm in CONTROL]
     jobs += [(arm, seed, size, args.out) for seed in range(args.other_seeds) for arm in OTHER]
-    rows = run_all(jobs, args, t_start)
+    rows = run_all(jobs, ref, args, t_start)
     clf = features.load_classifier(os.path.join(args.out, "classifier.pt"))
     floors = floor_rows(ref, clf, "first_stage" in size, size.get("flip", False))
     summary = summarise(rows)

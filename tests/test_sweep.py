@@ -71,8 +71,9 @@ def test_smoke_experiment_runs_and_resumes(tmp_path, capsys):
     killed = os.path.join(out, "clean-s0")
     train.main(sweep.train_flags([], 0, {**size, "steps": 2}, killed))
     assert sweep.checkpoint_step(killed) == 2
-    assert sweep.steps_left(("clean", 0, size, out)) == size["steps"] - 2
-    assert sweep.steps_left(("cads", 0, size, out)) == 0
+    no_yardstick = {"fingerprint": "0" * 16}
+    assert sweep.steps_left(("clean", 0, size, out), no_yardstick) == size["steps"] - 2
+    assert sweep.steps_left(("cads", 0, size, out), no_yardstick) == 0
     argv = ["--out", out, "--smoke", "--workers", "1", "--seeds", "3", "--mechanism-seeds", "2",
             "--other-seeds", "1"]
     rows, summary = sweep.main(argv)
@@ -140,6 +141,10 @@ def test_job_records_resume_a_sweep_on_a_fresh_machine(tmp_path):
     fitted = os.path.getmtime(os.path.join(moved, "classifier.pt"))
     record["key"]["yardstick"] = "0" * 16  # as if made against another yardstick
     json.dump(record, open(os.path.join(moved, "jobs", "eta5-s1.json"), "w"))
+    size = {**sweep.SETTINGS["digits"], **sweep.SMOKE}
+    ref = np.load(os.path.join(out, "reference.npz"))
+    assert sweep.steps_left(("eta5", 1, size, moved), ref) == size["steps"]  # to run again
+    assert sweep.steps_left(("eta5", 0, size, moved), ref) == 0
     again, _ = sweep.main([*argv, "--out", moved])
     assert [d for d in os.listdir(moved) if d.endswith(("-s0", "-s1"))] == ["eta5-s1"]
     timeless = lambda rs: [{k: v for k, v in r.items() if k != "minutes"} for r in rs]  # noqa: E731
