@@ -38,7 +38,9 @@ seeds, Holm over the two.
 Secondary: the positive control of Table 6, dropout 0.1 on the class embedding in training only
 (3 seeds) - clean, top-1 % RMD, and each arm at its best guidance scale of s in {1, 1.5, 2, 3, 4}
 on seeds 0 and 1. Reading: a null beside a control that moved says "regime reached, no effect";
-a null beside a dead control says "regime still missed".
+a null beside a dead control says "regime still missed". The control moved if the 95 % t-interval
+of its FID difference at s = 2 lies below zero (with 3 seeds no sign-flip p goes below 2/8; this
+criterion added on 2026-12-07, before any control job ran).
 Each (arm, seed) is one job. A finished job leaves its record, OUT/jobs/ARM-sSEED.json: its rows,
 the settings that made them and the yardstick's fingerprint (a hash of its images, split and
 trained networks). A job with a matching record is not run again, even with its run folder gone:
