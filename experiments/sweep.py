@@ -675,7 +675,10 @@ def metric_table(summary, metric):
              "sign-flip p, smallest detectable difference)", "",
              "| arm | seeds | " + " | ".join(f"s={s:g}" for s in scales) + " |",
              "|---|---|" + "---|" * len(scales)]
-    for arm in sorted({r["arm"] for r in mine}, key=arm_order):
+    most_seeds = {}
+    for r in mine:
+        most_seeds[r["arm"]] = max(most_seeds.get(r["arm"], 0), r["seeds"])
+    for arm in sorted(most_seeds, key=arm_order):
         cells = []
         for s in scales:
             r = next((r for r in mine if r["arm"] == arm and r["scale"] == s), None)
@@ -683,14 +686,15 @@ def metric_table(summary, metric):
                 cells.append("")
                 continue
             cell = f"{r['mean']:.4g} ± {r['std']:.2g}"
+            if r["seeds"] < most_seeds[arm]:  # a scale sampled on fewer seeds says so
+                cell += f" ({r['seeds']} seeds)"
             if r.get("n", 0) >= 2:
                 sure = r["n"] >= MIN_SEEDS_TO_BOLD and (r["lo"] > 0 or r["hi"] < 0)
                 mark = "**" if sure else ""
                 cell += (f"<br>{mark}{r['diff']:+.4g} [{r['lo']:+.3g}, {r['hi']:+.3g}]{mark} "
                          f"p={r['p']:.3f} mde={r['mde']:.3g}")
             cells.append(cell)
-        seeds = max(r["seeds"] for r in mine if r["arm"] == arm)
-        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {most_seeds[arm]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -759,6 +763,8 @@ def plot_grids(out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [a for a in (*PRIMARY, *CONTROL) if os.path.exists(grid_path(a, out))]
+    if not arms:  # records copied without their grids: nothing to draw
+        return
     fig, ax = plt.subplots(1, len(arms), figsize=(6 * len(arms), 6.2), squeeze=False)
     for a, arm in zip(ax[0], arms):
         with np.load(grid_path(arm, out)) as f:

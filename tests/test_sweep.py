@@ -136,7 +136,11 @@ def test_job_records_resume_a_sweep_on_a_fresh_machine(tmp_path):
     record = json.load(open(os.path.join(out, "jobs", "eta5-s1.json")))
     assert record["rows"] == [r for r in rows if (r["arm"], r["seed"]) == ("eta5", 1)]
     assert os.path.exists(os.path.join(out, "jobs", "clean-s0-grid.npz"))
-    shutil.copytree(os.path.join(out, "jobs"), os.path.join(moved, "jobs"))
+    shutil.copytree(os.path.join(out, "jobs"), os.path.join(moved, "jobs"),
+                    ignore=shutil.ignore_patterns("*-grid.npz"))  # records without grids:
+    sweep.plot_grids(moved)  # no grid to draw, no error
+    assert not os.path.exists(os.path.join(moved, "grids_s0_s2.png"))
+    shutil.copytree(os.path.join(out, "jobs"), os.path.join(moved, "jobs"), dirs_exist_ok=True)
     shutil.copy2(os.path.join(out, "classifier.pt"), moved)
     fitted = os.path.getmtime(os.path.join(moved, "classifier.pt"))
     record["key"]["yardstick"] = "0" * 16  # as if made against another yardstick
