@@ -716,7 +716,8 @@ def plot(rows, summary, floors, out):
                   title=f"{metric.upper()} at s=2, one line per seed")
         ax[k].set_xticklabels(arms, rotation=30)
         ax[k].legend(fontsize=7)
-    diffs = [r for r in summary if r["metric"] == "fid" and r.get("n", 0) >= 2]
+    # 2 seeds give intervals 12.7 standard errors wide (t, 1 d.f.): they would hide the rest
+    diffs = [r for r in summary if r["metric"] == "fid" and r.get("n", 0) >= 3]
     labels = [f"{r['arm']} - {r['baseline']} s={r['scale']:g} ({r['n']} seeds)" for r in diffs]
     y = np.arange(len(diffs))
     xerr = [[r["diff"] - r["lo"] for r in diffs], [r["hi"] - r["diff"] for r in diffs]]
